@@ -1,0 +1,40 @@
+// The few system calls Swift cannot make itself (variadic C functions and macros).
+#ifndef KMSFS_SYSTEM_H
+#define KMSFS_SYSTEM_H
+
+#include <sys/types.h>
+
+/// prctl(PR_SET_DUMPABLE, value): 0 keeps the process out of core dumps and ptrace by other users.
+int kmsfs_set_dumpable(int value);
+
+/// syslog(priority, "%s", message) without a format string from the caller.
+void kmsfs_syslog(int priority, const char *message);
+
+/// openlog(ident, LOG_PID, LOG_DAEMON); the ident string must stay valid while logging.
+void kmsfs_openlog(const char *ident);
+
+/// The current thread's errno as an int (errno is a macro around a function).
+int kmsfs_errno(void);
+
+/// madvise(addr, len, MADV_DONTDUMP).
+int kmsfs_madvise_dontdump(void *addr, size_t length);
+
+/// FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE and friends, as plain ints.
+int kmsfs_falloc_keep_size(void);
+
+/// RENAME_NOREPLACE, RENAME_EXCHANGE.
+unsigned int kmsfs_rename_noreplace(void);
+unsigned int kmsfs_rename_exchange(void);
+
+/// renameat2(2), which glibc 2.36 declares only with _GNU_SOURCE.
+int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
+
+/// O_TMPFILE, O_PATH and AT_EMPTY_PATH, which Swift's Glibc module does not always export.
+int kmsfs_o_tmpfile(void);
+int kmsfs_o_path(void);
+int kmsfs_at_empty_path(void);
+
+/// fallocate(2) (declared only with _GNU_SOURCE).
+int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length);
+
+#endif

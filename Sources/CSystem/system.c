@@ -1,0 +1,35 @@
+#define _GNU_SOURCE
+#include "kmsfs_system.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <syslog.h>
+#include <linux/falloc.h>
+
+int kmsfs_set_dumpable(int value) { return prctl(PR_SET_DUMPABLE, value, 0, 0, 0); }
+
+void kmsfs_syslog(int priority, const char *message) { syslog(priority, "%s", message); }
+
+void kmsfs_openlog(const char *ident) { openlog(ident, LOG_PID | LOG_NDELAY, LOG_DAEMON); }
+
+int kmsfs_errno(void) { return errno; }
+
+int kmsfs_madvise_dontdump(void *addr, size_t length) { return madvise(addr, length, MADV_DONTDUMP); }
+
+int kmsfs_falloc_keep_size(void) { return FALLOC_FL_KEEP_SIZE; }
+
+unsigned int kmsfs_rename_noreplace(void) { return RENAME_NOREPLACE; }
+unsigned int kmsfs_rename_exchange(void) { return RENAME_EXCHANGE; }
+
+int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags) {
+    return renameat2(olddirfd, oldpath, newdirfd, newpath, flags);
+}
+
+int kmsfs_o_tmpfile(void) { return O_TMPFILE; }
+int kmsfs_o_path(void) { return O_PATH; }
+int kmsfs_at_empty_path(void) { return AT_EMPTY_PATH; }
+
+int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length) { return fallocate(fd, mode, offset, length); }

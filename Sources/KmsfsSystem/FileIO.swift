@@ -1,0 +1,100 @@
+import Glibc
+
+/// Whole-buffer positional I/O and small-file helpers over raw file descriptors.
+public enum FileIO {
+    /// Reads up to `count` bytes at `offset`, stopping early only at end of file. Returns the bytes read.
+    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
+        var done = 0
+        while done < count {
+            let n = Glibc.pread(fd, buffer + done, count - done, off_t(offset + done))
+            if n < 0 {
+                let e = Errno.current
+                if e.code == EINTR { continue }
+                throw e
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Writes all `count` bytes at `offset`; throws on any failure (ENOSPC included), after which an
+    /// unknown prefix may have been written.
+    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawPointer, count: Int, offset: Int) throws {
+        var done = 0
+        while done < count {
+            let n = Glibc.pwrite(fd, buffer + done, count - done, off_t(offset + done))
+            if n < 0 {
+                let e = Errno.current
+                if e.code == EINTR { continue }
+                throw e
+            }
+            if n == 0 { throw Errno.ENOSPC }
+            done += n
+        }
+    }
+
+    /// The size of an open file.
+    public static func size(_ fd: Int32) throws -> Int {
+        var st = stat()
+        try syscall { fstat(fd, &st) }
+        return Int(st.st_size)
+    }
+
+    /// Reads a whole (small, public) file.
+    public static func readFile(_ path: String, limit: Int = 1 << 20) throws -> [UInt8] {
+        let fd = try syscall { open(path, O_RDONLY | O_CLOEXEC) }
+        defer { close(fd) }
+        var out = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw Errno.current
+            }
+            if n == 0 { break }
+            out.append(contentsOf: chunk[0..<n])
+            if out.count > limit { throw Errno.EFBIG }
+        }
+        return out
+    }
+
+    /// Writes a small file atomically: a temporary file in the same directory, fsync, rename, fsync of the
+    /// directory. `exclusive` refuses to replace an existing file.
+    public static func writeFileAtomically(_ path: String, contents: [UInt8], mode: mode_t = 0o644,
+                                           exclusive: Bool = false) throws {
+        let dir = directoryName(path)
+        let tmp = path + ".tmp-\(getpid())"
+        let fd = try syscall { open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode) }
+        do {
+            try contents.withUnsafeBytes { b in
+                if b.count > 0 { try pwrite(fd, b.baseAddress!, count: b.count, offset: 0) }
+            }
+            try syscall { fsync(fd) }
+            close(fd)
+            if exclusive {
+                try syscall { link(tmp, path) }
+                unlink(tmp)
+            } else {
+                try syscall { rename(tmp, path) }
+            }
+        } catch {
+            close(fd)
+            unlink(tmp)
+            throw error
+        }
+        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 {
+            fsync(dfd)
+            close(dfd)
+        }
+    }
+
+    /// The directory part of a path ("." when there is none).
+    public static func directoryName(_ path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        if slash == path.startIndex { return "/" }
+        return String(path[..<slash])
+    }
+}
