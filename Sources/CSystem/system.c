@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <syslog.h>
+#include <unistd.h>
 #include <linux/falloc.h>
 
 int kmsfs_set_dumpable(int value) { return prctl(PR_SET_DUMPABLE, value, 0, 0, 0); }
@@ -31,5 +32,8 @@ int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char 
 int kmsfs_o_tmpfile(void) { return O_TMPFILE; }
 int kmsfs_o_path(void) { return O_PATH; }
 int kmsfs_at_empty_path(void) { return AT_EMPTY_PATH; }
+int kmsfs_o_noatime(void) { return O_NOATIME; }
 
 int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length) { return fallocate(fd, mode, offset, length); }
+
+int kmsfs_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }

@@ -45,18 +45,28 @@ public final class Log: Sendable {
     private struct Config: Sendable {
         var sink: LogSink = .standardError
         var level: LogLevel = .info
+        var lastError: String? = nil
     }
     private let config = Mutex(Config())
 
     public func configure(sink: LogSink, level: LogLevel) {
         if sink == .syslog { kmsfs_openlog("kmsfs") }
-        config.withLock { $0 = Config(sink: sink, level: level) }
+        config.withLock {
+            $0.sink = sink
+            $0.level = level
+        }
     }
+
+    /// The most recent error message (reported to the user when a mount fails).
+    public var lastError: String? { config.withLock { $0.lastError } }
 
     public var level: LogLevel { config.withLock { $0.level } }
 
     public func log(_ level: LogLevel, _ message: String) {
-        let c = config.withLock { $0 }
+        let c = config.withLock { c in
+            if level == .error { c.lastError = message }
+            return c
+        }
         guard level <= c.level else { return }
         switch c.sink {
         case .syslog:

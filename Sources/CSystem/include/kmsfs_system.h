@@ -3,6 +3,7 @@
 #define KMSFS_SYSTEM_H
 
 #include <sys/types.h>
+#include <sys/xattr.h>
 
 /// prctl(PR_SET_DUMPABLE, value): 0 keeps the process out of core dumps and ptrace by other users.
 int kmsfs_set_dumpable(int value);
@@ -33,6 +34,10 @@ int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char 
 int kmsfs_o_tmpfile(void);
 int kmsfs_o_path(void);
 int kmsfs_at_empty_path(void);
+int kmsfs_o_noatime(void);
+
+/// pipe2(fds, O_CLOEXEC).
+int kmsfs_pipe_cloexec(int fds[2]);
 
 /// fallocate(2) (declared only with _GNU_SOURCE).
 int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length);

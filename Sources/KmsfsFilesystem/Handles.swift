@@ -1,0 +1,51 @@
+import Glibc
+
+/// What a FUSE handle (`fuse_file_info.fh`) points to: a retained `FileHandle` or `DirHandle`.
+class Handle {
+    /// The handle as a `fh` value (retains it until `take` is called).
+    func retainedValue() -> UInt64 {
+        UInt64(UInt(bitPattern: Unmanaged.passRetained(self).toOpaque()))
+    }
+
+    /// The handle behind a `fh` value, still retained.
+    static func peek(_ fh: UInt64) -> Handle {
+        Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(fh))!).takeUnretainedValue()
+    }
+
+    /// The handle behind a `fh` value, releasing the retain of `retainedValue()`.
+    static func take(_ fh: UInt64) -> Handle {
+        Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(fh))!).takeRetainedValue()
+    }
+}
+
+/// An open regular file: its backing descriptor (opened read-write whenever the handle may write, because
+/// partial chunks are read back) and the shared entry of its inode.
+final class FileHandle: Handle {
+    let fd: Int32
+    let file: OpenFile
+    let writable: Bool
+    /// Backing path at open time, relative to the backing root (for log lines).
+    let backingPath: String
+
+    init(fd: Int32, file: OpenFile, writable: Bool, backingPath: String) {
+        self.fd = fd
+        self.file = file
+        self.writable = writable
+        self.backingPath = backingPath
+    }
+
+    var content: ContentIO { ContentIO(fd: fd, file: file, backingPath: backingPath) }
+}
+
+/// An open directory stream.
+final class DirHandle: Handle {
+    let stream: OpaquePointer
+    let inRoot: Bool
+
+    init(stream: OpaquePointer, inRoot: Bool) {
+        self.stream = stream
+        self.inRoot = inRoot
+    }
+
+    deinit { closedir(stream) }
+}

@@ -1,0 +1,60 @@
+import KmsfsCrypto
+import KmsfsFormat
+
+/// What went wrong with a key operation, in the terms a caller acts on.
+public enum KeyErrorKind: Sendable, Equatable {
+    /// The caller is not allowed to use the key (AccessDeniedException, bad signature, expired credentials).
+    case accessDenied
+    /// The key is disabled, pending deletion, missing, or otherwise unusable.
+    case keyUnavailable
+    /// The wrapped key is not valid for this key and encryption context (tampered or wrong context).
+    case invalidCiphertext
+    /// The key service could not be reached or kept failing (network, 5xx, throttling after retries).
+    case unreachable
+    /// Anything else: bad configuration, malformed responses, local failures.
+    case other
+}
+
+/// A failed key operation. `errorType` is the provider's error name (e.g. "AccessDeniedException");
+/// `message` explains it. Neither ever contains key material.
+public struct KeyError: Error, CustomStringConvertible, Sendable {
+    public var kind: KeyErrorKind
+    public var errorType: String
+    public var keyId: String
+    public var message: String
+
+    public init(_ kind: KeyErrorKind, errorType: String, keyId: String, message: String) {
+        self.kind = kind
+        self.errorType = errorType
+        self.keyId = keyId
+        self.message = message
+    }
+
+    public var description: String {
+        message.isEmpty ? "\(errorType) for key \(keyId)" : "\(errorType) for key \(keyId): \(message)"
+    }
+}
+
+/// A key management service that wraps data keys under master keys it keeps to itself.
+///
+/// Every call carries the encryption context the wrapped key is bound to; unwrapping with any other context
+/// fails. Implementations are thread-safe and may block (network calls).
+public protocol KeyProvider: Sendable {
+    /// The provider name written into headers ("local", "aws-kms").
+    var name: String { get }
+
+    /// A new 256-bit data key: its plaintext and its wrapping under `keyId` (KMS GenerateDataKey).
+    func generateDataKey(keyId: String, context: EncryptionContext) throws -> (plaintext: SecureBytes, wrapped: WrappedKey)
+
+    /// Wraps an existing data key under `keyId` (KMS Encrypt).
+    func encrypt(dataKey: SecureBytes, keyId: String, context: EncryptionContext) throws -> WrappedKey
+
+    /// Unwraps a data key (KMS Decrypt).
+    func decrypt(_ wrapped: WrappedKey, context: EncryptionContext) throws -> SecureBytes
+
+    /// Re-wraps a wrapped data key under `keyId` without exposing it to the caller (KMS ReEncrypt).
+    func reEncrypt(_ wrapped: WrappedKey, toKeyId keyId: String, context: EncryptionContext) throws -> WrappedKey
+
+    /// Checks that `keyId` exists and is usable, returning its canonical ID (KMS DescribeKey).
+    func describeKey(_ keyId: String) throws -> String
+}

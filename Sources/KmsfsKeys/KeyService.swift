@@ -1,0 +1,152 @@
+import Glibc
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsSystem
+
+/// Which file a key operation is for: written to the audit log and to error log lines.
+public struct KeySubject: Sendable {
+    public var path: String
+    public var fileId: [UInt8]
+
+    public init(path: String, fileId: [UInt8]) {
+        self.path = path
+        self.fileId = fileId
+    }
+}
+
+/// The volume's key policy on top of its provider: which keys wrap new data keys, the order keys are tried
+/// on open, falling back from one key to the next, and the audit record of every call.
+public final class KeyService: Sendable {
+    public let provider: KeyProvider
+    /// Configured wrapping keys, in order: the first generates data keys, every one wraps them, and on open
+    /// they are tried in this order.
+    public let keyIds: [String]
+    private let audit: AuditLog?
+
+    public init(provider: KeyProvider, keyIds: [String], audit: AuditLog?) {
+        precondition(!keyIds.isEmpty)
+        self.provider = provider
+        self.keyIds = keyIds
+        self.audit = audit
+    }
+
+    /// A new data key for a file, wrapped under every configured key (GenerateDataKey, then Encrypt).
+    public func newDataKey(context: EncryptionContext, subject: KeySubject) throws -> (plaintext: SecureBytes, wrapped: [WrappedKey]) {
+        let (dataKey, first) = try audited("GenerateDataKey", keyId: keyIds[0], subject: subject) {
+            try provider.generateDataKey(keyId: keyIds[0], context: context)
+        }
+        var wrapped = [first]
+        for keyId in keyIds.dropFirst() {
+            wrapped.append(try audited("Encrypt", keyId: keyId, subject: subject) {
+                try provider.encrypt(dataKey: dataKey, keyId: keyId, context: context)
+            })
+        }
+        return (dataKey, wrapped)
+    }
+
+    /// Unwraps a file's data key, trying its wrapped keys in the configured order (then any others the header
+    /// carries) until one unwraps to a key that `accept` approves (the key commitment check).
+    /// Throws the most telling failure when none does.
+    public func unwrap(_ wrapped: [WrappedKey], context: EncryptionContext, subject: KeySubject,
+                       accept: (SecureBytes) -> Bool) throws -> SecureBytes {
+        var failures: [KeyError] = []
+        for candidate in orderForUnwrap(wrapped) {
+            guard candidate.provider == provider.name else {
+                failures.append(KeyError(.keyUnavailable, errorType: "UnsupportedProvider", keyId: candidate.keyId,
+                                         message: "this volume uses the \(provider.name) provider, not \(candidate.provider)"))
+                continue
+            }
+            do {
+                let key = try audited("Decrypt", keyId: candidate.keyId, subject: subject) {
+                    try provider.decrypt(candidate, context: context)
+                }
+                if accept(key) { return key }
+                key.wipe()
+                failures.append(KeyError(.invalidCiphertext, errorType: "KeyCommitmentMismatch", keyId: candidate.keyId,
+                                         message: "the unwrapped key does not match the header's commitment"))
+            } catch let e as KeyError {
+                failures.append(e)
+            }
+        }
+        throw KeyService.mostTelling(failures)
+    }
+
+    /// Re-wraps a file's data key under `keyIds` (key rotation), without the plaintext key leaving the provider
+    /// when it supports ReEncrypt.
+    public func rewrap(_ wrapped: [WrappedKey], to keyIds: [String], context: EncryptionContext,
+                       subject: KeySubject) throws -> [WrappedKey] {
+        var result: [WrappedKey] = []
+        var lastError: KeyError?
+        for target in keyIds {
+            var done = false
+            for source in orderForUnwrap(wrapped) where source.provider == provider.name {
+                do {
+                    result.append(try audited("ReEncrypt", keyId: target, subject: subject) {
+                        try provider.reEncrypt(source, toKeyId: target, context: context)
+                    })
+                    done = true
+                    break
+                } catch let e as KeyError {
+                    lastError = e
+                }
+            }
+            if !done {
+                throw lastError ?? KeyError(.keyUnavailable, errorType: "NoUsableWrappedKey", keyId: target, message: "no wrapped key of this provider")
+            }
+        }
+        return result
+    }
+
+    /// DescribeKey on every configured key; returns their canonical IDs.
+    public func describeKeys() throws -> [String] {
+        try keyIds.map { id in
+            try audited("DescribeKey", keyId: id, subject: KeySubject(path: "", fileId: [])) { try provider.describeKey(id) }
+        }
+    }
+
+    /// Records that the plaintext data key of a file was wiped.
+    public func recordDiscard(subject: KeySubject) {
+        audit?.record(op: "DiscardKey", keyId: "", fileId: Hex.encode(subject.fileId), path: subject.path, result: "ok", latencyMs: 0)
+    }
+
+    // MARK: - internals
+
+    private func orderForUnwrap(_ wrapped: [WrappedKey]) -> [WrappedKey] {
+        var ordered: [WrappedKey] = []
+        for id in keyIds { ordered += wrapped.filter { $0.keyId == id } }
+        ordered += wrapped.filter { !keyIds.contains($0.keyId) }
+        return ordered
+    }
+
+    private func audited<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
+        let start = KeyService.now()
+        do {
+            let r = try body()
+            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: "ok",
+                          latencyMs: KeyService.now() - start)
+            return r
+        } catch let e as KeyError {
+            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: e.errorType,
+                          latencyMs: KeyService.now() - start)
+            throw e
+        } catch {
+            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: "InternalError",
+                          latencyMs: KeyService.now() - start)
+            throw KeyError(.other, errorType: "InternalError", keyId: keyId, message: "\(error)")
+        }
+    }
+
+    static func mostTelling(_ failures: [KeyError]) -> KeyError {
+        for kind in [KeyErrorKind.accessDenied, .keyUnavailable, .invalidCiphertext, .unreachable, .other] {
+            if let f = failures.first(where: { $0.kind == kind }) { return f }
+        }
+        return KeyError(.keyUnavailable, errorType: "NoWrappedKey", keyId: "", message: "the header carries no wrapped key")
+    }
+
+    /// Milliseconds on the monotonic clock.
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
+    }
+}

@@ -1,0 +1,38 @@
+import KmsfsFormat
+import KmsfsSystem
+
+/// Builds the key provider a volume config names.
+public enum ProviderFactory {
+    public struct Options: Sendable {
+        /// Local provider: use this key file instead of the configured or default one.
+        public var keyFile: String?
+        /// The process environment (key file default location; AWS credentials and region).
+        public var environment: [String: String]
+
+        public init(keyFile: String? = nil, environment: [String: String]) {
+            self.keyFile = keyFile
+            self.environment = environment
+        }
+    }
+
+    public static func makeProvider(volume: VolumeConfig, options: Options) throws -> KeyProvider {
+        switch volume.keyProvider.type {
+        case LocalKeyProvider.providerName:
+            let path = localKeyFilePath(volume: volume, options: options)
+            let key = try LocalKeyFile.load(path: path)
+            guard volume.keyProvider.keyIds.contains(key.keyId) else {
+                throw KeyError(.keyUnavailable, errorType: "WrongKeyFile", keyId: key.keyId,
+                               message: "key file \(path) holds key \(key.keyId), but this volume's files are wrapped under \(volume.keyProvider.keyIds.joined(separator: ", "))")
+            }
+            return LocalKeyProvider(keys: [key])
+        default:
+            throw FormatError.invalidConfig("unknown key provider \"\(volume.keyProvider.type)\"")
+        }
+    }
+
+    /// Where the local provider's key file is: the override, the configured path, or the default location.
+    public static func localKeyFilePath(volume: VolumeConfig, options: Options) -> String {
+        options.keyFile ?? volume.keyProvider.keyFile
+            ?? LocalKeyFile.defaultPath(volumeId: volume.volumeId, environment: options.environment)
+    }
+}

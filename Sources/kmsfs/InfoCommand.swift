@@ -1,0 +1,76 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+struct InfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info",
+        abstract: "Print the header of a backing file, without unwrapping anything.",
+        discussion: """
+            Reads only the file's header (no key provider call, no key needed). --json prints \
+            {"formatVersion", "fileId", "encryptionContext", "wrappedKeys": [{"provider", "keyId", "blob"}], \
+            "chunkSize", "plaintextSize", "headerLength"} with the blob in base64.
+            """
+    )
+
+    @Flag(name: .long, help: "Print JSON for scripts.")
+    var json = false
+
+    @Argument(help: ArgumentHelp("A file in the encrypted directory.", valueName: "backing-file"))
+    var backingFile: String
+
+    func run() throws {
+        let header: FileHeader
+        let backingSize: Int
+        do {
+            let fd = open(backingFile, O_RDONLY | O_CLOEXEC)
+            if fd < 0 { throw CLIError("\(backingFile): \(Errno.current)") }
+            defer { close(fd) }
+            backingSize = try FileIO.size(fd)
+            var prefix = [UInt8](repeating: 0, count: FileHeader.prefixSize)
+            let n = try prefix.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+            guard n == prefix.count else { throw FormatError.truncatedHeader }
+            let length = try HeaderPrefix(prefix).headerLength
+            var bytes = [UInt8](repeating: 0, count: length)
+            let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
+            guard m == length else { throw FormatError.truncatedHeader }
+            header = try FileHeader(decoding: bytes)
+        } catch let e as FormatError {
+            throw CLIError("\(backingFile): \(e)")
+        }
+        let size = header.layout.plaintextSize(backingSize: backingSize)
+        if json {
+            let object: [String: Any] = [
+                "formatVersion": Int(FileHeader.version),
+                "fileId": Hex.encode(header.fileId),
+                "encryptionContext": header.context.pairs,
+                "wrappedKeys": header.wrappedKeys.map { ["provider": $0.provider, "keyId": $0.keyId, "blob": Data($0.blob).base64EncodedString()] },
+                "chunkSize": header.chunkSize,
+                "plaintextSize": size,
+                "headerLength": header.headerLength,
+            ]
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        print("file:           \(backingFile)")
+        print("format version: \(FileHeader.version)")
+        print("file ID:        \(Hex.encode(header.fileId))")
+        print("chunk size:     \(header.chunkSize)")
+        print("header length:  \(header.headerLength)")
+        print("plaintext size: \(size)")
+        print("encryption context:")
+        for (k, v) in header.context.sortedPairs { print("  \(k) = \(v)") }
+        print("wrapped keys:")
+        for (i, k) in header.wrappedKeys.enumerated() {
+            print("  \(i + 1). \(k.provider) \(k.keyId) (\(k.blob.count)-byte blob)")
+        }
+        if !header.layout.isConsistent(backingSize: backingSize) {
+            print("warning: the backing size \(backingSize) does not match any plaintext size: the file's tail is damaged")
+        }
+    }
+}

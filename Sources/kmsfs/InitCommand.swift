@@ -1,0 +1,118 @@
+import ArgumentParser
+import Glibc
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+struct InitCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "init",
+        abstract: "Create an encrypted volume in CIPHERDIR.",
+        discussion: """
+            Writes the volume config (kmsfs.conf: format version, volume ID, chunk size, key provider settings; \
+            no secret) into CIPHERDIR, creating the directory if needed. CIPHERDIR must be empty.
+
+            With the local key provider and no --key-file, a new 256-bit master key is written to \
+            $XDG_CONFIG_HOME/kmsfs/keys/<volume-id>.key (default ~/.config/kmsfs/keys, mode 0600). \
+            With --key-file, an existing key file is used, or a new one is created at that path. \
+            Back the key file up: without it the volume cannot be decrypted.
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("Key provider: local (the default).", valueName: "provider"))
+    var kms: String = "local"
+
+    @Option(name: .long, help: ArgumentHelp("Local provider: use (or create) this master key file.", valueName: "path"))
+    var keyFile: String?
+
+    @Option(name: .long, parsing: .singleValue,
+            help: ArgumentHelp("Add KEY=VALUE to every file's encryption context (repeatable).", valueName: "key=value"))
+    var context: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Plaintext bytes per chunk: a power of two from 4096 to 1048576.", valueName: "bytes"))
+    var chunkSize: Int = ChunkLayout.defaultChunkSize
+
+    @Argument(help: ArgumentHelp("The directory that will hold the ciphertext.", valueName: "cipherdir"))
+    var cipherDir: String
+
+    func run() throws {
+        let pairs = try parseContext(context)
+        guard ChunkLayout.isValidChunkSize(chunkSize) else {
+            throw CLIError("--chunk-size must be a power of two from 4096 to 1048576")
+        }
+        let dir = Paths.absolute(cipherDir)
+        if Paths.exists(VolumeConfig.path(in: dir)) {
+            throw CLIError("\(dir) already holds a kmsfs volume (\(VolumeConfig.fileName))")
+        }
+        if Paths.exists(dir) {
+            guard Paths.isDirectory(dir) else { throw CLIError("\(dir) is not a directory") }
+            guard try Paths.entries(dir).isEmpty else { throw CLIError("\(dir) is not empty; kmsfs init needs an empty directory") }
+        } else if mkdir(dir, 0o700) != 0 {
+            throw CLIError("cannot create \(dir): \(Errno.current)")
+        }
+        let volumeId = try VolumeConfig.newVolumeId()
+
+        switch kms {
+        case "local":
+            try initLocal(dir: dir, volumeId: volumeId, pairs: pairs)
+        default:
+            throw CLIError("unknown key provider \"\(kms)\" (available: local)")
+        }
+    }
+
+    private func initLocal(dir: String, volumeId: String, pairs: [String: String]) throws {
+        let env = Paths.environment
+        let path = keyFile.map(Paths.absolute) ?? LocalKeyFile.defaultPath(volumeId: volumeId, environment: env)
+        let keyId: String
+        let created: Bool
+        do {
+            if keyFile != nil && Paths.exists(path) {
+                keyId = try LocalKeyFile.load(path: path).keyId
+                created = false
+            } else {
+                let (key, master) = try LocalMasterKey.generate()
+                try LocalKeyFile.write(master, to: path, keyId: key.keyId)
+                keyId = key.keyId
+                created = true
+            }
+        } catch let e as KeyError {
+            throw CLIError(e.message)
+        }
+        let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
+                                  keyProvider: KeyProviderConfig(type: LocalKeyProvider.providerName, keyIds: [keyId],
+                                                                 keyFile: keyFile == nil ? nil : path))
+        do {
+            try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
+        } catch {
+            if created { unlink(path) }
+            throw CLIError("cannot write \(VolumeConfig.path(in: dir)): \(error)")
+        }
+        print("Created kmsfs volume \(volumeId) in \(dir) (local key provider, key \(keyId)).")
+        if created {
+            print("New master key: \(path)")
+        } else {
+            print("Master key: \(path)")
+        }
+        print("Back this key file up and keep it secret: without it the files in \(dir) cannot be decrypted.")
+    }
+}
+
+/// Parses repeated KEY=VALUE options.
+func parseContext(_ items: [String]) throws -> [String: String] {
+    var pairs: [String: String] = [:]
+    for item in items {
+        guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
+            throw CLIError("--context wants KEY=VALUE, got \"\(item)\"")
+        }
+        let k = String(item[..<eq])
+        if pairs[k] != nil { throw CLIError("--context key \"\(k)\" given twice") }
+        pairs[k] = String(item[item.index(after: eq)...])
+    }
+    do {
+        try EncryptionContext.validateUserPairs(pairs)
+    } catch let e as FormatError {
+        if case .invalidConfig(let why) = e { throw CLIError(why) }
+        throw e
+    }
+    return pairs
+}

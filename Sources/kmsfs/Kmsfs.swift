@@ -1,0 +1,24 @@
+import ArgumentParser
+
+/// The kmsfs command line: one subcommand per file.
+@main
+struct Kmsfs: ParsableCommand {
+    static let version = "0.1.0"
+
+    static let configuration = CommandConfiguration(
+        commandName: "kmsfs",
+        abstract: "An encrypted FUSE filesystem with per-file data keys wrapped by a key management service.",
+        discussion: """
+            Create a volume with `kmsfs init CIPHERDIR`, mount it with `kmsfs mount CIPHERDIR MOUNTPOINT`, and work \
+            with plaintext files in MOUNTPOINT while CIPHERDIR holds only ciphertext. See kmsfs(1) and kmsfs-format(5).
+            """,
+        version: "kmsfs \(version) (on-disk format 1)",
+        subcommands: [InitCommand.self, MountCommand.self, UnmountCommand.self, InfoCommand.self]
+    )
+}
+
+/// A failure the user can act on: printed as one line, exit status 1.
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
+    init(_ message: String) { description = message }
+}

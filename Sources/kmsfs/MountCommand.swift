@@ -1,0 +1,277 @@
+import ArgumentParser
+import CSystem
+import Glibc
+import KmsfsFilesystem
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount an encrypted volume.",
+        discussion: """
+            Without -f, kmsfs starts a background daemon and returns once the mount is live (exit status 0) or \
+            has failed (exit status 1 and one line saying why). The daemon logs to --log-file, else to syslog \
+            when /dev/log exists, else to $XDG_STATE_HOME/kmsfs/<volume-id>.log; it tells you which.
+            With -f it stays in the foreground and logs to standard error; SIGINT or SIGTERM unmounts.
+
+            -o takes FUSE mount options (e.g. allow_other,default_permissions); allow_other always adds \
+            default_permissions, so the kernel checks permissions for every user.
+            """
+    )
+
+    @Flag(name: [.customShort("f"), .long], help: "Stay in the foreground and log to standard error.")
+    var foreground = false
+
+    @Flag(name: .long, help: "Mount read-only.")
+    var readOnly = false
+
+    @Option(name: .customShort("o"), parsing: .singleValue,
+            help: ArgumentHelp("FUSE mount options, comma-separated (repeatable).", valueName: "options"))
+    var fuseOptions: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
+    var keyFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("Append one JSON line per key operation to this file.", valueName: "file"))
+    var auditLog: String?
+
+    @Option(name: .long, help: ArgumentHelp("Background mounts: log to this file.", valueName: "file"))
+    var logFile: String?
+
+    @Flag(name: .long, help: "Log every error and debug detail (never key material).")
+    var debug = false
+
+    @Option(name: .long, help: .hidden)
+    var notifyFd: Int32?
+
+    @Argument(help: ArgumentHelp("The encrypted directory (made by kmsfs init).", valueName: "cipherdir"))
+    var cipherDir: String
+
+    @Argument(help: ArgumentHelp("An existing, empty directory to mount on.", valueName: "mountpoint"))
+    var mountPoint: String
+
+    func run() throws {
+        if !foreground {
+            try startDaemon()
+            return
+        }
+        let reporter = Reporter(notifyFd: notifyFd)
+        do {
+            let code = try serve(reporter)
+            if code != 0 { throw ExitCode(code) }
+        } catch let e as CLIError {
+            reporter.fail(e.description)
+            throw ExitCode(1)
+        }
+    }
+
+    // MARK: - the daemon side
+
+    /// Mounts and serves until unmounted. Returns the exit status.
+    private func serve(_ reporter: Reporter) throws -> Int32 {
+        if reporter.isDaemon { setsid() }
+        Log.shared.configure(sink: .standardError, level: debug ? .debug : .info)
+
+        let cipher = try Paths.resolve(cipherDir)
+        let mount = try Paths.resolve(mountPoint)
+        guard Paths.isDirectory(mount) else { throw CLIError("\(mount) is not a directory") }
+        let volume = try loadVolume(cipher)
+        let env = Paths.environment
+
+        var logDescription = "standard error"
+        if reporter.isDaemon {
+            logDescription = try configureDaemonLog(volume: volume, environment: env)
+        }
+
+        var audit: AuditLog? = nil
+        if let path = auditLog {
+            do {
+                audit = try AuditLog(path: Paths.absolute(path))
+            } catch {
+                throw CLIError("cannot open audit log \(path): \(error)")
+            }
+        }
+        let provider: KeyProvider
+        do {
+            provider = try ProviderFactory.makeProvider(
+                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: env))
+        } catch let e as KeyError {
+            throw CLIError(e.message.isEmpty ? e.description : e.message)
+        } catch let e as FormatError {
+            throw CLIError("\(VolumeConfig.path(in: cipher)): \(e)")
+        }
+
+        // Keys must not reach a core dump, and modes of new files come from the caller, not our umask.
+        _ = kmsfs_set_dumpable(0)
+        var noCore = rlimit(rlim_cur: 0, rlim_max: 0)
+        setrlimit(__rlimit_resource_t(RLIMIT_CORE.rawValue), &noCore)
+        umask(0)
+
+        let fs: EncryptedFilesystem
+        do {
+            fs = try EncryptedFilesystem(.init(
+                cipherDir: cipher, volume: volume,
+                keys: KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit),
+                readOnly: readOnly))
+        } catch {
+            throw CLIError("cannot open \(cipher): \(error)")
+        }
+
+        let options = fuseOptionList(cipher: cipher)
+        Log.debug("mounting \(cipher) on \(mount) with options \(options.joined(separator: ","))")
+        let outcome = FuseServer.run(fs, mountpoint: mount, options: options) {
+            Log.info("mounted \(cipher) on \(mount)")
+            reporter.ready("mounted \(cipher) on \(mount) (log: \(logDescription))")
+        }
+        switch outcome {
+        case .unmounted:
+            Log.info("unmounted \(mount)")
+            return 0
+        case .badOptions:
+            throw CLIError("invalid mount options\(Log.shared.lastError.map { ": " + $0 } ?? "")")
+        case .mountFailed:
+            throw CLIError("cannot mount on \(mount)\(Log.shared.lastError.map { ": " + $0 } ?? "")")
+        case .failed:
+            throw CLIError("the filesystem loop failed\(Log.shared.lastError.map { ": " + $0 } ?? "")")
+        }
+    }
+
+    private func loadVolume(_ cipher: String) throws -> VolumeConfig {
+        let path = VolumeConfig.path(in: cipher)
+        let bytes: [UInt8]
+        do {
+            bytes = try FileIO.readFile(path)
+        } catch let e as Errno where e == .ENOENT {
+            throw CLIError("\(cipher) is not a kmsfs volume: it has no \(VolumeConfig.fileName) (create one with kmsfs init)")
+        } catch {
+            throw CLIError("cannot read \(path): \(error)")
+        }
+        do {
+            return try VolumeConfig.decode(bytes)
+        } catch {
+            throw CLIError("\(path): \(error)")
+        }
+    }
+
+    /// The -o options for libfuse.
+    private func fuseOptionList(cipher: String) -> [String] {
+        var options = fuseOptions.flatMap { $0.split(separator: ",").map(String.init) }.filter { !$0.isEmpty }
+        let escaped = cipher.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,")
+        options.append("fsname=" + escaped)
+        options.append("subtype=kmsfs")
+        if readOnly && !options.contains("ro") { options.append("ro") }
+        if options.contains("allow_other") && !options.contains("default_permissions") {
+            options.append("default_permissions")
+        }
+        return options
+    }
+
+    /// Sends daemon log lines to the chosen place; returns its description for the user.
+    private func configureDaemonLog(volume: VolumeConfig, environment env: [String: String]) throws -> String {
+        let level: LogLevel = debug ? .debug : .info
+        var path = logFile.map(Paths.absolute)
+        if path == nil {
+            var st = stat()
+            if stat("/dev/log", &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK {
+                Log.shared.configure(sink: .syslog, level: level)
+                return "syslog"
+            }
+            let state = env["XDG_STATE_HOME"].flatMap { $0.hasPrefix("/") ? $0 : nil } ?? ((env["HOME"] ?? "/root") + "/.local/state")
+            let dir = state + "/kmsfs"
+            var current = ""
+            for part in dir.split(separator: "/") {
+                current += "/" + part
+                mkdir(current, 0o700)
+            }
+            path = dir + "/" + volume.volumeId + ".log"
+        }
+        let fd = open(path!, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        if fd < 0 { throw CLIError("cannot open log file \(path!): \(Errno.current)") }
+        dup2(fd, 2)  // anything the runtime prints on a crash lands in the log too
+        Log.shared.configure(sink: .file(fd), level: level)
+        return path!
+    }
+
+    // MARK: - the starting side
+
+    /// Starts `kmsfs mount -f` in a new session and waits until it reports the mount live or failed.
+    private func startDaemon() throws {
+        var fds: [Int32] = [0, 0]
+        guard kmsfs_pipe_cloexec(&fds) == 0 else { throw CLIError("pipe: \(Errno.current)") }
+        var args = ["kmsfs", "mount", "--foreground", "--notify-fd", String(fds[1])]
+        if readOnly { args.append("--read-only") }
+        for o in fuseOptions { args += ["-o", o] }
+        if let k = keyFile { args += ["--key-file", Paths.absolute(k)] }
+        if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }
+        if let l = logFile { args += ["--log-file", Paths.absolute(l)] }
+        if debug { args.append("--debug") }
+        args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
+
+        let pid: pid_t
+        do {
+            pid = try Spawn.start("/proc/self/exe", args, inherit: [fds[1]])
+        } catch {
+            close(fds[0]); close(fds[1])
+            throw error
+        }
+        close(fds[1])
+        defer { close(fds[0]) }
+
+        // The daemon writes one line: "ready\t<what>" or "error\t<why>".
+        var message = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        var pfd = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
+        let deadline = time(nil) + 120
+        while time(nil) < deadline {
+            let r = poll(&pfd, 1, 1000)
+            if r < 0 && errno == EINTR { continue }
+            if r == 0 { continue }
+            let n = buf.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            message += buf[0..<n]
+            if message.contains(UInt8(ascii: "\n")) { break }
+        }
+        let line = String(decoding: message, as: UTF8.self).split(separator: "\n").first.map(String.init) ?? ""
+        if line.hasPrefix("ready\t") {
+            print("kmsfs: " + line.dropFirst(6))
+            return
+        }
+        if line.hasPrefix("error\t") {
+            _ = Spawn.wait(pid)
+            throw CLIError(String(line.dropFirst(6)))
+        }
+        if line.isEmpty && time(nil) >= deadline {
+            kill(pid, SIGTERM)
+            throw CLIError("the mount daemon did not become ready within 120 seconds (stopped it)")
+        }
+        let status = Spawn.wait(pid)
+        throw CLIError("the mount daemon exited with status \(status) before the mount was live")
+    }
+}
+
+/// Tells the starting process (or the terminal) whether the mount came up.
+struct Reporter {
+    let notifyFd: Int32?
+    var isDaemon: Bool { notifyFd != nil }
+
+    func ready(_ text: String) {
+        guard let fd = notifyFd else { return }
+        send("ready\t" + text + "\n", fd)
+        close(fd)
+    }
+
+    func fail(_ text: String) {
+        Log.error(text)
+        guard let fd = notifyFd else { return }
+        send("error\t" + text.replacingOccurrences(of: "\n", with: " ") + "\n", fd)
+        close(fd)
+    }
+
+    private func send(_ s: String, _ fd: Int32) {
+        var bytes = Array(s.utf8)
+        _ = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress, $0.count) }
+    }
+}

@@ -1,0 +1,57 @@
+import Glibc
+import KmsfsSystem
+
+enum Paths {
+    /// The absolute, symlink-free form of an existing path.
+    static func resolve(_ path: String) throws -> String {
+        guard let r = realpath(path, nil) else {
+            throw CLIError("\(path): \(Errno.current)")
+        }
+        defer { free(r) }
+        return String(cString: r)
+    }
+
+    /// An absolute form of a path that may not exist yet (its parent must).
+    static func absolute(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
+        guard getcwd(&buf, buf.count) != nil else { return path }
+        let cwd = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return (cwd == "/" ? "" : cwd) + "/" + path
+    }
+
+    static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR
+    }
+
+    static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
+
+    /// Entries of a directory other than . and ..
+    static func entries(_ path: String) throws -> [String] {
+        guard let d = opendir(path) else { throw CLIError("\(path): \(Errno.current)") }
+        defer { closedir(d) }
+        var names: [String] = []
+        while let e = readdir(d) {
+            let name = withUnsafePointer(to: e.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    static var environment: [String: String] {
+        var env: [String: String] = [:]
+        var p = environ
+        while let entry = p.pointee {
+            let s = String(cString: entry)
+            if let eq = s.firstIndex(of: "=") { env[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
+            p += 1
+        }
+        return env
+    }
+}

@@ -1,0 +1,62 @@
+import CSystem
+import Glibc
+import KmsfsSystem
+
+/// Starting other programs (the mount daemon, fusermount3) with posix_spawn.
+enum Spawn {
+    /// Starts `path` with `arguments` (argv[0] included), stdin and stdout on /dev/null, stderr on
+    /// `stderrFd` (or /dev/null), and `inherit` left open in the child. Returns the child's PID.
+    static func start(_ path: String, _ arguments: [String], stderrFd: Int32? = nil, inherit: [Int32] = []) throws -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        if let e = stderrFd {
+            posix_spawn_file_actions_adddup2(&actions, e, 2)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        }
+        for fd in inherit { _ = fcntl(fd, F_SETFD, 0) }
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        var pid: pid_t = 0
+        let r = path.contains("/")
+            ? posix_spawn(&pid, path, &actions, nil, &argv, environ)
+            : posix_spawnp(&pid, path, &actions, nil, &argv, environ)
+        guard r == 0 else { throw CLIError("cannot run \(path): \(Errno(r))") }
+        return pid
+    }
+
+    /// Runs a program to completion; returns its exit status (or 128+signal) and what it wrote to stderr.
+    static func run(_ path: String, _ arguments: [String]) throws -> (status: Int32, stderr: String) {
+        var fds: [Int32] = [0, 0]
+        guard kmsfs_pipe_cloexec(&fds) == 0 else { throw CLIError("pipe: \(Errno.current)") }
+        let pid: pid_t
+        do {
+            pid = try start(path, arguments, stderrFd: fds[1])
+        } catch {
+            close(fds[0]); close(fds[1])
+            throw error
+        }
+        close(fds[1])
+        var output = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            output += buf[0..<n]
+        }
+        close(fds[0])
+        return (wait(pid), String(decoding: output, as: UTF8.self))
+    }
+
+    /// Waits for a child; returns its exit status, or 128+signal.
+    static func wait(_ pid: pid_t) -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let termsig = status & 0x7f
+        return termsig == 0 ? (status >> 8) & 0xff : 128 + termsig
+    }
+}
