@@ -65,7 +65,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KmsfsTests",
-            dependencies: ["KmsfsCrypto", "KmsfsFormat", "KmsfsKeys", "KmsfsSystem", "kmsfs"]
+            dependencies: ["KmsfsCrypto", "KmsfsFormat", "KmsfsKeys", "KmsfsSystem", "KmsfsFilesystem", "CSystem", "kmsfs"]
         ),
     ]
 )

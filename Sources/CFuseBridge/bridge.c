@@ -6,12 +6,22 @@
 
 static kmsfs_fuse_log_fn log_target;
 
+/* libfuse sometimes logs one line in several calls: collect pieces per thread until a newline. */
+static __thread char pending[1024];
+static __thread size_t pending_len;
+
 static void forward_log(enum fuse_log_level level, const char *fmt, va_list ap) {
-    char line[1024];
-    vsnprintf(line, sizeof line, fmt, ap);
-    size_t n = strlen(line);
-    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
-    if (log_target != NULL && n > 0) log_target((int)level, line);
+    char piece[1024];
+    vsnprintf(piece, sizeof piece, fmt, ap);
+    for (const char *p = piece; *p != '\0'; p++) {
+        if (*p == '\n' || pending_len == sizeof pending - 1) {
+            pending[pending_len] = '\0';
+            if (log_target != NULL && pending_len > 0) log_target((int)level, pending);
+            pending_len = 0;
+            if (*p == '\n') continue;
+        }
+        if (*p != '\r') pending[pending_len++] = *p;
+    }
 }
 
 void kmsfs_fuse_set_log(kmsfs_fuse_log_fn fn) {

@@ -18,14 +18,17 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         public var volume: VolumeConfig
         public var keys: KeyService
         public var readOnly: Bool
+        /// Bypass the kernel page cache: every read and write reaches kmsfs as the application issued it.
+        public var directIO: Bool
         public var names: NameMapping
 
-        public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, readOnly: Bool,
+        public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, readOnly: Bool, directIO: Bool = false,
                     names: NameMapping = PlaintextNames()) {
             self.cipherDir = cipherDir
             self.volume = volume
             self.keys = keys
             self.readOnly = readOnly
+            self.directIO = directIO
             self.names = names
         }
     }
@@ -36,6 +39,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let keys: KeyService
     let names: NameMapping
     let readOnly: Bool
+    let directIO: Bool
     let table: OpenFileTable
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool
@@ -50,6 +54,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         keys = settings.keys
         names = settings.names
         readOnly = settings.readOnly
+        directIO = settings.directIO
         chownToCaller = geteuid() == 0
         let keyService = settings.keys
         table = OpenFileTable { file, secrets in
@@ -354,49 +359,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Reads and authenticates the header of an open backing file and unwraps its data key.
     private func loadSecrets(fd: Int32, mountPath: String, rel: String) throws -> FileSecrets {
-        let header: FileHeader
         do {
-            var prefix = [UInt8](repeating: 0, count: FileHeader.prefixSize)
-            let n = try prefix.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-            guard n == FileHeader.prefixSize else { throw FormatError.truncatedHeader }
-            let length = try HeaderPrefix(prefix).headerLength
-            var bytes = [UInt8](repeating: 0, count: length)
-            let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
-            guard m == length else { throw FormatError.truncatedHeader }
-            header = try FileHeader(decoding: bytes)
-            try header.checkContext(volumeId: volume.volumeId)
-        } catch let e as FormatError {
-            Log.error("cannot open \(mountPath) (backing file \(rel)): \(e)")
+            let opened = try FileOpener.open(fd: fd, volumeId: volume.volumeId, keys: keys, path: mountPath)
+            return FileSecrets(chunkKey: opened.keys.chunkKey, fileId: opened.header.fileId, layout: opened.header.layout)
+        } catch {
+            Log.error("cannot open \(mountPath) (backing file \(rel)): \(error)")
+            if case .key(let e) = error, e.kind == .accessDenied { throw Errno.EACCES }
             throw Errno.EIO
         }
-        var fileKeys: FileKeys?
-        var headerError: FormatError?
-        let dataKey: SecureBytes
-        do {
-            dataKey = try keys.unwrap(header.wrappedKeys, context: header.context,
-                                      subject: KeySubject(path: mountPath, fileId: header.fileId)) { candidate in
-                do {
-                    let k = try FileKeys(dataKey: candidate, fileId: header.fileId)
-                    try header.authenticate(with: k)
-                    fileKeys = k
-                    return true
-                } catch let e as FormatError {
-                    headerError = e
-                    return false
-                } catch {
-                    return false
-                }
-            }
-        } catch let e as KeyError {
-            if e.errorType == "KeyCommitmentMismatch", let h = headerError {
-                Log.error("cannot open \(mountPath) (backing file \(rel)): \(h)")
-                throw Errno.EIO
-            }
-            Log.error("cannot unwrap the data key of \(mountPath) (backing file \(rel)) with key \(e.keyId): \(e.errorType)\(e.message.isEmpty ? "" : " (\(e.message))")")
-            throw e.kind == .accessDenied ? Errno.EACCES : Errno.EIO
-        }
-        dataKey.wipe()
-        return FileSecrets(chunkKey: fileKeys!.chunkKey, fileId: header.fileId, layout: header.layout)
     }
 
     func read(_ handle: FileHandle, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {

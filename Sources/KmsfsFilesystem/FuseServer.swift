@@ -104,6 +104,7 @@ private func operations() -> fuse_operations {
             cfg.pointee.use_ino = 1          // st_ino of the backing file: stable, shared by hard links
             cfg.pointee.nullpath_ok = 1      // handle-based operations work after unlink
             cfg.pointee.hard_remove = 1      // no .fuse_hidden files: open handles keep their backing fd
+            if current().directIO { cfg.pointee.direct_io = 1 }
         }
         if let conn {
             conn.pointee.max_write = 1 << 20

@@ -31,6 +31,9 @@ struct MountCommand: ParsableCommand {
             help: ArgumentHelp("FUSE mount options, comma-separated (repeatable).", valueName: "options"))
     var fuseOptions: [String] = []
 
+    @Flag(name: .long, help: "Bypass the kernel page cache (every read and write reaches kmsfs as issued; no shared mmap).")
+    var directIo = false
+
     @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
     var keyFile: String?
 
@@ -114,7 +117,7 @@ struct MountCommand: ParsableCommand {
             fs = try EncryptedFilesystem(.init(
                 cipherDir: cipher, volume: volume,
                 keys: KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit),
-                readOnly: readOnly))
+                readOnly: readOnly, directIO: directIo))
         } catch {
             throw CLIError("cannot open \(cipher): \(error)")
         }
@@ -202,6 +205,7 @@ struct MountCommand: ParsableCommand {
         guard kmsfs_pipe_cloexec(&fds) == 0 else { throw CLIError("pipe: \(Errno.current)") }
         var args = ["kmsfs", "mount", "--foreground", "--notify-fd", String(fds[1])]
         if readOnly { args.append("--read-only") }
+        if directIo { args.append("--direct-io") }
         for o in fuseOptions { args += ["-o", o] }
         if let k = keyFile { args += ["--key-file", Paths.absolute(k)] }
         if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }

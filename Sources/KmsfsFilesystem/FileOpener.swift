@@ -1,0 +1,85 @@
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+/// Opening an existing encrypted file: read its header, unwrap its data key through the key service with
+/// the header's encryption context, and accept the key only if it matches the key commitment and the header
+/// MAC. Used by the mount on first open and by the offline tools.
+public struct OpenedHeader: Sendable {
+    public let header: FileHeader
+    public let keys: FileKeys
+}
+
+public enum FileOpener {
+    /// Why a file could not be opened.
+    public enum Failure: Error, CustomStringConvertible {
+        /// The header is damaged, foreign, or belongs to another volume.
+        case header(FormatError)
+        /// No wrapped key could be unwrapped (the most telling provider error).
+        case key(KeyError)
+
+        public var description: String {
+            switch self {
+            case .header(let e): return "\(e)"
+            case .key(let e): return "cannot unwrap the data key with key \(e.keyId): \(e.errorType)\(e.message.isEmpty ? "" : " (\(e.message))")"
+            }
+        }
+    }
+
+    /// Reads the header of an open backing file.
+    public static func readHeader(fd: Int32) throws(Failure) -> FileHeader {
+        do {
+            var prefix = [UInt8](repeating: 0, count: FileHeader.prefixSize)
+            let n = try prefix.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+            guard n == FileHeader.prefixSize else { throw FormatError.truncatedHeader }
+            let length = try HeaderPrefix(prefix).headerLength
+            var bytes = [UInt8](repeating: 0, count: length)
+            let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
+            guard m == length else { throw FormatError.truncatedHeader }
+            return try FileHeader(decoding: bytes)
+        } catch let e as FormatError {
+            throw .header(e)
+        } catch {
+            throw .header(.malformedHeader("cannot read: \(error)"))
+        }
+    }
+
+    /// Reads, unwraps and authenticates the header of an open backing file of volume `volumeId`.
+    public static func open(fd: Int32, volumeId: String, keys: KeyService, path: String) throws(Failure) -> OpenedHeader {
+        let header = try readHeader(fd: fd)
+        do {
+            try header.checkContext(volumeId: volumeId)
+        } catch let e as FormatError {
+            throw .header(e)
+        } catch {
+            throw .header(.malformedHeader("\(error)"))
+        }
+        var accepted: FileKeys?
+        var rejection: FormatError?
+        do {
+            let dataKey = try keys.unwrap(header.wrappedKeys, context: header.context,
+                                          subject: KeySubject(path: path, fileId: header.fileId)) { candidate in
+                do {
+                    let k = try FileKeys(dataKey: candidate, fileId: header.fileId)
+                    try header.authenticate(with: k)
+                    accepted = k
+                    return true
+                } catch let e as FormatError {
+                    rejection = e
+                    return false
+                } catch {
+                    return false
+                }
+            }
+            dataKey.wipe()
+        } catch let e as KeyError {
+            // A key that unwrapped but failed the header checks means the header was altered.
+            if e.errorType == "KeyCommitmentMismatch", let r = rejection { throw .header(r) }
+            throw .key(e)
+        } catch {
+            throw .key(KeyError(.other, errorType: "InternalError", keyId: "", message: "\(error)"))
+        }
+        return OpenedHeader(header: header, keys: accepted!)
+    }
+}

@@ -1,0 +1,303 @@
+import CSystem
+import Foundation
+import Glibc
+import KmsfsFilesystem
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+import Testing
+
+/// The kmsfs binary under test: $KMSFS_BIN, else the one built next to the test bundle.
+let kmsfsBinary: String = {
+    if let b = ProcessInfo.processInfo.environment["KMSFS_BIN"] { return b }
+    var exe = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+    // Swift Testing may run from the .xctest bundle or from a helper next to it.
+    for _ in 0..<3 {
+        let candidate = exe.appendingPathComponent("kmsfs").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        exe = exe.deletingLastPathComponent()
+    }
+    return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent(".build/debug/kmsfs").path
+}()
+
+struct CommandResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs a program to completion, capturing its output.
+@discardableResult
+func run(_ program: String, _ args: [String], environment: [String: String] = [:], input: [UInt8]? = nil) throws -> CommandResult {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : "/usr/bin/env")
+    p.arguments = program.hasPrefix("/") ? args : [program] + args
+    var env = ProcessInfo.processInfo.environment
+    for (k, v) in environment { env[k] = v }
+    p.environment = env
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    let inPipe = Pipe()
+    p.standardInput = input == nil ? FileHandle.nullDevice : inPipe
+    try p.run()
+    if let input {
+        inPipe.fileHandleForWriting.write(Data(input))
+        try inPipe.fileHandleForWriting.close()
+    }
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return CommandResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+                         stderr: String(decoding: e, as: UTF8.self))
+}
+
+/// True when `path` is a kmsfs mount point.
+func isKmsfsMount(_ path: String) -> Bool {
+    let mounts = (try? FileIO.readFile("/proc/self/mounts")).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    return mounts.split(separator: "\n").contains { line in
+        let f = line.split(separator: " ")
+        return f.count > 2 && f[1] == path && f[2] == "fuse.kmsfs"
+    }
+}
+
+/// A volume created with `kmsfs init` in a temporary directory and mounted with `kmsfs mount -f` as a
+/// child process (its stderr goes to `daemonLog`). Unmounted and cleaned up when released.
+final class MountedVolume {
+    let dir: TempDir
+    let cipher: String
+    let mount: String
+    let configHome: String
+    let auditLog: String
+    let daemonLog: String
+    let chunkSize: Int
+    private(set) var process: Process?
+    private(set) var mountArgs: [String] = []
+
+    var environment: [String: String] { ["XDG_CONFIG_HOME": configHome, "XDG_STATE_HOME": dir.path + "/state"] }
+
+    init(chunkSize: Int = 4096, initArgs: [String] = [], mountArgs: [String] = [], cipherParent: String? = nil) throws {
+        dir = try TempDir()
+        cipher = (cipherParent ?? dir.path) + "/cipher"
+        mount = dir.path + "/mnt"
+        configHome = dir.path + "/config"
+        auditLog = dir.path + "/audit.log"
+        daemonLog = dir.path + "/daemon.log"
+        self.chunkSize = chunkSize
+        try syscall { mkdir(mount, 0o755) }
+        let r = try run(kmsfsBinary, ["init", "--chunk-size", String(chunkSize)] + initArgs + [cipher], environment: environment)
+        guard r.status == 0 else { throw TestFailure("kmsfs init failed: \(r.stderr)") }
+        try start(mountArgs)
+    }
+
+    deinit { stop() }
+
+    /// Stops the daemon however it is doing: lazy unmount, SIGTERM, and SIGKILL if it is still there after
+    /// two seconds (a daemon whose mount still has open files never sees the unmount).
+    func stop() {
+        if isKmsfsMount(mount) { _ = try? run("fusermount3", ["-uz", mount]) }
+        guard let p = process, p.isRunning else { return }
+        p.terminate()
+        for _ in 0..<200 where p.isRunning { usleep(10_000) }
+        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        p.waitUntilExit()
+    }
+
+    /// Starts the daemon and waits for the mount to appear.
+    func start(_ args: [String] = []) throws {
+        mountArgs = args
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: kmsfsBinary)
+        p.arguments = ["mount", "-f", "--audit-log", auditLog] + args + [cipher, mount]
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        p.environment = env
+        _ = FileManager.default.createFile(atPath: daemonLog, contents: nil)
+        let log = FileHandle(forWritingAtPath: daemonLog)!
+        log.seekToEndOfFile()
+        p.standardError = log
+        p.standardOutput = log
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        process = p
+        for _ in 0..<1000 {
+            if isKmsfsMount(mount) { return }
+            if !p.isRunning { throw TestFailure("kmsfs mount exited with \(p.terminationStatus): \(daemonLogText)") }
+            usleep(10_000)
+        }
+        throw TestFailure("the mount did not appear within 10 s")
+    }
+
+    /// Unmounts and waits for the daemon; returns its exit status.
+    @discardableResult
+    func unmount() throws -> Int32 {
+        let r = try run("fusermount3", ["-u", mount])
+        guard r.status == 0 else { throw TestFailure("fusermount3 -u failed: \(r.stderr)") }
+        process?.waitUntilExit()
+        return process?.terminationStatus ?? -1
+    }
+
+    func remount() throws {
+        try unmount()
+        try start(mountArgs)
+    }
+
+    var daemonLogText: String { (try? String(contentsOfFile: daemonLog, encoding: .utf8)) ?? "" }
+
+    func auditLines() -> [[String: Any]] {
+        guard let text = try? String(contentsOfFile: auditLog, encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+    }
+
+    func auditCount(_ op: String, path: String? = nil) -> Int {
+        auditLines().filter { ($0["op"] as? String) == op && (path == nil || ($0["path"] as? String) == path) }.count
+    }
+
+    /// Waits until the audit log holds at least `count` lines of `op` (release is asynchronous in FUSE).
+    func waitForAudit(_ op: String, count: Int, path: String? = nil) -> Bool {
+        for _ in 0..<500 {
+            if auditCount(op, path: path) >= count { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+
+    func path(_ name: String) -> String { mount + "/" + name }
+    func backing(_ name: String) -> String { cipher + "/" + name }
+
+    /// The volume's config and a key service over its local key file, for offline checks.
+    func offlineReader() throws -> OfflineReader {
+        let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: cipher)))
+        let provider = try ProviderFactory.makeProvider(volume: volume, options: .init(environment: environment))
+        return OfflineReader(volume: volume, keys: KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: nil))
+    }
+
+    /// The plaintext of a backing file, decrypted without the mount; nil if any chunk fails.
+    func offlineContents(_ name: String) throws -> [UInt8]? {
+        var out = [UInt8]()
+        let report = try offlineReader().read(backingPath: backing(name), label: "/" + name) { out += $0 }
+        return report.isIntact ? out : nil
+    }
+}
+
+/// Where two byte strings first differ, or nil when equal (readable where a full dump is not).
+func difference(_ a: [UInt8], _ b: [UInt8]) -> String? {
+    if a == b { return nil }
+    let n = min(a.count, b.count)
+    var i = 0
+    while i < n && a[i] == b[i] { i += 1 }
+    if i == n { return "lengths differ: \(a.count) vs \(b.count)" }
+    return "first difference at byte \(i) of \(a.count) vs \(b.count) bytes: \(a[i]) vs \(b[i])"
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+/// Thin POSIX wrappers that throw Errno, for driving the mount exactly as applications do.
+enum P {
+    static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0o644) throws -> Int32 {
+        try syscall { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    static func pwrite(_ fd: Int32, _ bytes: [UInt8], _ offset: Int) throws {
+        try bytes.withUnsafeBytes { b in
+            let n = try syscall { Glibc.pwrite(fd, b.baseAddress, b.count, off_t(offset)) }
+            if n != b.count { throw TestFailure("short write: \(n) of \(b.count)") }
+        }
+    }
+
+    static func write(_ fd: Int32, _ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { b in
+            let n = try syscall { Glibc.write(fd, b.baseAddress, b.count) }
+            if n != b.count { throw TestFailure("short write: \(n) of \(b.count)") }
+        }
+    }
+
+    static func pread(_ fd: Int32, _ count: Int, _ offset: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = try out.withUnsafeMutableBytes { b in
+                try syscall { Glibc.pread(fd, b.baseAddress! + done, count - done, off_t(offset + done)) }
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return Array(out[0..<done])
+    }
+
+    static func readFile(_ path: String) throws -> [UInt8] {
+        let fd = try open(path, O_RDONLY)
+        defer { close(fd) }
+        var out = [UInt8]()
+        var offset = 0
+        while true {
+            let chunk = try pread(fd, 1 << 20, offset)
+            out += chunk
+            offset += chunk.count
+            if chunk.count < 1 << 20 { return out }
+        }
+    }
+
+    static func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
+        let fd = try open(path, O_WRONLY | O_CREAT | O_TRUNC, mode)
+        defer { close(fd) }
+        try write(fd, bytes)
+    }
+
+    static func stat(_ path: String) throws -> Glibc.stat {
+        var st = Glibc.stat()
+        try syscall { lstat(path, &st) }
+        return st
+    }
+
+    static func fstat(_ fd: Int32) throws -> Glibc.stat {
+        var st = Glibc.stat()
+        try syscall { Glibc.fstat(fd, &st) }
+        return st
+    }
+
+    /// The errno a throwing call failed with, or nil if it succeeded.
+    static func errno<T>(_ body: () throws -> T) -> Int32? {
+        do {
+            _ = try body()
+            return nil
+        } catch let e as Errno {
+            return e.code
+        } catch {
+            return -1
+        }
+    }
+}
+
+/// A small deterministic generator (SplitMix64), so a failing random run can be replayed from its seed.
+struct SeededRandom: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E3779B97F4A7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        return z ^ (z >> 31)
+    }
+
+    mutating func bytes(_ n: Int) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: n)
+        var i = 0
+        while i < n {
+            var v = next()
+            for _ in 0..<8 where i < n {
+                out[i] = UInt8(truncatingIfNeeded: v)
+                v >>= 8
+                i += 1
+            }
+        }
+        return out
+    }
+}
