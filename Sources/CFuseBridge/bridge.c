@@ -29,23 +29,22 @@ void kmsfs_fuse_set_log(kmsfs_fuse_log_fn fn) {
     fuse_set_log_func(forward_log);
 }
 
-int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_operations *ops, void *private_data) {
+int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowlevel_ops *ops, void *userdata) {
     struct fuse_args args = FUSE_ARGS_INIT(mount->argc, mount->argv);
     int result = KMSFS_FUSE_OK;
 
-    struct fuse *fuse = fuse_new(&args, ops, sizeof *ops, private_data);
-    if (fuse == NULL) {
+    struct fuse_session *session = fuse_session_new(&args, ops, sizeof *ops, userdata);
+    if (session == NULL) {
         fuse_opt_free_args(&args);
         return KMSFS_FUSE_BAD_OPTIONS;
     }
-    if (fuse_mount(fuse, mount->mountpoint) != 0) {
-        result = KMSFS_FUSE_MOUNT_FAILED;
-        goto destroy;
-    }
-    struct fuse_session *session = fuse_get_session(fuse);
     if (fuse_set_signal_handlers(session) != 0) {
         result = KMSFS_FUSE_SIGNALS_FAILED;
-        goto unmount;
+        goto destroy;
+    }
+    if (fuse_session_mount(session, mount->mountpoint) != 0) {
+        result = KMSFS_FUSE_MOUNT_FAILED;
+        goto signals;
     }
     if (mount->ready != NULL) mount->ready(mount->ready_context);
 
@@ -54,19 +53,14 @@ int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_opera
     if (mount->max_idle_threads > 0) fuse_loop_cfg_set_idle_threads(config, mount->max_idle_threads);
     fuse_loop_cfg_set_clone_fd(config, 0);
     // A positive result is the signal that ended the loop (an orderly shutdown); negative is an error.
-    if (fuse_loop_mt(fuse, config) < 0) result = KMSFS_FUSE_LOOP_FAILED;
+    if (fuse_session_loop_mt(session, config) < 0) result = KMSFS_FUSE_LOOP_FAILED;
     fuse_loop_cfg_destroy(config);
 
+    fuse_session_unmount(session);
+signals:
     fuse_remove_signal_handlers(session);
-unmount:
-    fuse_unmount(fuse);
 destroy:
-    fuse_destroy(fuse);
+    fuse_session_destroy(session);
     fuse_opt_free_args(&args);
     return result;
-}
-
-void kmsfs_fuse_exit_current(void) {
-    struct fuse_context *context = fuse_get_context();
-    if (context != NULL && context->fuse != NULL) fuse_exit(context->fuse);
 }

@@ -1,4 +1,3 @@
-import CFuseBridge
 import CSystem
 import Glibc
 import KmsfsCrypto
@@ -6,12 +5,19 @@ import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
 
-/// The encrypted filesystem: FUSE request handlers over a backing directory.
+/// Who made a request: new nodes are given to this user when kmsfs runs as root.
+struct Caller {
+    let uid: uid_t
+    let gid: gid_t
+}
+
+/// The encrypted filesystem: FUSE low-level request handlers over a backing directory.
 ///
-/// Handlers take mount paths, map them to backing paths through `NameMapping`, and work relative to a
-/// descriptor of the backing root (the *at system calls), so the backing directory's own path is only
-/// used for extended attributes. File contents go through `ContentIO`; keys come from `KeyService` when a
-/// file's first handle opens, and live in `OpenFileTable` until its last handle closes.
+/// The kernel addresses nodes by inode (`InodeTable`): every known backing node is held by an O_PATH
+/// descriptor and every call works relative to descriptors (the *at system calls, or /proc/self/fd), so the
+/// backing directory's path is never walked again after mounting. Names go through `NameMapping`, file
+/// contents through `ContentIO`; a file's key comes from `KeyService` when its first handle opens and lives
+/// in `OpenFileTable` until its last handle closes.
 public final class EncryptedFilesystem: @unchecked Sendable {
     public struct Settings: Sendable {
         public var cipherDir: String
@@ -33,6 +39,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         }
     }
 
+    /// Seconds the kernel may cache names and attributes (all changes go through this mount).
+    static let cacheTimeout = 1.0
+
     let rootFd: Int32
     let cipherDir: String
     let volume: VolumeConfig
@@ -40,6 +49,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let names: NameMapping
     let readOnly: Bool
     let directIO: Bool
+    let inodes: InodeTable
     let table: OpenFileTable
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool
@@ -48,7 +58,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let fd = Glibc.open(settings.cipherDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if fd < 0 { throw Errno.current }
         rootFd = fd
-        cipherDir = settings.cipherDir.hasSuffix("/") && settings.cipherDir.count > 1
+        let pathFd = Glibc.open(settings.cipherDir, O_PATH_FLAG | O_DIRECTORY | O_CLOEXEC)
+        if pathFd < 0 {
+            close(fd)
+            throw Errno.current
+        }
+        inodes = try InodeTable(rootFd: pathFd)
+        cipherDir = settings.cipherDir.count > 1 && settings.cipherDir.hasSuffix("/")
             ? String(settings.cipherDir.dropLast()) : settings.cipherDir
         volume = settings.volume
         keys = settings.keys
@@ -70,165 +86,201 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Wipes every key still in memory (on unmount).
     public func shutdown() { table.wipeAll() }
 
-    // MARK: - attributes
+    // MARK: - names and attributes
 
-    func getattr(_ path: String?, _ st: UnsafeMutablePointer<stat>, _ handle: Handle?) throws {
-        if let h = handle as? FileHandle {
-            try syscall { fstat(h.fd, st) }
-            st.pointee.st_size = off_t(h.file.secrets.layout.plaintextSize(backingSize: Int(st.pointee.st_size)))
-            return
+    /// Resolves `name` in `parent` and records the kernel's new reference to it.
+    func lookup(_ parent: Inode, _ name: String) throws -> (Inode, stat) {
+        let backingName = try names.backingName(name, inRoot: parent === inodes.root, creating: false)
+        let fd = try syscall { openat(parent.fd, backingName, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC) }
+        var st = stat()
+        do {
+            try syscall { fstatat(fd, "", &st, AT_EMPTY_PATH_FLAG | AT_SYMLINK_NOFOLLOW) }
+        } catch {
+            close(fd)
+            throw error
         }
-        let rel = try backing(path)
-        try syscall { fstatat(rootFd, rel, st, AT_SYMLINK_NOFOLLOW) }
-        if st.pointee.st_mode & S_IFMT == S_IFREG {
-            st.pointee.st_size = off_t(plaintextSize(rel: rel, st: st.pointee))
-        }
+        let inode = inodes.remember(fd: fd, st: st)
+        st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size)))
+        return (inode, st)
     }
 
-    /// The plaintext size of a regular backing file: from the open-file table when the file is open,
-    /// otherwise from its 16-byte header prefix. Never a provider call. Unreadable or foreign files count as 0.
-    private func plaintextSize(rel: String, st: stat) -> Int {
-        if let layout = table.lookup(InodeKey(st))?.layoutIfLoaded {
-            return layout.plaintextSize(backingSize: Int(st.st_size))
+    func forget(_ nodeId: UInt64, count: UInt64) {
+        inodes.forget(nodeId, count: count)
+    }
+
+    func getattr(_ inode: Inode) throws -> stat {
+        var st = stat()
+        try syscall { fstatat(inode.fd, "", &st, AT_EMPTY_PATH_FLAG | AT_SYMLINK_NOFOLLOW) }
+        st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size)))
+        return st
+    }
+
+    /// The plaintext size of a regular file from its backing size: the layout comes from the open-file table,
+    /// or from the 16-byte header prefix read once per inode. Never a provider call.
+    func plaintextSize(_ inode: Inode, backingSize: Int) -> Int {
+        guard inode.type == S_IFREG else { return backingSize }
+        switch inode.layout {
+        case .known(let l): return l.plaintextSize(backingSize: backingSize)
+        case .foreign: return 0
+        case .unknown: break
         }
-        guard st.st_size >= FileHeader.prefixSize else { return 0 }
-        let fd = openat(rootFd, rel, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | kmsfs_o_noatime())
-        let usable = fd >= 0 ? fd : openat(rootFd, rel, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-        guard usable >= 0 else { return Int(st.st_size) }
-        defer { close(usable) }
+        if let l = table.lookup(inode.key)?.layoutIfLoaded {
+            inode.layout = .known(l)
+            return l.plaintextSize(backingSize: backingSize)
+        }
+        guard backingSize >= FileHeader.prefixSize else { return 0 }
+        var fd = Glibc.open(inode.procPath, O_RDONLY | O_CLOEXEC | kmsfs_o_noatime())
+        if fd < 0 { fd = Glibc.open(inode.procPath, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { return backingSize }
+        defer { close(fd) }
         var prefix = [UInt8](repeating: 0, count: FileHeader.prefixSize)
-        let n = prefix.withUnsafeMutableBytes { (try? FileIO.pread(usable, $0.baseAddress!, count: $0.count, offset: 0)) ?? 0 }
-        guard n == FileHeader.prefixSize, let p = try? HeaderPrefix(prefix) else { return 0 }
-        return p.layout.plaintextSize(backingSize: Int(st.st_size))
-    }
-
-    func chmod(_ path: String?, _ mode: mode_t, _ handle: Handle?) throws {
-        if let h = handle as? FileHandle { try syscall { fchmod(h.fd, mode) }; return }
-        if let d = handle as? DirHandle { try syscall { fchmod(dirfd(d.stream), mode) }; return }
-        let rel = try backing(path)
-        try syscall { fchmodat(rootFd, rel, mode, 0) }
-    }
-
-    func chown(_ path: String?, _ uid: uid_t, _ gid: gid_t, _ handle: Handle?) throws {
-        if let h = handle as? FileHandle { try syscall { fchown(h.fd, uid, gid) }; return }
-        if let d = handle as? DirHandle { try syscall { fchown(dirfd(d.stream), uid, gid) }; return }
-        let rel = try backing(path)
-        try syscall { fchownat(rootFd, rel, uid, gid, AT_SYMLINK_NOFOLLOW) }
-    }
-
-    func utimens(_ path: String?, _ times: UnsafePointer<timespec>?, _ handle: Handle?) throws {
-        if let h = handle as? FileHandle { try syscall { futimens(h.fd, times) }; return }
-        if let d = handle as? DirHandle { try syscall { futimens(dirfd(d.stream), times) }; return }
-        let rel = try backing(path)
-        try syscall { utimensat(rootFd, rel, times, AT_SYMLINK_NOFOLLOW) }
-    }
-
-    func access(_ path: String?, _ mask: Int32) throws {
-        let rel = try backing(path)
-        try syscall { faccessat(rootFd, rel, mask, 0) }
-    }
-
-    func statfs(_ st: UnsafeMutablePointer<statvfs>) throws {
-        try syscall { fstatvfs(rootFd, st) }
-    }
-
-    // MARK: - names
-
-    func mkdir(_ path: String?, _ mode: mode_t) throws {
-        let rel = try backing(path, creating: true)
-        try syscall { mkdirat(rootFd, rel, mode) }
-        giveToCaller(rel)
-    }
-
-    func mknod(_ path: String?, _ mode: mode_t, _ rdev: dev_t) throws {
-        let rel = try backing(path, creating: true)
-        if mode & S_IFMT == S_IFREG {
-            let h = try createFile(rel: rel, mountPath: path ?? "", mode: mode & 0o7777, flags: O_WRONLY | O_EXCL)
-            releaseFile(h)
-            return
+        let n = prefix.withUnsafeMutableBytes { (try? FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0)) ?? 0 }
+        guard n == FileHeader.prefixSize, let p = try? HeaderPrefix(prefix) else {
+            inode.layout = .foreign
+            return 0
         }
-        try syscall { mknodat(rootFd, rel, mode, rdev) }
-        giveToCaller(rel)
+        inode.layout = .known(p.layout)
+        return p.layout.plaintextSize(backingSize: backingSize)
     }
 
-    func symlink(_ target: String, _ path: String?) throws {
-        let rel = try backing(path, creating: true)
-        try syscall { symlinkat(names.backingLinkTarget(target), rootFd, rel) }
-        giveToCaller(rel)
+    /// setattr: mode, owner, size, times; `handle` is the open file the change came through, if any.
+    func setattr(_ inode: Inode, _ attr: stat, _ valid: Int32, _ handle: Handle?, _ caller: Caller) throws -> stat {
+        let file = handle as? FileHandle
+        if valid & FUSE_SET_ATTR_MODE_FLAG != 0 {
+            if let f = file { try syscall { fchmod(f.fd, attr.st_mode) } } else {
+                try syscall { fchmodat(AT_FDCWD, inode.procPath, attr.st_mode, 0) }
+            }
+        }
+        if valid & (FUSE_SET_ATTR_UID_FLAG | FUSE_SET_ATTR_GID_FLAG) != 0 {
+            let uid = valid & FUSE_SET_ATTR_UID_FLAG != 0 ? attr.st_uid : uid_t.max
+            let gid = valid & FUSE_SET_ATTR_GID_FLAG != 0 ? attr.st_gid : gid_t.max
+            try syscall { fchownat(inode.fd, "", uid, gid, AT_EMPTY_PATH_FLAG | AT_SYMLINK_NOFOLLOW) }
+        }
+        if valid & FUSE_SET_ATTR_SIZE_FLAG != 0 {
+            guard inode.type == S_IFREG else { throw Errno.EINVAL }
+            try truncate(inode, Int(attr.st_size), file)
+        }
+        if valid & (FUSE_SET_ATTR_ATIME_FLAG | FUSE_SET_ATTR_MTIME_FLAG) != 0 {
+            var times = [timespec(tv_sec: 0, tv_nsec: UTIME_OMIT_VALUE), timespec(tv_sec: 0, tv_nsec: UTIME_OMIT_VALUE)]
+            if valid & FUSE_SET_ATTR_ATIME_FLAG != 0 {
+                times[0] = valid & FUSE_SET_ATTR_ATIME_NOW_FLAG != 0 ? timespec(tv_sec: 0, tv_nsec: UTIME_NOW_VALUE) : attr.st_atim
+            }
+            if valid & FUSE_SET_ATTR_MTIME_FLAG != 0 {
+                times[1] = valid & FUSE_SET_ATTR_MTIME_NOW_FLAG != 0 ? timespec(tv_sec: 0, tv_nsec: UTIME_NOW_VALUE) : attr.st_mtim
+            }
+            if let f = file {
+                try syscall { futimens(f.fd, times) }
+            } else if inode.type == S_IFLNK {
+                try syscall { utimensat(inode.fd, "", times, AT_EMPTY_PATH_FLAG) }
+            } else {
+                try syscall { utimensat(AT_FDCWD, inode.procPath, times, 0) }
+            }
+        }
+        return try getattr(inode)
     }
 
-    func readlink(_ path: String?, _ buffer: UnsafeMutablePointer<CChar>, _ size: Int) throws {
-        guard size > 0 else { throw Errno.EINVAL }
+    func access(_ inode: Inode, _ mask: Int32) throws {
+        try syscall { faccessat(AT_FDCWD, inode.procPath, mask, 0) }
+    }
+
+    func statfs() throws -> statvfs {
+        var st = statvfs()
+        try syscall { fstatvfs(rootFd, &st) }
+        return st
+    }
+
+    func readlink(_ inode: Inode) throws -> String {
         var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let rel = try backing(path)
-        let n = try syscall { readlinkat(rootFd, rel, &raw, raw.count - 1) }
-        let stored = String(decoding: raw[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        let shown = Array(names.mountLinkTarget(stored).utf8)
-        let count = min(shown.count, size - 1)
-        shown.withUnsafeBytes { UnsafeMutableRawPointer(buffer).copyMemory(from: $0.baseAddress!, byteCount: count) }
-        buffer[count] = 0
+        let n = try syscall { readlinkat(inode.fd, "", &raw, raw.count - 1) }
+        return names.mountLinkTarget(String(decoding: raw[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self))
     }
 
-    func unlink(_ path: String?) throws {
-        let rel = try backing(path)
-        try syscall { unlinkat(rootFd, rel, 0) }
+    // MARK: - creating and removing names
+
+    func mkdir(_ parent: Inode, _ name: String, _ mode: mode_t, _ caller: Caller) throws -> (Inode, stat) {
+        let n = try backingName(parent, name, creating: true)
+        try syscall { mkdirat(parent.fd, n, mode) }
+        giveToCaller(parent, n, caller)
+        return try lookup(parent, name)
     }
 
-    func rmdir(_ path: String?) throws {
-        let rel = try backing(path)
-        try syscall { unlinkat(rootFd, rel, AT_REMOVEDIR) }
+    func mknod(_ parent: Inode, _ name: String, _ mode: mode_t, _ rdev: dev_t, _ caller: Caller) throws -> (Inode, stat) {
+        if mode & S_IFMT == S_IFREG {
+            let (inode, st, handle) = try create(parent, name, mode & 0o7777, O_WRONLY | O_EXCL, caller)
+            releaseFile(handle)
+            return (inode, st)
+        }
+        let n = try backingName(parent, name, creating: true)
+        try syscall { mknodat(parent.fd, n, mode, rdev) }
+        giveToCaller(parent, n, caller)
+        return try lookup(parent, name)
     }
 
-    func rename(_ from: String?, _ to: String?, _ flags: UInt32) throws {
-        let source = try backing(from)
-        let target = try backing(to, creating: true)
-        try syscall { kmsfs_renameat2(rootFd, source, rootFd, target, flags) }
+    func symlink(_ target: String, _ parent: Inode, _ name: String, _ caller: Caller) throws -> (Inode, stat) {
+        let n = try backingName(parent, name, creating: true)
+        try syscall { symlinkat(names.backingLinkTarget(target), parent.fd, n) }
+        giveToCaller(parent, n, caller)
+        return try lookup(parent, name)
     }
 
-    func link(_ from: String?, _ to: String?) throws {
-        let source = try backing(from)
-        let target = try backing(to, creating: true)
-        try syscall { linkat(rootFd, source, rootFd, target, 0) }
+    func link(_ inode: Inode, _ newParent: Inode, _ newName: String) throws -> (Inode, stat) {
+        let n = try backingName(newParent, newName, creating: true)
+        try syscall { linkat(AT_FDCWD, inode.procPath, newParent.fd, n, AT_SYMLINK_FOLLOW) }
+        return try lookup(newParent, newName)
     }
 
-    // MARK: - extended attributes (stored on the backing file as they are; see the threat model)
-
-    func setxattr(_ path: String?, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32) throws {
-        let full = try absolute(path)
-        try syscall { lsetxattr(full, name, value, size, flags) }
+    func unlink(_ parent: Inode, _ name: String) throws {
+        let n = try backingName(parent, name, creating: false)
+        try syscall { unlinkat(parent.fd, n, 0) }
     }
 
-    func getxattr(_ path: String?, _ name: UnsafePointer<CChar>, _ value: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int32 {
-        let full = try absolute(path)
-        return Int32(try syscall { lgetxattr(full, name, value, size) })
+    func rmdir(_ parent: Inode, _ name: String) throws {
+        let n = try backingName(parent, name, creating: false)
+        try syscall { unlinkat(parent.fd, n, AT_REMOVEDIR) }
     }
 
-    func listxattr(_ path: String?, _ list: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int32 {
-        let full = try absolute(path)
-        return Int32(try syscall { llistxattr(full, list, size) })
+    func rename(_ parent: Inode, _ name: String, _ newParent: Inode, _ newName: String, _ flags: UInt32) throws {
+        let from = try backingName(parent, name, creating: false)
+        let to = try backingName(newParent, newName, creating: true)
+        try syscall { kmsfs_renameat2(parent.fd, from, newParent.fd, to, flags) }
     }
 
-    func removexattr(_ path: String?, _ name: UnsafePointer<CChar>) throws {
-        let full = try absolute(path)
-        try syscall { lremovexattr(full, name) }
+    // MARK: - extended attributes (stored on the backing node as they are; see the threat model)
+
+    func setxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32) throws {
+        try syscall { CSystem.setxattr(inode.procPath, name, value, size, flags) }
+    }
+
+    func getxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
+        try syscall { CSystem.getxattr(inode.procPath, name, value, size) }
+    }
+
+    func listxattr(_ inode: Inode, _ list: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
+        try syscall { CSystem.listxattr(inode.procPath, list, size) }
+    }
+
+    func removexattr(_ inode: Inode, _ name: UnsafePointer<CChar>) throws {
+        try syscall { CSystem.removexattr(inode.procPath, name) }
     }
 
     // MARK: - directories
 
-    func opendir(_ path: String?) throws -> DirHandle {
-        let rel = try backing(path)
-        let fd = try syscall { openat(rootFd, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+    func opendir(_ inode: Inode) throws -> DirHandle {
+        let fd = try syscall { Glibc.open(inode.procPath, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         guard let stream = fdopendir(fd) else {
             let e = Errno.current
             close(fd)
             throw e
         }
-        return DirHandle(stream: stream, inRoot: rel == ".")
+        return DirHandle(stream: stream, inRoot: inode === inodes.root)
     }
 
+    /// Lists entries from `offset` (0 or a value passed to `fill` earlier); `fill` returns false when the
+    /// reply is full, and that entry is returned again by the next call.
     func readdir(_ handle: DirHandle, _ offset: Int, _ fill: (String, stat, Int) -> Bool) throws {
         if telldir(handle.stream) != offset { seekdir(handle.stream, offset) }
         while true {
+            let here = telldir(handle.stream)
             errno = 0
             guard let entry = Glibc.readdir(handle.stream) else {
                 if errno != 0 { throw Errno.current }
@@ -237,12 +289,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             let name = withUnsafePointer(to: entry.pointee.d_name) {
                 $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
             }
-            let next = telldir(handle.stream)
             guard let shown = names.mountName(name, inRoot: handle.inRoot) else { continue }
             var st = stat()
             st.st_ino = entry.pointee.d_ino
             st.st_mode = mode_t(entry.pointee.d_type) << 12
-            if !fill(shown, st, next) { return }
+            if !fill(shown, st, telldir(handle.stream)) {
+                seekdir(handle.stream, here)
+                return
+            }
         }
     }
 
@@ -253,21 +307,19 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     // MARK: - files
 
-    /// Opens an existing regular file. The data key is unwrapped only if no other handle has the inode open.
-    func open(_ path: String?, flags: Int32) throws -> FileHandle {
-        let rel = try backing(path)
+    /// Opens a regular file. The data key is unwrapped only if no other handle has the inode open.
+    func open(_ inode: Inode, flags: Int32) throws -> FileHandle {
+        guard inode.type == S_IFREG else { throw Errno.EISDIR }
         let writable = flags & O_ACCMODE != O_RDONLY
         if writable && readOnly { throw Errno.EROFS }
-        let fd = try syscall { openat(rootFd, rel, backingFlags(flags), 0) }
+        let fd = try syscall { Glibc.open(inode.procPath, backingFlags(flags)) }
         do {
-            var st = stat()
-            try syscall { fstat(fd, &st) }
-            guard st.st_mode & S_IFMT == S_IFREG else { throw Errno.EISDIR }
-            let mountPath = path ?? ""
-            let file = try table.acquire(InodeKey(st), path: mountPath) {
-                try loadSecrets(fd: fd, mountPath: mountPath, rel: rel)
+            let path = mountPath(of: inode)
+            let file = try table.acquire(inode.key, path: path) {
+                try loadSecrets(fd: fd, mountPath: path)
             }
-            let handle = FileHandle(fd: fd, file: file, writable: writable, backingPath: rel)
+            let handle = FileHandle(fd: fd, file: file, writable: writable, backingPath: path)
+            inode.layout = .known(file.secrets.layout)
             if writable && flags & O_TRUNC != 0 {
                 do {
                     try file.io.withWriteLock { try handle.content.truncate(to: 0) }
@@ -285,53 +337,61 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Creates a new encrypted file with a fresh data key and opens it. The header is written to an unnamed
     /// file (O_TMPFILE) that is linked into place only when complete, so no headerless file is ever visible.
-    func createFile(rel: String, mountPath: String, mode: mode_t, flags: Int32) throws -> FileHandle {
+    func create(_ parent: Inode, _ name: String, _ mode: mode_t, _ flags: Int32, _ caller: Caller) throws -> (Inode, stat, FileHandle) {
         if readOnly { throw Errno.EROFS }
+        let n = try backingName(parent, name, creating: true)
+        let mountPath = (parent === inodes.root ? "" : self.mountPath(of: parent)) + "/" + name
         let fileId = try SecureRandom.bytes(FileHeader.fileIdSize)
         let context = EncryptionContext.forFile(volumeId: volume.volumeId, fileId: fileId, user: volume.encryptionContext)
-        let subject = KeySubject(path: mountPath, fileId: fileId)
-        let (dataKey, wrapped) = try keys.newDataKey(context: context, subject: subject)
+        let (dataKey, wrapped) = try keys.newDataKey(context: context, subject: KeySubject(path: mountPath, fileId: fileId))
         let fileKeys = try FileKeys(dataKey: dataKey, fileId: fileId)
         dataKey.wipe()
         let header = try FileHeader(fileId: fileId, chunkSize: volume.chunkSize, context: context,
                                     wrappedKeys: wrapped, keys: fileKeys)
         let bytes = header.encoded()
 
-        let fd = try createLinked(rel: rel, mode: mode, exclusive: flags & O_EXCL != 0) { fd in
+        guard let fd = try createLinked(parent, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
             try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-        }
-        guard let fd else {
+        }) else {
             // Another creator won the race and the caller did not ask for O_EXCL: open that file instead.
-            return try open(mountPath, flags: flags & ~O_CREAT)
+            let (inode, _) = try lookup(parent, name)
+            do {
+                let handle = try open(inode, flags: flags & ~O_CREAT)
+                return (inode, try getattr(inode), handle)
+            } catch {
+                forget(inode.nodeId, count: 1)
+                throw error
+            }
         }
-        var st = stat()
         do {
-            try syscall { fstat(fd, &st) }
+            let (inode, st) = try lookup(parent, name)
+            guard inode.key == InodeKey(try fstatOf(fd)) else {
+                forget(inode.nodeId, count: 1)
+                throw Errno(ESTALE)
+            }
+            inode.layout = .known(header.layout)
+            let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fileId, layout: header.layout)
+            let file = try table.acquire(inode.key, path: mountPath) { secrets }
+            return (inode, st, FileHandle(fd: fd, file: file, writable: true, backingPath: mountPath))
         } catch {
             close(fd)
             throw error
         }
-        let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fileId, layout: header.layout)
-        let file = try table.acquire(InodeKey(st), path: mountPath) { secrets }
-        return FileHandle(fd: fd, file: file, writable: true, backingPath: rel)
     }
 
-    /// Creates `rel` with its content written by `fill` before it becomes visible. Returns nil when the name
-    /// appeared meanwhile and `exclusive` is false.
-    private func createLinked(rel: String, mode: mode_t, exclusive: Bool, fill: (Int32) throws -> Void) throws -> Int32? {
-        let dir = FileIO.directoryName(rel)
-        let tmp = openat(rootFd, dir, kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, mode)
+    /// Creates `name` in `parent` with its content written by `fill` before it becomes visible. Returns the
+    /// open descriptor, or nil when the name appeared meanwhile and `exclusive` is false.
+    private func createLinked(_ parent: Inode, _ name: String, mode: mode_t, exclusive: Bool, caller: Caller,
+                              fill: (Int32) throws -> Void) throws -> Int32? {
+        let tmp = openat(parent.fd, ".", kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, mode)
         if tmp >= 0 {
             do {
                 try fill(tmp)
-                giveToCaller(fd: tmp)
-                let r = linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", rootFd, rel, AT_SYMLINK_FOLLOW)
-                if r == 0 { return tmp }
+                giveToCaller(fd: tmp, caller)
+                if linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", parent.fd, name, AT_SYMLINK_FOLLOW) == 0 { return tmp }
                 let e = Errno.current
                 if e.code == EEXIST && !exclusive { close(tmp); return nil }
-                if e.code != ENOENT { throw e }
-                // No /proc: fall through to the plain path.
-                close(tmp)
+                throw e
             } catch {
                 close(tmp)
                 throw error
@@ -340,7 +400,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             throw Errno.current
         }
         // Backing filesystems without O_TMPFILE: create, write the header, remove on failure.
-        let fd = openat(rootFd, rel, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+        let fd = openat(parent.fd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
         if fd < 0 {
             let e = Errno.current
             if e.code == EEXIST && !exclusive { return nil }
@@ -348,22 +408,22 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         }
         do {
             try fill(fd)
-            giveToCaller(fd: fd)
+            giveToCaller(fd: fd, caller)
             return fd
         } catch {
             close(fd)
-            unlinkat(rootFd, rel, 0)
+            unlinkat(parent.fd, name, 0)
             throw error
         }
     }
 
     /// Reads and authenticates the header of an open backing file and unwraps its data key.
-    private func loadSecrets(fd: Int32, mountPath: String, rel: String) throws -> FileSecrets {
+    private func loadSecrets(fd: Int32, mountPath: String) throws -> FileSecrets {
         do {
             let opened = try FileOpener.open(fd: fd, volumeId: volume.volumeId, keys: keys, path: mountPath)
             return FileSecrets(chunkKey: opened.keys.chunkKey, fileId: opened.header.fileId, layout: opened.header.layout)
         } catch {
-            Log.error("cannot open \(mountPath) (backing file \(rel)): \(error)")
+            Log.error("cannot open \(mountPath): \(error)")
             if case .key(let e) = error, e.kind == .accessDenied { throw Errno.EACCES }
             throw Errno.EIO
         }
@@ -379,14 +439,15 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         return count
     }
 
-    func truncate(_ path: String?, _ size: Int, _ handle: Handle?) throws {
+    /// Changes the plaintext size, through `handle` when the change came through an open file.
+    func truncate(_ inode: Inode, _ size: Int, _ handle: FileHandle?) throws {
         guard size >= 0 else { throw Errno.EINVAL }
         if readOnly { throw Errno.EROFS }
-        if let h = handle as? FileHandle {
+        if let h = handle, h.writable {
             try h.file.io.withWriteLock { try h.content.truncate(to: size) }
             return
         }
-        let h = try open(path, flags: O_WRONLY)
+        let h = try open(inode, flags: O_WRONLY)
         defer { releaseFile(h) }
         try h.file.io.withWriteLock { try h.content.truncate(to: size) }
     }
@@ -408,30 +469,54 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     // MARK: - helpers
 
-    private func backing(_ path: String?, creating: Bool = false) throws -> String {
-        guard let path else { throw Errno.ENOENT }
-        return try names.backingPath(path, creating: creating)
+    private func backingName(_ parent: Inode, _ name: String, creating: Bool) throws -> String {
+        try names.backingName(name, inRoot: parent === inodes.root, creating: creating)
     }
 
-    private func absolute(_ path: String?) throws -> String {
-        let rel = try backing(path)
-        return rel == "." ? cipherDir : cipherDir + "/" + rel
+    /// The current mount path of a node (the kernel keeps /proc/self/fd links up to date across renames).
+    func mountPath(of inode: Inode) -> String {
+        var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = Glibc.readlink(inode.procPath, &raw, raw.count - 1)
+        guard n > 0 else { return "?" }
+        let full = String(decoding: raw[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard full.hasPrefix(cipherDir + "/") else { return full == cipherDir ? "/" : full }
+        return names.mountPath(ofBacking: String(full.dropFirst(cipherDir.count + 1)))
+    }
+
+    private func fstatOf(_ fd: Int32) throws -> stat {
+        var st = stat()
+        try syscall { fstat(fd, &st) }
+        return st
     }
 
     private func backingFlags(_ flags: Int32) -> Int32 {
         let writable = flags & O_ACCMODE != O_RDONLY
         // Writers also read (partial chunks are read back); appends and truncation are done by kmsfs itself.
-        return (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC | (flags & (O_SYNC | O_DSYNC))
+        return (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & (O_SYNC | O_DSYNC))
     }
 
     /// Gives a new node to the user whose request created it (when kmsfs runs as root, e.g. with allow_other).
-    private func giveToCaller(_ rel: String) {
-        guard chownToCaller, let c = fuse_get_context() else { return }
-        _ = fchownat(rootFd, rel, c.pointee.uid, c.pointee.gid, AT_SYMLINK_NOFOLLOW)
+    private func giveToCaller(_ parent: Inode, _ name: String, _ caller: Caller) {
+        guard chownToCaller else { return }
+        _ = fchownat(parent.fd, name, caller.uid, caller.gid, AT_SYMLINK_NOFOLLOW)
     }
 
-    private func giveToCaller(fd: Int32) {
-        guard chownToCaller, let c = fuse_get_context() else { return }
-        _ = fchown(fd, c.pointee.uid, c.pointee.gid)
+    private func giveToCaller(fd: Int32, _ caller: Caller) {
+        guard chownToCaller else { return }
+        _ = fchown(fd, caller.uid, caller.gid)
     }
 }
+
+let O_PATH_FLAG = kmsfs_o_path()
+let AT_EMPTY_PATH_FLAG = kmsfs_at_empty_path()
+let FUSE_SET_ATTR_MODE_FLAG: Int32 = 1 << 0
+let FUSE_SET_ATTR_UID_FLAG: Int32 = 1 << 1
+let FUSE_SET_ATTR_GID_FLAG: Int32 = 1 << 2
+let FUSE_SET_ATTR_SIZE_FLAG: Int32 = 1 << 3
+let FUSE_SET_ATTR_ATIME_FLAG: Int32 = 1 << 4
+let FUSE_SET_ATTR_MTIME_FLAG: Int32 = 1 << 5
+let FUSE_SET_ATTR_ATIME_NOW_FLAG: Int32 = 1 << 7
+let FUSE_SET_ATTR_MTIME_NOW_FLAG: Int32 = 1 << 8
+/// utimensat(2) markers: leave a time alone, or set it to now.
+let UTIME_OMIT_VALUE = (1 << 30) - 2
+let UTIME_NOW_VALUE = (1 << 30) - 1

@@ -20,8 +20,6 @@ public enum FuseServer {
         kmsfs_fuse_set_log { level, message in
             guard let message else { return }
             let text = String(cString: message)
-            // libfuse 3.14 complains about its own default thread limit on every start; it is noise.
-            if text.contains("Ignoring invalid max threads value") { return }
             Log.shared.log(level <= 3 ? .error : (level == 4 ? .warning : .debug), "fuse: " + text)
         }
         var args = ["kmsfs"]
@@ -60,26 +58,28 @@ public enum FuseServer {
 
 // MARK: - dispatch
 
-/// The filesystem serving the current request.
-private func current() -> EncryptedFilesystem {
-    Unmanaged<EncryptedFilesystem>.fromOpaque(fuse_get_context()!.pointee.private_data!).takeUnretainedValue()
-}
-
-/// Runs a handler, turning what it throws into a negative errno for libfuse.
-private func reply(_ body: (EncryptedFilesystem) throws -> Int32) -> Int32 {
+/// Runs a handler for request `req`. The handler replies itself on success; whatever it throws becomes the
+/// error reply (so a handler must not throw after replying).
+private func serve(_ req: fuse_req_t?, _ body: (EncryptedFilesystem) throws -> Void) {
+    let fs = Unmanaged<EncryptedFilesystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
     do {
-        return try body(current())
+        try body(fs)
     } catch let e as Errno {
-        return -e.code
+        fuse_reply_err(req, e.code)
     } catch let e as KeyError {
-        return e.kind == .accessDenied ? -EACCES : -EIO
+        fuse_reply_err(req, e.kind == .accessDenied ? EACCES : EIO)
     } catch {
         Log.error("internal error: \(error)")
-        return -EIO
+        fuse_reply_err(req, EIO)
     }
 }
 
-private func string(_ p: UnsafePointer<CChar>?) -> String? { p.map { String(cString: $0) } }
+private func caller(_ req: fuse_req_t?) -> Caller {
+    let c = fuse_req_ctx(req)!.pointee
+    return Caller(uid: c.uid, gid: c.gid)
+}
+
+private func name(_ p: UnsafePointer<CChar>?) -> String { p.map { String(cString: $0) } ?? "" }
 
 private func handle(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> Handle? {
     guard let fi, fi.pointee.fh != 0 else { return nil }
@@ -96,147 +96,257 @@ private func dirHandle(_ fi: UnsafeMutablePointer<fuse_file_info>?) throws -> Di
     return h
 }
 
-private func operations() -> fuse_operations {
-    var ops = fuse_operations()
+/// Replies with a new directory entry; the kernel now holds one more lookup of the inode.
+private func replyEntry(_ req: fuse_req_t?, _ fs: EncryptedFilesystem, _ inode: Inode, _ st: stat) {
+    var e = fuse_entry_param()
+    e.ino = fuse_ino_t(inode.nodeId)
+    e.attr = st
+    e.attr_timeout = EncryptedFilesystem.cacheTimeout
+    e.entry_timeout = EncryptedFilesystem.cacheTimeout
+    if fuse_reply_entry(req, &e) != 0 { fs.forget(inode.nodeId, count: 1) }
+}
 
-    ops.`init` = { conn, cfg in
-        if let cfg {
-            cfg.pointee.use_ino = 1          // st_ino of the backing file: stable, shared by hard links
-            cfg.pointee.nullpath_ok = 1      // handle-based operations work after unlink
-            cfg.pointee.hard_remove = 1      // no .fuse_hidden files: open handles keep their backing fd
-            if current().directIO { cfg.pointee.direct_io = 1 }
+private func operations() -> fuse_lowlevel_ops {
+    var ops = fuse_lowlevel_ops()
+
+    ops.`init` = { userdata, conn in
+        guard let conn else { return }
+        conn.pointee.max_write = 1 << 20
+        conn.pointee.max_background = 64
+        // The kernel clears set-user-ID bits on write, as for any filesystem.
+        conn.pointee.want &= ~UInt32(FUSE_CAP_HANDLE_KILLPRIV)
+        // No readdirplus: listing a directory must not read every file's header.
+        conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS)
+    }
+    ops.destroy = { userdata in
+        guard let userdata else { return }
+        Unmanaged<EncryptedFilesystem>.fromOpaque(userdata).takeUnretainedValue().shutdown()
+    }
+
+    ops.lookup = { req, parent, n in
+        serve(req) { fs in
+            let (inode, st) = try fs.lookup(fs.inodes.get(parent), name(n))
+            replyEntry(req, fs, inode, st)
         }
-        if let conn {
-            conn.pointee.max_write = 1 << 20
-            conn.pointee.max_background = 64
+    }
+    ops.forget = { req, ino, count in
+        serve(req) { fs in fs.forget(ino, count: count) }
+        fuse_reply_none(req)
+    }
+    ops.forget_multi = { req, count, forgets in
+        serve(req) { fs in
+            for i in 0..<count { fs.forget(forgets![i].ino, count: forgets![i].nlookup) }
         }
-        return fuse_get_context()!.pointee.private_data
+        fuse_reply_none(req)
     }
-    ops.destroy = { data in
-        guard let data else { return }
-        Unmanaged<EncryptedFilesystem>.fromOpaque(data).takeUnretainedValue().shutdown()
+    ops.getattr = { req, ino, _ in
+        serve(req) { fs in
+            var st = try fs.getattr(fs.inodes.get(ino))
+            fuse_reply_attr(req, &st, EncryptedFilesystem.cacheTimeout)
+        }
+    }
+    ops.setattr = { req, ino, attr, valid, fi in
+        serve(req) { fs in
+            var st = try fs.setattr(fs.inodes.get(ino), attr!.pointee, valid, handle(fi), caller(req))
+            fuse_reply_attr(req, &st, EncryptedFilesystem.cacheTimeout)
+        }
+    }
+    ops.readlink = { req, ino in
+        serve(req) { fs in
+            let target = try fs.readlink(fs.inodes.get(ino))
+            fuse_reply_readlink(req, target)
+        }
+    }
+    ops.mknod = { req, parent, n, mode, rdev in
+        serve(req) { fs in
+            let (inode, st) = try fs.mknod(fs.inodes.get(parent), name(n), mode, rdev, caller(req))
+            replyEntry(req, fs, inode, st)
+        }
+    }
+    ops.mkdir = { req, parent, n, mode in
+        serve(req) { fs in
+            let (inode, st) = try fs.mkdir(fs.inodes.get(parent), name(n), mode, caller(req))
+            replyEntry(req, fs, inode, st)
+        }
+    }
+    ops.symlink = { req, target, parent, n in
+        serve(req) { fs in
+            let (inode, st) = try fs.symlink(name(target), fs.inodes.get(parent), name(n), caller(req))
+            replyEntry(req, fs, inode, st)
+        }
+    }
+    ops.link = { req, ino, newParent, n in
+        serve(req) { fs in
+            let (inode, st) = try fs.link(fs.inodes.get(ino), fs.inodes.get(newParent), name(n))
+            replyEntry(req, fs, inode, st)
+        }
+    }
+    ops.unlink = { req, parent, n in
+        serve(req) { fs in
+            try fs.unlink(fs.inodes.get(parent), name(n))
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.rmdir = { req, parent, n in
+        serve(req) { fs in
+            try fs.rmdir(fs.inodes.get(parent), name(n))
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.rename = { req, parent, n, newParent, newName, flags in
+        serve(req) { fs in
+            try fs.rename(fs.inodes.get(parent), name(n), fs.inodes.get(newParent), name(newName), flags)
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.access = { req, ino, mask in
+        serve(req) { fs in
+            try fs.access(fs.inodes.get(ino), mask)
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.statfs = { req, _ in
+        serve(req) { fs in
+            var st = try fs.statfs()
+            fuse_reply_statfs(req, &st)
+        }
     }
 
-    ops.getattr = { path, st, fi in
-        reply { try $0.getattr(string(path), st!, handle(fi)); return 0 }
-    }
-    ops.readlink = { path, buf, size in
-        reply { try $0.readlink(string(path), buf!, size); return 0 }
-    }
-    ops.mknod = { path, mode, rdev in
-        reply { try $0.mknod(string(path), mode, rdev); return 0 }
-    }
-    ops.mkdir = { path, mode in
-        reply { try $0.mkdir(string(path), mode); return 0 }
-    }
-    ops.unlink = { path in
-        reply { try $0.unlink(string(path)); return 0 }
-    }
-    ops.rmdir = { path in
-        reply { try $0.rmdir(string(path)); return 0 }
-    }
-    ops.symlink = { target, path in
-        reply { try $0.symlink(string(target) ?? "", string(path)); return 0 }
-    }
-    ops.rename = { from, to, flags in
-        reply { try $0.rename(string(from), string(to), flags); return 0 }
-    }
-    ops.link = { from, to in
-        reply { try $0.link(string(from), string(to)); return 0 }
-    }
-    ops.chmod = { path, mode, fi in
-        reply { try $0.chmod(string(path), mode, handle(fi)); return 0 }
-    }
-    ops.chown = { path, uid, gid, fi in
-        reply { try $0.chown(string(path), uid, gid, handle(fi)); return 0 }
-    }
-    ops.truncate = { path, size, fi in
-        reply { try $0.truncate(string(path), Int(size), handle(fi)); return 0 }
-    }
-    ops.utimens = { path, tv, fi in
-        reply { try $0.utimens(string(path), tv, handle(fi)); return 0 }
-    }
-    ops.access = { path, mask in
-        reply { try $0.access(string(path), mask); return 0 }
-    }
-    ops.statfs = { _, st in
-        reply { try $0.statfs(st!); return 0 }
-    }
-
-    ops.open = { path, fi in
-        reply { fs in
-            let h = try fs.open(string(path), flags: fi!.pointee.flags)
+    ops.open = { req, ino, fi in
+        serve(req) { fs in
+            let h = try fs.open(fs.inodes.get(ino), flags: fi!.pointee.flags)
             fi!.pointee.fh = h.retainedValue()
-            return 0
+            if fs.directIO { fi!.pointee.direct_io = 1 }
+            if fuse_reply_open(req, fi) != 0 { fs.releaseFile(Handle.take(fi!.pointee.fh) as! FileHandle) }
         }
     }
-    ops.create = { path, mode, fi in
-        reply { fs in
-            let p = string(path)
-            let rel = try fs.names.backingPath(p ?? "", creating: true)
-            let h = try fs.createFile(rel: rel, mountPath: p ?? "", mode: mode & 0o7777, flags: fi!.pointee.flags)
+    ops.create = { req, parent, n, mode, fi in
+        serve(req) { fs in
+            let (inode, st, h) = try fs.create(fs.inodes.get(parent), name(n), mode & 0o7777, fi!.pointee.flags, caller(req))
             fi!.pointee.fh = h.retainedValue()
-            return 0
-        }
-    }
-    ops.read = { _, buf, size, offset, fi in
-        reply { fs in Int32(try fs.read(try fileHandle(fi), into: buf!, count: size, offset: Int(offset))) }
-    }
-    ops.write = { _, buf, size, offset, fi in
-        reply { fs in Int32(try fs.write(try fileHandle(fi), from: buf!, count: size, offset: Int(offset))) }
-    }
-    ops.flush = { _, _ in 0 }
-    ops.release = { _, fi in
-        guard let fi, fi.pointee.fh != 0 else { return 0 }
-        let h = Handle.take(fi.pointee.fh)
-        fi.pointee.fh = 0
-        if let f = h as? FileHandle { current().releaseFile(f) }
-        return 0
-    }
-    ops.fsync = { _, datasync, fi in
-        reply { try $0.fsync(try fileHandle(fi), datasync: datasync != 0); return 0 }
-    }
-    ops.fallocate = { _, mode, offset, length, fi in
-        reply { try $0.fallocate(try fileHandle(fi), mode: mode, offset: Int(offset), length: Int(length)); return 0 }
-    }
-
-    ops.setxattr = { path, name, value, size, flags in
-        reply { try $0.setxattr(string(path), name!, value, size, flags); return 0 }
-    }
-    ops.getxattr = { path, name, value, size in
-        reply { try $0.getxattr(string(path), name!, value, size) }
-    }
-    ops.listxattr = { path, list, size in
-        reply { try $0.listxattr(string(path), list, size) }
-    }
-    ops.removexattr = { path, name in
-        reply { try $0.removexattr(string(path), name!); return 0 }
-    }
-
-    ops.opendir = { path, fi in
-        reply { fs in
-            fi!.pointee.fh = try fs.opendir(string(path)).retainedValue()
-            return 0
-        }
-    }
-    ops.readdir = { _, buf, filler, offset, fi, _ in
-        reply { fs in
-            let d = try dirHandle(fi)
-            try fs.readdir(d, Int(offset)) { name, st, next in
-                var st = st
-                return filler!(buf, name, &st, off_t(next), fuse_fill_dir_flags(0)) == 0
+            if fs.directIO { fi!.pointee.direct_io = 1 }
+            var e = fuse_entry_param()
+            e.ino = fuse_ino_t(inode.nodeId)
+            e.attr = st
+            e.attr_timeout = EncryptedFilesystem.cacheTimeout
+            e.entry_timeout = EncryptedFilesystem.cacheTimeout
+            if fuse_reply_create(req, &e, fi) != 0 {
+                fs.releaseFile(Handle.take(fi!.pointee.fh) as! FileHandle)
+                fs.forget(inode.nodeId, count: 1)
             }
-            return 0
         }
     }
-    ops.releasedir = { _, fi in
-        guard let fi, fi.pointee.fh != 0 else { return 0 }
-        _ = Handle.take(fi.pointee.fh)
-        fi.pointee.fh = 0
-        return 0
+    ops.read = { req, _, size, offset, fi in
+        serve(req) { fs in
+            let h = try fileHandle(fi)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 64)
+            defer { buffer.deallocate() }
+            let n = try fs.read(h, into: buffer, count: size, offset: Int(offset))
+            fuse_reply_buf(req, buffer.assumingMemoryBound(to: CChar.self), n)
+        }
     }
-    ops.fsyncdir = { _, datasync, fi in
-        reply { try $0.fsyncdir(try dirHandle(fi), datasync != 0); return 0 }
+    ops.write = { req, _, buf, size, offset, fi in
+        serve(req) { fs in
+            let n = try fs.write(try fileHandle(fi), from: buf!, count: size, offset: Int(offset))
+            fuse_reply_write(req, n)
+        }
+    }
+    ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
+    ops.release = { req, _, fi in
+        serve(req) { fs in
+            if let fi, fi.pointee.fh != 0, let h = Handle.take(fi.pointee.fh) as? FileHandle {
+                fi.pointee.fh = 0
+                fs.releaseFile(h)
+            }
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.fsync = { req, _, datasync, fi in
+        serve(req) { fs in
+            try fs.fsync(try fileHandle(fi), datasync: datasync != 0)
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.fallocate = { req, _, mode, offset, length, fi in
+        serve(req) { fs in
+            try fs.fallocate(try fileHandle(fi), mode: mode, offset: Int(offset), length: Int(length))
+            fuse_reply_err(req, 0)
+        }
+    }
+
+    ops.setxattr = { req, ino, n, value, size, flags in
+        serve(req) { fs in
+            try fs.setxattr(fs.inodes.get(ino), n!, value, size, flags)
+            fuse_reply_err(req, 0)
+        }
+    }
+    ops.getxattr = { req, ino, n, size in
+        serve(req) { fs in
+            let inode = fs.inodes.get(ino)
+            if size == 0 {
+                fuse_reply_xattr(req, try fs.getxattr(inode, n!, nil, 0))
+                return
+            }
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+            defer { buffer.deallocate() }
+            let count = try fs.getxattr(inode, n!, buffer, size)
+            fuse_reply_buf(req, buffer, count)
+        }
+    }
+    ops.listxattr = { req, ino, size in
+        serve(req) { fs in
+            let inode = fs.inodes.get(ino)
+            if size == 0 {
+                fuse_reply_xattr(req, try fs.listxattr(inode, nil, 0))
+                return
+            }
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+            defer { buffer.deallocate() }
+            let count = try fs.listxattr(inode, buffer, size)
+            fuse_reply_buf(req, buffer, count)
+        }
+    }
+    ops.removexattr = { req, ino, n in
+        serve(req) { fs in
+            try fs.removexattr(fs.inodes.get(ino), n!)
+            fuse_reply_err(req, 0)
+        }
+    }
+
+    ops.opendir = { req, ino, fi in
+        serve(req) { fs in
+            fi!.pointee.fh = try fs.opendir(fs.inodes.get(ino)).retainedValue()
+            if fuse_reply_open(req, fi) != 0 { _ = Handle.take(fi!.pointee.fh) }
+        }
+    }
+    ops.readdir = { req, _, size, offset, fi in
+        serve(req) { fs in
+            let d = try dirHandle(fi)
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+            defer { buffer.deallocate() }
+            var used = 0
+            try fs.readdir(d, Int(offset)) { entryName, st, next in
+                var st = st
+                let n = fuse_add_direntry(req, buffer + used, size - used, entryName, &st, off_t(next))
+                if n > size - used { return false }
+                used += n
+                return true
+            }
+            fuse_reply_buf(req, buffer, used)
+        }
+    }
+    ops.releasedir = { req, _, fi in
+        if let fi, fi.pointee.fh != 0 {
+            _ = Handle.take(fi.pointee.fh)
+            fi.pointee.fh = 0
+        }
+        fuse_reply_err(req, 0)
+    }
+    ops.fsyncdir = { req, _, datasync, fi in
+        serve(req) { fs in
+            try fs.fsyncdir(try dirHandle(fi), datasync != 0)
+            fuse_reply_err(req, 0)
+        }
     }
     return ops
 }

@@ -2,16 +2,18 @@ import Glibc
 import KmsfsFormat
 import KmsfsSystem
 
-/// Maps names in the mount to names in the backing directory, and back.
+/// Maps names in the mount to names in the backing directory, and back, one path component at a time.
 ///
 /// This is the one place that knows how names are stored. Format v1 stores names in plaintext (the
 /// identity mapping below); name encryption will replace this type without touching the handlers.
 public protocol NameMapping: Sendable {
-    /// The backing path, relative to the backing root ("." for the root), of a mount path ("/a/b").
+    /// The backing name of entry `name` of a directory (`inRoot`: the top of the volume).
     /// Throws ENOENT for names kmsfs reserves for itself, or EPERM when `creating` one.
-    func backingPath(_ mountPath: String, creating: Bool) throws -> String
+    func backingName(_ name: String, inRoot: Bool, creating: Bool) throws -> String
     /// The mount name of a backing directory entry, or nil when the entry is kmsfs's own and stays hidden.
     func mountName(_ backingName: String, inRoot: Bool) -> String?
+    /// The mount path ("/a/b") of a backing path relative to the backing root ("a/b"), for log lines.
+    func mountPath(ofBacking relative: String) -> String
     /// Symlink targets as stored, and as shown.
     func backingLinkTarget(_ target: String) -> String
     func mountLinkTarget(_ stored: String) -> String
@@ -22,25 +24,21 @@ public protocol NameMapping: Sendable {
 public struct PlaintextNames: NameMapping {
     public init() {}
 
-    public func backingPath(_ mountPath: String, creating: Bool) throws -> String {
-        var rel = Substring(mountPath)
-        while rel.first == "/" { rel = rel.dropFirst() }
-        if rel.isEmpty { return "." }
-        let top = rel.prefix { $0 != "/" }
-        if PlaintextNames.isReserved(top) && top.count == rel.count {
-            throw creating ? Errno.EPERM : Errno.ENOENT
-        }
-        return String(rel)
+    public func backingName(_ name: String, inRoot: Bool, creating: Bool) throws -> String {
+        if inRoot && PlaintextNames.isReserved(name) { throw creating ? Errno.EPERM : Errno.ENOENT }
+        return name
     }
 
     public func mountName(_ backingName: String, inRoot: Bool) -> String? {
-        inRoot && PlaintextNames.isReserved(Substring(backingName)) ? nil : backingName
+        inRoot && PlaintextNames.isReserved(backingName) ? nil : backingName
     }
+
+    public func mountPath(ofBacking relative: String) -> String { "/" + relative }
 
     public func backingLinkTarget(_ target: String) -> String { target }
     public func mountLinkTarget(_ stored: String) -> String { stored }
 
-    static func isReserved(_ name: Substring) -> Bool {
+    static func isReserved(_ name: String) -> Bool {
         name == VolumeConfig.fileName || name.hasPrefix(VolumeConfig.fileName + ".tmp-")
     }
 }

@@ -1,12 +1,11 @@
-// The libfuse3 bridge: the FUSE high-level API at version 3.14, plus the few functions Swift cannot call
-// directly (the mount-and-loop sequence built from macros, and libfuse's variadic logger).
-// Swift fills `struct fuse_operations` with its handlers; this bridge mounts, runs the multithreaded loop
-// and dispatches every request to them.
+// The libfuse3 bridge: the FUSE low-level API at version 3.14, plus the few functions Swift cannot call
+// directly (the session setup built from macros, and libfuse's variadic logger).
+// Swift fills `struct fuse_lowlevel_ops` with its handlers; this bridge mounts, runs the multithreaded
+// loop and dispatches every request to them.
 #ifndef KMSFS_FUSE_H
 #define KMSFS_FUSE_H
 
 #define FUSE_USE_VERSION 314
-#include <fuse3/fuse.h>
 #include <fuse3/fuse_lowlevel.h>
 
 /// Receives libfuse's own log lines (level as in enum fuse_log_level, message without trailing newline).
@@ -15,7 +14,7 @@ typedef void (*kmsfs_fuse_log_fn)(int level, const char *message);
 /// Routes libfuse's log output through `fn`.
 void kmsfs_fuse_set_log(kmsfs_fuse_log_fn fn);
 
-/// Called once the mount is live (after fuse_mount, before the first request is served).
+/// Called once the mount is live (after fuse_session_mount, before the first request is served).
 typedef void (*kmsfs_fuse_ready_fn)(void *context);
 
 struct kmsfs_fuse_mount {
@@ -33,17 +32,14 @@ struct kmsfs_fuse_mount {
 
 enum kmsfs_fuse_result {
     KMSFS_FUSE_OK = 0,             // mounted, served, unmounted
-    KMSFS_FUSE_BAD_OPTIONS = 1,    // fuse_new rejected the options (libfuse logged why)
-    KMSFS_FUSE_MOUNT_FAILED = 2,   // fuse_mount failed (libfuse logged why)
+    KMSFS_FUSE_BAD_OPTIONS = 1,    // fuse_session_new rejected the options (libfuse logged why)
+    KMSFS_FUSE_MOUNT_FAILED = 2,   // fuse_session_mount failed (libfuse logged why)
     KMSFS_FUSE_SIGNALS_FAILED = 3, // could not install the signal handlers
     KMSFS_FUSE_LOOP_FAILED = 4,    // the loop ended with an error
 };
 
-/// Creates the filesystem, mounts it, runs the multithreaded loop until unmount or SIGINT/SIGTERM/SIGHUP,
+/// Creates a session with `ops`, mounts it, runs the multithreaded loop until unmount or SIGINT/SIGTERM/SIGHUP,
 /// then unmounts and destroys it (which calls ops->destroy).
-int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_operations *ops, void *private_data);
-
-/// Asks the loop of the filesystem serving the current request to end (used by tests and shutdown paths).
-void kmsfs_fuse_exit_current(void);
+int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowlevel_ops *ops, void *userdata);
 
 #endif
