@@ -8,6 +8,7 @@
 #include <sys/prctl.h>
 #include <syslog.h>
 #include <unistd.h>
+#include <spawn.h>
 #include <linux/falloc.h>
 
 int kmsfs_set_dumpable(int value) { return prctl(PR_SET_DUMPABLE, value, 0, 0, 0); }
@@ -37,3 +38,5 @@ int kmsfs_o_noatime(void) { return O_NOATIME; }
 int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length) { return fallocate(fd, mode, offset, length); }
 
 int kmsfs_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int kmsfs_spawn_closefrom(posix_spawn_file_actions_t *actions, int from) { return posix_spawn_file_actions_addclosefrom_np(actions, from); }

@@ -203,7 +203,7 @@ struct MountCommand: ParsableCommand {
     private func startDaemon() throws {
         var fds: [Int32] = [0, 0]
         guard kmsfs_pipe_cloexec(&fds) == 0 else { throw CLIError("pipe: \(Errno.current)") }
-        var args = ["kmsfs", "mount", "--foreground", "--notify-fd", String(fds[1])]
+        var args = ["kmsfs", "mount", "--foreground", "--notify-fd", "3"]
         if readOnly { args.append("--read-only") }
         if directIo { args.append("--direct-io") }
         for o in fuseOptions { args += ["-o", o] }
@@ -215,7 +215,7 @@ struct MountCommand: ParsableCommand {
 
         let pid: pid_t
         do {
-            pid = try Spawn.start("/proc/self/exe", args, inherit: [fds[1]])
+            pid = try Spawn.start("/proc/self/exe", args, passFd: fds[1])
         } catch {
             close(fds[0]); close(fds[1])
             throw error

@@ -5,8 +5,9 @@ import KmsfsSystem
 /// Starting other programs (the mount daemon, fusermount3) with posix_spawn.
 enum Spawn {
     /// Starts `path` with `arguments` (argv[0] included), stdin and stdout on /dev/null, stderr on
-    /// `stderrFd` (or /dev/null), and `inherit` left open in the child. Returns the child's PID.
-    static func start(_ path: String, _ arguments: [String], stderrFd: Int32? = nil, inherit: [Int32] = []) throws -> pid_t {
+    /// `stderrFd` (or /dev/null), `passFd` (if any) as descriptor 3, and no other descriptor open.
+    /// Returns the child's PID.
+    static func start(_ path: String, _ arguments: [String], stderrFd: Int32? = nil, passFd: Int32? = nil) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -17,7 +18,9 @@ enum Spawn {
         } else {
             posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
         }
-        for fd in inherit { _ = fcntl(fd, F_SETFD, 0) }
+        if let p = passFd { posix_spawn_file_actions_adddup2(&actions, p, 3) }
+        // Nothing else leaks into the child (a daemon holding its starter's pipes would keep them open).
+        _ = kmsfs_spawn_closefrom(&actions, passFd == nil ? 3 : 4)
         var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
         var pid: pid_t = 0

@@ -301,3 +301,4 @@ struct SeededRandom: RandomNumberGenerator {
         return out
     }
 }
+

@@ -1,0 +1,136 @@
+import Foundation
+import Glibc
+import KmsfsCrypto
+import KmsfsFilesystem
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+import Testing
+
+@Suite("Key lifetime and secrecy")
+struct KeyLifetimeTests {
+    @Test("A file's key is unwrapped once for all its handles and wiped when the last one closes")
+    func unwrapOncePerOpenFile() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("f"), Array(repeating: 1, count: 100))
+        #expect(v.auditCount("GenerateDataKey", path: "/f") == 1)
+        #expect(v.waitForAudit("DiscardKey", count: 1, path: "/f"))
+        #expect(v.auditCount("Decrypt") == 0)   // creating needs no unwrap
+
+        // Open twice: one unwrap.
+        let a = try P.open(v.path("f"), O_RDONLY)
+        let b = try P.open(v.path("f"), O_RDWR)
+        #expect(v.auditCount("Decrypt", path: "/f") == 1)
+        // A third handle through a hard link shares the same key too.
+        try syscall { link(v.path("f"), v.path("g")) }
+        let c = try P.open(v.path("g"), O_RDONLY)
+        #expect(v.auditCount("Decrypt") == 1)
+        close(a)
+        close(c)
+        #expect(try P.pread(b, 1, 0) == [1])
+        #expect(v.auditCount("Decrypt") == 1)
+        #expect(v.auditCount("DiscardKey", path: "/f") == 1)
+        close(b)
+        // The last close wipes the key ...
+        #expect(v.waitForAudit("DiscardKey", count: 2, path: "/f"))
+        // ... so the next open unwraps again.
+        let d = try P.open(v.path("f"), O_RDONLY)
+        #expect(v.auditCount("Decrypt") == 2)
+        close(d)
+        #expect(v.waitForAudit("DiscardKey", count: 3, path: "/f"))
+
+        // stat, ls -l and du need no key.
+        let before = v.auditLines().count
+        for _ in 0..<3 {
+            _ = try P.stat(v.path("f"))
+            _ = try FileManager.default.attributesOfItem(atPath: v.path("g"))
+        }
+        #expect(try run("ls", ["-l", v.mount]).status == 0)
+        #expect(try run("du", ["-a", v.mount]).status == 0)
+        try v.remount()
+        #expect(try P.stat(v.path("f")).st_size == 100)
+        #expect(v.auditLines().count == before)
+    }
+
+    @Test("A new file gets a fresh data key; every file has its own file ID")
+    func freshKeys() throws {
+        let v = try MountedVolume()
+        for i in 0..<5 { try P.writeFile(v.path("f\(i)"), [UInt8(i)]) }
+        let reader = try v.offlineReader()
+        var fileIds = Set<String>(), blobs = Set<[UInt8]>()
+        for i in 0..<5 {
+            let fd = Glibc.open(v.backing("f\(i)"), O_RDONLY)
+            defer { close(fd) }
+            let header = try FileOpener.readHeader(fd: fd)
+            fileIds.insert(Hex.encode(header.fileId))
+            blobs.insert(header.wrappedKeys[0].blob)
+            #expect(header.context.pairs["kmsfs:volume-id"] == reader.volume.volumeId)
+        }
+        #expect(fileIds.count == 5 && blobs.count == 5)
+        #expect(v.auditCount("GenerateDataKey") == 5)
+    }
+
+    @Test("No plaintext and no key material anywhere under the encrypted directory or in the logs")
+    func noPlaintextOnDisk() throws {
+        let v = try MountedVolume(chunkSize: 4096)
+        let marker = Array("KMSFS-PLAINTEXT-MARKER-".utf8)
+        var rng = SeededRandom(seed: 99)
+        // Repetitive, compressible and random contents, small and large, written in different ways.
+        let texts: [(String, [UInt8])] = [
+            ("small.txt", marker),
+            ("repeated.txt", Array((0..<2000).flatMap { _ in marker })),
+            ("mixed.bin", Array((0..<50).flatMap { _ in marker + rng.bytes(300) })),
+            ("zeros-and-marker", [UInt8](repeating: 0, count: 9000) + marker),
+        ]
+        for (name, data) in texts { try P.writeFile(v.path(name), data) }
+        let fd = try P.open(v.path("appended"), O_WRONLY | O_CREAT | O_APPEND)
+        for _ in 0..<100 { try P.write(fd, marker) }
+        close(fd)
+        try v.unmount()
+
+        // Everything stored under CIPHERDIR, byte for byte.
+        var stored = [UInt8]()
+        let walker = FileManager.default.enumerator(atPath: v.cipher)!
+        while let rel = walker.nextObject() as? String {
+            stored += (try? P.readFile(v.cipher + "/" + rel)) ?? []
+        }
+        #expect(stored.count > 60_000)
+        #expect(find(marker, in: stored) == nil)
+        #expect(find(Array(marker[0..<12]), in: stored) == nil)
+
+        // The master key (and the data keys it wraps) appear nowhere on disk or in the logs.
+        let keyFile = String(decoding: try FileIO.readFile(v.configHome + "/kmsfs/keys/" + (try v.offlineReader().volume.volumeId) + ".key"), as: UTF8.self)
+        let masterHex = String(keyFile.split(separator: "\n").first { !$0.hasPrefix("#") }!)
+        let master = Hex.decode(masterHex) ?? []
+        let logs = Array(v.daemonLogText.utf8) + (try P.readFile(v.auditLog))
+        for haystack in [stored, logs] {
+            #expect(find(Array(masterHex.utf8), in: haystack) == nil)
+            #expect(find(master, in: haystack) == nil)
+        }
+        let reader = try v.offlineReader()
+        for (name, _) in texts {
+            let bfd = Glibc.open(v.backing(name), O_RDONLY)
+            defer { close(bfd) }
+            let header = try FileOpener.readHeader(fd: bfd)
+            let dek = try reader.keys.provider.decrypt(header.wrappedKeys[0], context: header.context)
+            let dekBytes = dek.withUnsafeBytes { Array($0) }
+            for haystack in [stored, logs] {
+                #expect(find(dekBytes, in: haystack) == nil)
+                #expect(find(Array(Hex.encode(dekBytes).utf8), in: haystack) == nil)
+            }
+        }
+    }
+}
+
+/// The first index of `needle` in `haystack`.
+func find(_ needle: [UInt8], in haystack: [UInt8]) -> Int? {
+    guard !needle.isEmpty, haystack.count >= needle.count else { return nil }
+    let first = needle[0]
+    var i = 0
+    let last = haystack.count - needle.count
+    while i <= last {
+        if haystack[i] == first && Array(haystack[i..<(i + needle.count)]) == needle { return i }
+        i += 1
+    }
+    return nil
+}
