@@ -1,7 +1,7 @@
 import Glibc
 
 /// What a FUSE handle (`fuse_file_info.fh`) points to: a retained `FileHandle` or `DirHandle`.
-class Handle {
+class Handle: @unchecked Sendable {  // immutable after creation; the kernel serializes use of a directory stream
     /// The handle as a `fh` value (retains it until `take` is called).
     func retainedValue() -> UInt64 {
         UInt64(UInt(bitPattern: Unmanaged.passRetained(self).toOpaque()))
