@@ -1,0 +1,89 @@
+import Foundation
+import Glibc
+import KmsfsFormat
+import KmsfsSystem
+import Testing
+
+@Suite("Command line")
+struct CLITests {
+    @Test("init creates the config and a 0600 key file, says where it is, and refuses to overwrite anything")
+    func initVolume() throws {
+        let dir = try TempDir()
+        let env = ["XDG_CONFIG_HOME": dir.path + "/cfg"]
+        let r = try run(kmsfsBinary, ["init", "--context", "team=storage", "--context", "env=test", dir.path + "/vol"], environment: env)
+        #expect(r.status == 0, "\(r.stderr)")
+        let config = try VolumeConfig.decode(try FileIO.readFile(dir.path + "/vol/kmsfs.conf"))
+        #expect(config.keyProvider.type == "local" && config.keyProvider.keyFile == nil)
+        #expect(config.encryptionContext == ["team": "storage", "env": "test"])
+        #expect(config.chunkSize == 65536)
+        let keyPath = dir.path + "/cfg/kmsfs/keys/\(config.volumeId).key"
+        #expect(r.stdout.contains(keyPath) && r.stdout.contains("Back this key file up"))
+        var st = stat()
+        #expect(stat(keyPath, &st) == 0 && st.st_mode & 0o777 == 0o600)
+        #expect(stat(dir.path + "/cfg/kmsfs/keys", &st) == 0 && st.st_mode & 0o777 == 0o700)
+        // The config holds no secret: not the key, not its hex.
+        let keyHex = String(String(decoding: try FileIO.readFile(keyPath), as: UTF8.self).split(separator: "\n").last!)
+        #expect(!String(decoding: try FileIO.readFile(dir.path + "/vol/kmsfs.conf"), as: UTF8.self).contains(keyHex))
+
+        let again = try run(kmsfsBinary, ["init", dir.path + "/vol"], environment: env)
+        #expect(again.status != 0 && again.stderr.contains("already holds a kmsfs volume"))
+        try syscall { mkdir(dir.path + "/full", 0o755) }
+        try P.writeFile(dir.path + "/full/x", [1])
+        let full = try run(kmsfsBinary, ["init", dir.path + "/full"], environment: env)
+        #expect(full.status != 0 && full.stderr.contains("is not empty"))
+        let badContext = try run(kmsfsBinary, ["init", "--context", "kmsfs:volume-id=x", dir.path + "/c1"], environment: env)
+        #expect(badContext.status != 0 && badContext.stderr.contains("reserved"))
+        let badChunk = try run(kmsfsBinary, ["init", "--chunk-size", "5000", dir.path + "/c2"], environment: env)
+        #expect(badChunk.status != 0 && badChunk.stderr.contains("power of two"))
+
+        // --key-file: created if missing, reused (and recorded in the config) if present.
+        let k = try run(kmsfsBinary, ["init", "--key-file", dir.path + "/shared.key", dir.path + "/v2"], environment: env)
+        #expect(k.status == 0 && k.stdout.contains("New master key: \(dir.path)/shared.key"))
+        let k2 = try run(kmsfsBinary, ["init", "--key-file", dir.path + "/shared.key", dir.path + "/v3"], environment: env)
+        #expect(k2.status == 0 && k2.stdout.contains("Master key: \(dir.path)/shared.key"))
+        let c2 = try VolumeConfig.decode(try FileIO.readFile(dir.path + "/v2/kmsfs.conf"))
+        let c3 = try VolumeConfig.decode(try FileIO.readFile(dir.path + "/v3/kmsfs.conf"))
+        #expect(c2.keyProvider.keyIds == c3.keyProvider.keyIds && c3.keyProvider.keyFile == dir.path + "/shared.key")
+        #expect(c2.volumeId != c3.volumeId)
+    }
+
+    @Test("info prints a header without any key, as text and as JSON")
+    func info() throws {
+        let v = try MountedVolume(chunkSize: 4096, initArgs: ["--context", "dept=qa"])
+        try P.writeFile(v.path("f"), Array(repeating: 1, count: 10000))
+        try v.unmount()
+        // No key file at all: info must not need it.
+        try FileManager.default.removeItem(atPath: v.configHome)
+        let r = try run(kmsfsBinary, ["info", "--json", v.backing("f")])
+        #expect(r.status == 0, "\(r.stderr)")
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
+        #expect(json["formatVersion"] as? Int == 1)
+        #expect(json["chunkSize"] as? Int == 4096)
+        #expect(json["plaintextSize"] as? Int == 10000)
+        #expect((json["fileId"] as? String)?.count == 32)
+        let context = json["encryptionContext"] as! [String: String]
+        #expect(context["dept"] == "qa" && context["kmsfs:file-id"] == json["fileId"] as? String)
+        let wrapped = (json["wrappedKeys"] as! [[String: String]])[0]
+        #expect(wrapped["provider"] == "local" && wrapped["keyId"]!.hasPrefix("local:"))
+        #expect(Data(base64Encoded: wrapped["blob"]!)?.count == 61)
+        let text = try run(kmsfsBinary, ["info", v.backing("f")])
+        #expect(text.status == 0 && text.stdout.contains("plaintext size: 10000"))
+        let bad = try run(kmsfsBinary, ["info", v.cipher + "/kmsfs.conf"])
+        #expect(bad.status != 0 && bad.stderr.contains("not a kmsfs file"))
+    }
+
+    @Test("Every command has --help; --version names the format; unmount refuses what is not a kmsfs mount")
+    func helpVersionUnmount() throws {
+        for command in [[], ["init"], ["mount"], ["unmount"], ["info"]] {
+            let r = try run(kmsfsBinary, command + ["--help"])
+            #expect(r.status == 0 && r.stdout.contains("USAGE:"), "\(command)")
+        }
+        let v = try run(kmsfsBinary, ["--version"])
+        #expect(v.status == 0 && v.stdout.contains("on-disk format 1"))
+        let dir = try TempDir()
+        let u = try run(kmsfsBinary, ["unmount", dir.path])
+        #expect(u.status != 0 && u.stderr.contains("is not a kmsfs mount"))
+        let missing = try run(kmsfsBinary, ["mount"])
+        #expect(missing.status != 0 && missing.stderr.contains("Missing expected argument"))
+    }
+}
