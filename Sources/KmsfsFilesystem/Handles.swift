@@ -20,7 +20,7 @@ class Handle: @unchecked Sendable {  // immutable after creation; the kernel ser
 
 /// An open regular file: its backing descriptor (opened read-write whenever the handle may write, because
 /// partial chunks are read back) and the shared entry of its inode.
-final class FileHandle: Handle {
+final class FileHandle: Handle, @unchecked Sendable {
     let fd: Int32
     let file: OpenFile
     let writable: Bool
@@ -38,7 +38,7 @@ final class FileHandle: Handle {
 }
 
 /// An open directory stream.
-final class DirHandle: Handle {
+final class DirHandle: Handle, @unchecked Sendable {
     let stream: OpaquePointer
     let inRoot: Bool
 

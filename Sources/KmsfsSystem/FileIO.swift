@@ -34,6 +34,20 @@ public enum FileIO {
         }
     }
 
+    /// Writes all `count` bytes at the descriptor's current position (pipes, terminals).
+    public static func writeAll(_ fd: Int32, _ buffer: UnsafeRawPointer, count: Int) throws {
+        var done = 0
+        while done < count {
+            let n = Glibc.write(fd, buffer + done, count - done)
+            if n < 0 {
+                let e = Errno.current
+                if e.code == EINTR { continue }
+                throw e
+            }
+            done += n
+        }
+    }
+
     /// The size of an open file.
     public static func size(_ fd: Int32) throws -> Int {
         var st = stat()

@@ -13,7 +13,8 @@ struct Kmsfs: ParsableCommand {
             with plaintext files in MOUNTPOINT while CIPHERDIR holds only ciphertext. See kmsfs(1) and kmsfs-format(5).
             """,
         version: "kmsfs \(version) (on-disk format 1)",
-        subcommands: [InitCommand.self, MountCommand.self, UnmountCommand.self, InfoCommand.self]
+        subcommands: [InitCommand.self, MountCommand.self, UnmountCommand.self, InfoCommand.self,
+                      DecryptCommand.self, VerifyCommand.self]
     )
 }
 

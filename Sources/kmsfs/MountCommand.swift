@@ -80,7 +80,7 @@ struct MountCommand: ParsableCommand {
         let cipher = try Paths.resolve(cipherDir)
         let mount = try Paths.resolve(mountPoint)
         guard Paths.isDirectory(mount) else { throw CLIError("\(mount) is not a directory") }
-        let volume = try loadVolume(cipher)
+        let volume = try VolumeAccess.loadConfig(cipher)
         let env = Paths.environment
 
         var logDescription = "standard error"
@@ -96,15 +96,7 @@ struct MountCommand: ParsableCommand {
                 throw CLIError("cannot open audit log \(path): \(error)")
             }
         }
-        let provider: KeyProvider
-        do {
-            provider = try ProviderFactory.makeProvider(
-                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: env))
-        } catch let e as KeyError {
-            throw CLIError(e.message.isEmpty ? e.description : e.message)
-        } catch let e as FormatError {
-            throw CLIError("\(VolumeConfig.path(in: cipher)): \(e)")
-        }
+        let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit)
 
         // Keys must not reach a core dump, and modes of new files come from the caller, not our umask.
         _ = kmsfs_set_dumpable(0)
@@ -116,7 +108,7 @@ struct MountCommand: ParsableCommand {
         do {
             fs = try EncryptedFilesystem(.init(
                 cipherDir: cipher, volume: volume,
-                keys: KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit),
+                keys: keyService,
                 readOnly: readOnly, directIO: directIo))
         } catch {
             throw CLIError("cannot open \(cipher): \(error)")
@@ -138,23 +130,6 @@ struct MountCommand: ParsableCommand {
             throw CLIError("cannot mount on \(mount)\(Log.shared.lastError.map { ": " + $0 } ?? "")")
         case .failed:
             throw CLIError("the filesystem loop failed\(Log.shared.lastError.map { ": " + $0 } ?? "")")
-        }
-    }
-
-    private func loadVolume(_ cipher: String) throws -> VolumeConfig {
-        let path = VolumeConfig.path(in: cipher)
-        let bytes: [UInt8]
-        do {
-            bytes = try FileIO.readFile(path)
-        } catch let e as Errno where e == .ENOENT {
-            throw CLIError("\(cipher) is not a kmsfs volume: it has no \(VolumeConfig.fileName) (create one with kmsfs init)")
-        } catch {
-            throw CLIError("cannot read \(path): \(error)")
-        }
-        do {
-            return try VolumeConfig.decode(bytes)
-        } catch {
-            throw CLIError("\(path): \(error)")
         }
     }
 

@@ -74,7 +74,7 @@ struct CLITests {
 
     @Test("Every command has --help; --version names the format; unmount refuses what is not a kmsfs mount")
     func helpVersionUnmount() throws {
-        for command in [[], ["init"], ["mount"], ["unmount"], ["info"]] {
+        for command in [[], ["init"], ["mount"], ["unmount"], ["info"], ["decrypt"], ["verify"]] {
             let r = try run(kmsfsBinary, command + ["--help"])
             #expect(r.status == 0 && r.stdout.contains("USAGE:"), "\(command)")
         }
@@ -85,5 +85,45 @@ struct CLITests {
         #expect(u.status != 0 && u.stderr.contains("is not a kmsfs mount"))
         let missing = try run(kmsfsBinary, ["mount"])
         #expect(missing.status != 0 && missing.stderr.contains("Missing expected argument"))
+    }
+}
+
+@Suite("Recovery commands")
+struct RecoveryTests {
+    @Test("decrypt and verify read a volume without mounting it, and report corruption precisely")
+    func decryptAndVerify() throws {
+        let v = try MountedVolume(chunkSize: 4096)
+        var rng = SeededRandom(seed: 3)
+        let data = rng.bytes(3 * 4096 + 5)
+        try syscall { mkdir(v.path("d"), 0o755) }
+        try P.writeFile(v.path("d/f"), data)
+        try P.writeFile(v.path("g"), [1, 2, 3])
+        try P.writeFile(v.path("empty"), [])
+        try v.unmount()
+
+        let ok = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(ok.status == 0 && ok.stdout.contains("3 files, \(data.count + 3) bytes checked: all intact"), "\(ok.stdout)\(ok.stderr)")
+        let text = try run(kmsfsBinary, ["decrypt", v.cipher, "g"], environment: v.environment)
+        #expect(text.status == 0 && Array(text.stdout.utf8) == [1, 2, 3])
+        let toFile = try run(kmsfsBinary, ["decrypt", "-o", v.dir.path + "/out", v.cipher, "/d/f"], environment: v.environment)
+        #expect(toFile.status == 0, "\(toFile.stderr)")
+        #expect(try P.readFile(v.dir.path + "/out") == data)
+
+        let header = try HeaderPrefix(try P.pread(P.open(v.backing("d/f"), O_RDONLY), 16, 0))
+        try flipByte(v.backing("d/f"), at: header.layout.backingOffset(ofChunk: 1) + 30)
+        let bad = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(bad.status == 1 && bad.stdout.contains("/d/f: corrupt chunks 1") && bad.stdout.contains("1 damaged"), "\(bad.stdout)")
+        let stop = try run(kmsfsBinary, ["decrypt", "-o", v.dir.path + "/out2", v.cipher, "d/f"], environment: v.environment)
+        #expect(stop.status == 1 && stop.stderr.contains("chunk 1 failed authentication"))
+        #expect(!FileManager.default.fileExists(atPath: v.dir.path + "/out2"))
+        let skip = try run(kmsfsBinary, ["decrypt", "--skip-corrupt", "-o", v.dir.path + "/out3", v.cipher, "d/f"], environment: v.environment)
+        #expect(skip.status == 1 && skip.stderr.contains("written as zeros"))
+        var expected = data
+        expected.replaceSubrange(4096..<8192, with: [UInt8](repeating: 0, count: 4096))
+        #expect(try P.readFile(v.dir.path + "/out3") == expected)
+        // Without the key nothing can be read, and the message says which key file is missing.
+        try FileManager.default.removeItem(atPath: v.configHome)
+        let nokey = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(nokey.status == 1 && nokey.stderr.contains("cannot open key file"))
     }
 }

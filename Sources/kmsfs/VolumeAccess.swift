@@ -1,0 +1,36 @@
+import Glibc
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+/// Opening a volume's config and its key provider, with the error messages every command shares.
+enum VolumeAccess {
+    static func loadConfig(_ cipher: String) throws -> VolumeConfig {
+        let path = VolumeConfig.path(in: cipher)
+        let bytes: [UInt8]
+        do {
+            bytes = try FileIO.readFile(path)
+        } catch let e as Errno where e == .ENOENT {
+            throw CLIError("\(cipher) is not a kmsfs volume: it has no \(VolumeConfig.fileName) (create one with kmsfs init)")
+        } catch {
+            throw CLIError("cannot read \(path): \(error)")
+        }
+        do {
+            return try VolumeConfig.decode(bytes)
+        } catch {
+            throw CLIError("\(path): \(error)")
+        }
+    }
+
+    static func keyService(_ volume: VolumeConfig, cipher: String, keyFile: String?, audit: AuditLog?) throws -> KeyService {
+        do {
+            let provider = try ProviderFactory.makeProvider(
+                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment))
+            return KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit)
+        } catch let e as KeyError {
+            throw CLIError(e.message.isEmpty ? e.description : e.message)
+        } catch let e as FormatError {
+            throw CLIError("\(VolumeConfig.path(in: cipher)): \(e)")
+        }
+    }
+}
