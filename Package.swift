@@ -3,11 +3,12 @@
 // kmsfs: a FUSE filesystem with per-file envelope encryption.
 //
 // Layers, lowest first (each module only imports the ones above it in this list):
-//   CLibCrypto, CSystem, CFuseBridge  C libraries and the few lines of C Swift cannot express
+//   CLibCrypto, CSystem, CFuseBridge, CCurlBridge  C libraries and the few lines of C Swift cannot express
 //   KmsfsSystem      locks, logging, POSIX errors and file I/O helpers shared by every layer
 //   KmsfsCrypto      secure key memory, AES-256-GCM, HMAC/HKDF, CSPRNG          (no files, no KMS)
 //   KmsfsFormat      volume config, file header, chunk layout, chunk codec        (no FUSE, no HTTP)
-//   KmsfsKeys        key providers (local, AWS KMS), key service, audit log       (no FUSE, no chunks)
+//   KmsfsKeys        key providers (local; AWS KMS over libcurl with SigV4), key service, audit log
+//                                                                                (no FUSE, no chunks)
 //   KmsfsFilesystem  FUSE handlers, name mapping, open-file table, chunked I/O     (no HTTP, no header bytes)
 //   kmsfs            the command-line tool
 //
@@ -37,6 +38,10 @@ let package = Package(
             linkerSettings: [.linkedLibrary("fuse3"), .linkedLibrary("pthread")]
         ),
         .target(
+            name: "CCurlBridge",
+            linkerSettings: [.linkedLibrary("curl")]
+        ),
+        .target(
             name: "KmsfsSystem",
             dependencies: ["CSystem"]
         ),
@@ -50,7 +55,7 @@ let package = Package(
         ),
         .target(
             name: "KmsfsKeys",
-            dependencies: ["KmsfsCrypto", "KmsfsFormat", "KmsfsSystem", "CSystem"]
+            dependencies: ["KmsfsCrypto", "KmsfsFormat", "KmsfsSystem", "CSystem", "CCurlBridge"]
         ),
         .target(
             name: "KmsfsFilesystem",

@@ -19,8 +19,9 @@ public protocol NameMapping: Sendable {
     func mountLinkTarget(_ stored: String) -> String
 }
 
-/// Format v1 names: stored as they are, except that the volume config (and its temporary files) at the top
-/// of the backing directory is hidden and cannot be created, opened or renamed through the mount.
+/// Format v1 names: stored as they are, except that kmsfs's own files at the top of the backing directory
+/// (the volume config, its temporary files, the rotation journal: every name starting with "kmsfs.conf")
+/// are hidden and cannot be created, opened or renamed through the mount.
 public struct PlaintextNames: NameMapping {
     public init() {}
 
@@ -39,6 +40,6 @@ public struct PlaintextNames: NameMapping {
     public func mountLinkTarget(_ stored: String) -> String { stored }
 
     static func isReserved(_ name: String) -> Bool {
-        name == VolumeConfig.fileName || name.hasPrefix(VolumeConfig.fileName + ".tmp-")
+        name == VolumeConfig.fileName || name.hasPrefix(VolumeConfig.fileName + ".")
     }
 }

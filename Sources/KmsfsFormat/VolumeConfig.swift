@@ -68,7 +68,7 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
 
     public func encoded() throws -> [UInt8] {
         let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         return Array(try enc.encode(self)) + [UInt8(ascii: "\n")]
     }
 

@@ -25,6 +25,10 @@ public enum ProviderFactory {
                                message: "key file \(path) holds key \(key.keyId), but this volume's files are wrapped under \(volume.keyProvider.keyIds.joined(separator: ", "))")
             }
             return LocalKeyProvider(keys: [key])
+        case AWSKMSProvider.providerName:
+            let c = volume.keyProvider
+            return AWSKMSProvider(settings: AWSSettings(region: c.region, profile: c.profile, endpoint: c.endpoint,
+                                                        environment: options.environment))
         default:
             throw FormatError.invalidConfig("unknown key provider \"\(volume.keyProvider.type)\"")
         }

@@ -19,11 +19,24 @@ struct InitCommand: ParsableCommand {
             """
     )
 
-    @Option(name: .long, help: ArgumentHelp("Key provider: local (the default).", valueName: "provider"))
+    @Option(name: .long, help: ArgumentHelp("Key provider: local (the default) or aws.", valueName: "provider"))
     var kms: String = "local"
 
     @Option(name: .long, help: ArgumentHelp("Local provider: use (or create) this master key file.", valueName: "path"))
     var keyFile: String?
+
+    @Option(name: .long, parsing: .singleValue,
+            help: ArgumentHelp("AWS KMS: a key ID, key ARN, alias name or alias ARN (repeatable; tried in this order).", valueName: "key"))
+    var keyId: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("AWS KMS: the region (default: AWS_REGION, the profile, or the key ARN).", valueName: "region"))
+    var region: String?
+
+    @Option(name: .long, help: ArgumentHelp("AWS KMS: the shared-config profile for credentials and region.", valueName: "profile"))
+    var profile: String?
+
+    @Option(name: .long, help: ArgumentHelp("AWS KMS: the endpoint URL (default: AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, or the region's).", valueName: "url"))
+    var endpoint: String?
 
     @Option(name: .long, parsing: .singleValue,
             help: ArgumentHelp("Add KEY=VALUE to every file's encryption context (repeatable).", valueName: "key=value"))
@@ -37,10 +50,23 @@ struct InitCommand: ParsableCommand {
 
     func run() throws {
         let pairs = try parseContext(context)
+        switch kms {
+        case "local":
+            if !keyId.isEmpty || region != nil || profile != nil || endpoint != nil {
+                throw CLIError("--key-id, --region, --profile and --endpoint are for --kms aws")
+            }
+        case "aws", "aws-kms":
+            if keyFile != nil { throw CLIError("--key-file is for the local provider") }
+            if keyId.isEmpty { throw CLIError("--kms aws needs at least one --key-id") }
+        default:
+            throw CLIError("unknown key provider \"\(kms)\" (available: local, aws)")
+        }
         guard ChunkLayout.isValidChunkSize(chunkSize) else {
             throw CLIError("--chunk-size must be a power of two from 4096 to 1048576")
         }
         let dir = Paths.absolute(cipherDir)
+        // AWS keys are checked before anything is created.
+        let aws = kms == "local" ? nil : try resolveAWSKeys()
         if Paths.exists(VolumeConfig.path(in: dir)) {
             throw CLIError("\(dir) already holds a kmsfs volume (\(VolumeConfig.fileName))")
         }
@@ -52,12 +78,47 @@ struct InitCommand: ParsableCommand {
         }
         let volumeId = try VolumeConfig.newVolumeId()
 
-        switch kms {
-        case "local":
+        if let aws {
+            try initAWS(dir: dir, volumeId: volumeId, pairs: pairs, settings: aws.settings, arns: aws.arns)
+        } else {
             try initLocal(dir: dir, volumeId: volumeId, pairs: pairs)
-        default:
-            throw CLIError("unknown key provider \"\(kms)\" (available: local)")
         }
+    }
+
+    /// Checks every key with DescribeKey; returns their ARNs, so each call goes to the key's region.
+    private func resolveAWSKeys() throws -> (settings: AWSSettings, arns: [String]) {
+        let settings = AWSSettings(region: region, profile: profile, endpoint: endpoint, environment: Paths.environment)
+        let provider = AWSKMSProvider(settings: settings)
+        var arns: [String] = []
+        for key in keyId {
+            do {
+                arns.append(try provider.describeKey(key))
+            } catch let e as KeyError {
+                let why: String
+                switch e.kind {
+                case .accessDenied: why = "not allowed (\(e.errorType)): the credentials need kms:DescribeKey on it"
+                case .keyUnavailable: why = e.errorType == "NotFoundException" ? "not found" : "not usable: \(e.message)"
+                case .unreachable: why = "KMS could not be reached: \(e.message)"
+                default: why = "\(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message)"
+                }
+                throw CLIError("key \(key): \(why)")
+            }
+        }
+        if Set(arns).count != arns.count { throw CLIError("the same key is given twice") }
+        return (settings, arns)
+    }
+
+    private func initAWS(dir: String, volumeId: String, pairs: [String: String], settings: AWSSettings, arns: [String]) throws {
+        let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
+                                  keyProvider: KeyProviderConfig(type: AWSKMSProvider.providerName, keyIds: arns,
+                                                                 region: settings.region, profile: profile, endpoint: endpoint))
+        do {
+            try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
+        } catch {
+            throw CLIError("cannot write \(VolumeConfig.path(in: dir)): \(error)")
+        }
+        print("Created kmsfs volume \(volumeId) in \(dir) (AWS KMS).")
+        for (i, arn) in arns.enumerated() { print("  key \(i + 1): \(arn)") }
     }
 
     private func initLocal(dir: String, volumeId: String, pairs: [String: String]) throws {

@@ -14,7 +14,7 @@ struct Kmsfs: ParsableCommand {
             """,
         version: "kmsfs \(version) (on-disk format 1)",
         subcommands: [InitCommand.self, MountCommand.self, UnmountCommand.self, InfoCommand.self,
-                      DecryptCommand.self, VerifyCommand.self]
+                      RewrapCommand.self, DecryptCommand.self, VerifyCommand.self]
     )
 }
 

@@ -83,6 +83,21 @@ struct MountCommand: ParsableCommand {
         let volume = try VolumeAccess.loadConfig(cipher)
         let env = Paths.environment
 
+        // One user of a backing directory at a time: two mounts (or a mount and a key rotation) writing the
+        // same files would corrupt them. The lock lives as long as this process.
+        let lockFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard lockFd >= 0, VolumeLock.tryLock(lockFd, exclusive: true) else {
+            throw CLIError("\(cipher) is in use by another kmsfs mount or a kmsfs rewrap")
+        }
+        defer { close(lockFd) }
+        do {
+            if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
+                Log.info("finished the interrupted key rotation of /\(repaired)")
+            }
+        } catch {
+            throw CLIError("cannot finish the interrupted key rotation in \(cipher): \(error)")
+        }
+
         var logDescription = "standard error"
         if reporter.isDaemon {
             logDescription = try configureDaemonLog(volume: volume, environment: env)

@@ -1,0 +1,202 @@
+import Foundation
+import Glibc
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+/// Who may use a backing directory: a mount holds a shared lock on it for its lifetime, offline maintenance
+/// (key rotation) an exclusive one, so the two never run at once.
+public enum VolumeLock {
+    /// Takes the lock on an open descriptor of the backing directory; false if someone else holds it.
+    public static func tryLock(_ dirFd: Int32, exclusive: Bool) -> Bool {
+        flock(dirFd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0
+    }
+}
+
+/// The redo record of key rotation, `kmsfs.conf.rewrap-journal` at the top of the backing directory.
+///
+/// Before a file's header is rewritten in place, the complete new header (or, when the header must grow
+/// and the body move, a complete copy of the new file in `kmsfs.conf.rewrap-copy`) is made durable and
+/// named in the journal. Replaying the journal is idempotent, so a rotation stopped at any point is
+/// finished by the next `kmsfs rewrap` or `kmsfs mount`, and no file is ever left half-written.
+public enum RewrapJournal {
+    public static let name = VolumeConfig.fileName + ".rewrap-journal"
+    static let copyName = VolumeConfig.fileName + ".rewrap-copy"
+
+    struct Entry: Codable {
+        /// Backing path of the file, relative to the backing directory.
+        var path: String
+        /// "header": write `header` at offset 0. "copy": replace the file's contents with the copy file.
+        var kind: String
+        var header: String?
+    }
+
+    /// Finishes an interrupted rotation step, if any. Returns the path it repaired.
+    @discardableResult
+    public static func recover(cipherDir: String) throws -> String? {
+        let journal = cipherDir + "/" + name
+        guard let bytes = try? FileIO.readFile(journal) else { return nil }
+        guard let entry = try? JSONDecoder().decode(Entry.self, from: Data(bytes)) else {
+            // An unreadable journal was never completed (it is written atomically): nothing was changed yet.
+            unlink(journal)
+            return nil
+        }
+        try apply(entry, cipherDir: cipherDir)
+        clear(cipherDir: cipherDir)
+        return entry.path
+    }
+
+    static func apply(_ entry: Entry, cipherDir: String) throws {
+        let fd = Glibc.open(cipherDir + "/" + entry.path, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+        if fd < 0 {
+            if errno == ENOENT { return }  // deleted since: nothing to repair
+            throw Errno.current
+        }
+        defer { close(fd) }
+        switch entry.kind {
+        case "header":
+            guard let header = entry.header.flatMap(Base64.decode) else { throw FormatError.malformedHeader("bad journal") }
+            try header.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+        case "copy":
+            let copy = Glibc.open(cipherDir + "/" + copyName, O_RDONLY | O_CLOEXEC)
+            if copy < 0 { throw Errno.current }
+            defer { close(copy) }
+            let size = try FileIO.size(copy)
+            var buffer = [UInt8](repeating: 0, count: 1 << 20)
+            var offset = 0
+            while offset < size {
+                let n = try buffer.withUnsafeMutableBytes { try FileIO.pread(copy, $0.baseAddress!, count: min($0.count, size - offset), offset: offset) }
+                if n == 0 { break }
+                try buffer.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: n, offset: offset) }
+                offset += n
+            }
+            try syscall { ftruncate(fd, off_t(size)) }
+        default:
+            throw FormatError.malformedHeader("bad journal")
+        }
+        try syscall { fsync(fd) }
+    }
+
+    static func write(_ entry: Entry, cipherDir: String) throws {
+        let data = try JSONEncoder().encode(entry)
+        try FileIO.writeFileAtomically(cipherDir + "/" + name, contents: Array(data), mode: 0o600)
+    }
+
+    static func clear(cipherDir: String) {
+        unlink(cipherDir + "/" + copyName)
+        unlink(cipherDir + "/" + name)
+        let d = Glibc.open(cipherDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if d >= 0 { fsync(d); close(d) }
+    }
+}
+
+/// Key rotation: re-wraps every file's data key under a new set of keys by rewriting headers only
+/// (ReEncrypt, so with AWS KMS the plaintext key never leaves KMS); bodies are untouched.
+public final class VolumeRewrapper {
+    public struct Summary: Sendable {
+        public var total = 0
+        public var rewrapped = 0
+        public var unchanged = 0
+        public var failed: [(path: String, reason: String)] = []
+    }
+
+    let cipherDir: String
+    let volume: VolumeConfig
+    let keys: KeyService
+    let targets: [String]
+
+    public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, targets: [String]) {
+        self.cipherDir = cipherDir
+        self.volume = volume
+        self.keys = keys
+        self.targets = targets
+    }
+
+    /// Rewraps every regular file; `progress(done, total)` is called after each one.
+    public func run(progress: (Int, Int) -> Void) throws -> Summary {
+        var files: [String] = []
+        try collect("", into: &files)
+        var summary = Summary()
+        summary.total = files.count
+        for (i, rel) in files.enumerated() {
+            do {
+                if try rewrap(rel) { summary.rewrapped += 1 } else { summary.unchanged += 1 }
+            } catch {
+                summary.failed.append((rel, "\(error)"))
+            }
+            progress(i + 1, files.count)
+        }
+        return summary
+    }
+
+    /// Rewraps one file; false if it was already wrapped exactly under the targets.
+    func rewrap(_ rel: String) throws -> Bool {
+        let fd = Glibc.open(cipherDir + "/" + rel, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+        if fd < 0 { throw Errno.current }
+        defer { close(fd) }
+        let header = try FileOpener.readHeader(fd: fd)
+        try header.checkContext(volumeId: volume.volumeId)
+        if header.wrappedKeys.map(\.keyId) == targets { return false }
+        let wrapped = try keys.rewrap(header.wrappedKeys, to: targets, context: header.context,
+                                      subject: KeySubject(path: "/" + rel, fileId: header.fileId))
+        let updated = try header.replacingWrappedKeys(wrapped)
+        let bytes = updated.encoded()
+        if updated.headerLength == header.headerLength {
+            try RewrapJournal.write(.init(path: rel, kind: "header", header: Base64.encode(bytes)), cipherDir: cipherDir)
+            Failpoint.hit("rewrap-after-journal")
+            try bytes.withUnsafeBytes { b in
+                // Written in two halves, so a crash between them leaves a torn header for the journal to repair.
+                let half = b.count / 2
+                try FileIO.pwrite(fd, b.baseAddress!, count: half, offset: 0)
+                Failpoint.hit("rewrap-mid-header")
+                try FileIO.pwrite(fd, b.baseAddress! + half, count: b.count - half, offset: half)
+            }
+            try syscall { fsync(fd) }
+        } else {
+            // The header grows: the body moves. Make a complete new file first, then copy it over the old one
+            // in place (hard links and the inode number stay).
+            let copyPath = cipherDir + "/" + RewrapJournal.copyName
+            let copy = Glibc.open(copyPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            if copy < 0 { throw Errno.current }
+            defer { close(copy) }
+            try bytes.withUnsafeBytes { try FileIO.pwrite(copy, $0.baseAddress!, count: $0.count, offset: 0) }
+            let size = try FileIO.size(fd)
+            var buffer = [UInt8](repeating: 0, count: 1 << 20)
+            var offset = header.headerLength
+            while offset < size {
+                let n = try buffer.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: min($0.count, size - offset), offset: offset) }
+                if n == 0 { break }
+                try buffer.withUnsafeBytes { try FileIO.pwrite(copy, $0.baseAddress!, count: n, offset: updated.headerLength + offset - header.headerLength) }
+                offset += n
+            }
+            try syscall { fsync(copy) }
+            try RewrapJournal.write(.init(path: rel, kind: "copy", header: nil), cipherDir: cipherDir)
+            Failpoint.hit("rewrap-after-journal")
+            try RewrapJournal.apply(.init(path: rel, kind: "copy", header: nil), cipherDir: cipherDir)
+        }
+        Failpoint.hit("rewrap-before-clear")
+        RewrapJournal.clear(cipherDir: cipherDir)
+        return true
+    }
+
+    private func collect(_ rel: String, into files: inout [String]) throws {
+        let dir = rel.isEmpty ? cipherDir : cipherDir + "/" + rel
+        guard let d = opendir(dir) else { throw Errno.current }
+        defer { closedir(d) }
+        var names: [String] = []
+        while let e = readdir(d) {
+            let name = withUnsafePointer(to: e.pointee.d_name) { $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) } }
+            if name == "." || name == ".." { continue }
+            if rel.isEmpty && PlaintextNames().mountName(name, inRoot: true) == nil { continue }
+            names.append(name)
+        }
+        for name in names.sorted() {
+            let child = rel.isEmpty ? name : rel + "/" + name
+            var st = stat()
+            guard lstat(cipherDir + "/" + child, &st) == 0 else { continue }
+            if st.st_mode & S_IFMT == S_IFDIR { try collect(child, into: &files) }
+            if st.st_mode & S_IFMT == S_IFREG { files.append(child) }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+import ArgumentParser
+import Glibc
+import KmsfsFilesystem
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+struct RewrapCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rewrap",
+        abstract: "Rotate keys: re-wrap every file's data key under a new set of keys.",
+        discussion: """
+            Rewrites only the headers (file contents are not re-encrypted). With AWS KMS each data key is moved \
+            with ReEncrypt, so its plaintext never leaves KMS; --key-id gives the new keys (default: the configured \
+            ones). With the local provider, --key-file names the new master key file (created if missing). \
+            The volume config is updated once every file is done.
+
+            Crash-safe: stopped at any point, every file stays readable, and the next rewrap or mount finishes the \
+            interrupted step. The volume must not be mounted.
+            """
+    )
+
+    @Option(name: .long, parsing: .singleValue,
+            help: ArgumentHelp("AWS KMS: a new wrapping key (repeatable; the new key set, in order).", valueName: "key"))
+    var keyId: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Local provider: the new master key file (created if missing).", valueName: "path"))
+    var keyFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("Local provider: the current master key file, if not the configured one.", valueName: "path"))
+    var currentKeyFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("AWS KMS: region override.", valueName: "region"))
+    var region: String?
+
+    @Option(name: .long, help: ArgumentHelp("AWS KMS: profile override.", valueName: "profile"))
+    var profile: String?
+
+    @Option(name: .long, help: ArgumentHelp("AWS KMS: endpoint override.", valueName: "url"))
+    var endpoint: String?
+
+    @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
+    var cipherDir: String
+
+    func run() throws {
+        let cipher = try Paths.resolve(cipherDir)
+        var volume = try VolumeAccess.loadConfig(cipher)
+        let dirFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
+        defer { close(dirFd) }
+        guard VolumeLock.tryLock(dirFd, exclusive: true) else {
+            throw CLIError("\(cipher) is in use (mounted, or another rewrap is running); unmount it first")
+        }
+        if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
+            printError("finished the interrupted rotation of /\(repaired)")
+        }
+
+        let provider: KeyProvider
+        let targets: [String]
+        switch volume.keyProvider.type {
+        case AWSKMSProvider.providerName:
+            if keyFile != nil || currentKeyFile != nil { throw CLIError("--key-file is for the local provider") }
+            let c = volume.keyProvider
+            let settings = AWSSettings(region: region ?? c.region, profile: profile ?? c.profile, endpoint: endpoint ?? c.endpoint,
+                                       environment: Paths.environment)
+            let aws = AWSKMSProvider(settings: settings)
+            provider = aws
+            var arns: [String] = []
+            for key in keyId.isEmpty ? c.keyIds : keyId {
+                do {
+                    arns.append(try aws.describeKey(key))
+                } catch let e as KeyError {
+                    throw CLIError("key \(key): \(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message)")
+                }
+            }
+            targets = arns
+            volume.keyProvider.keyIds = arns
+        case LocalKeyProvider.providerName:
+            if !keyId.isEmpty || region != nil || profile != nil || endpoint != nil {
+                throw CLIError("--key-id, --region, --profile and --endpoint are for AWS KMS volumes")
+            }
+            let env = Paths.environment
+            let currentPath = currentKeyFile.map(Paths.absolute)
+                ?? ProviderFactory.localKeyFilePath(volume: volume, options: .init(environment: env))
+            let current: LocalMasterKey
+            let next: LocalMasterKey
+            do {
+                current = try LocalKeyFile.load(path: currentPath)
+                if let path = keyFile.map(Paths.absolute) {
+                    if Paths.exists(path) {
+                        next = try LocalKeyFile.load(path: path)
+                    } else {
+                        let (key, master) = try LocalMasterKey.generate()
+                        try LocalKeyFile.write(master, to: path, keyId: key.keyId)
+                        print("New master key: \(path) (back it up)")
+                        next = key
+                    }
+                    volume.keyProvider.keyFile = path
+                } else {
+                    next = current
+                }
+            } catch let e as KeyError {
+                throw CLIError(e.message)
+            }
+            provider = LocalKeyProvider(keys: [current, next])
+            targets = [next.keyId]
+            volume.keyProvider.keyIds = targets
+        default:
+            throw CLIError("unknown key provider \"\(volume.keyProvider.type)\"")
+        }
+
+        let keys = KeyService(provider: provider, keyIds: targets, audit: nil)
+        let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets)
+        var lastReport = time(nil)
+        let summary = try rewrapper.run { done, total in
+            if done == total || time(nil) > lastReport {
+                printError("rewrapped \(done)/\(total) files")
+                lastReport = time(nil)
+            }
+        }
+        for f in summary.failed { printError("/\(f.path): \(f.reason)") }
+        print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, \(summary.failed.count) failed")
+        guard summary.failed.isEmpty else {
+            throw CLIError("\(summary.failed.count) files were not rewrapped; the volume config still names the old keys. Fix them and run kmsfs rewrap again")
+        }
+        do {
+            try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try volume.encoded(), mode: 0o644)
+        } catch {
+            throw CLIError("cannot update \(VolumeConfig.path(in: cipher)): \(error)")
+        }
+        print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
+    }
+}
