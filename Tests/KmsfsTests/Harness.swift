@@ -75,9 +75,14 @@ final class MountedVolume {
     private(set) var process: Process?
     private(set) var mountArgs: [String] = []
 
-    var environment: [String: String] { ["XDG_CONFIG_HOME": configHome, "XDG_STATE_HOME": dir.path + "/state"] }
+    let extraEnvironment: [String: String]
+    var environment: [String: String] {
+        ["XDG_CONFIG_HOME": configHome, "XDG_STATE_HOME": dir.path + "/state"].merging(extraEnvironment) { _, b in b }
+    }
 
-    init(chunkSize: Int = 4096, initArgs: [String] = [], mountArgs: [String] = [], cipherParent: String? = nil) throws {
+    init(chunkSize: Int = 4096, initArgs: [String] = [], mountArgs: [String] = [], cipherParent: String? = nil,
+         environment extra: [String: String] = [:]) throws {
+        extraEnvironment = extra
         dir = try TempDir()
         cipher = (cipherParent ?? dir.path) + "/cipher"
         mount = dir.path + "/mnt"
