@@ -148,14 +148,17 @@ final class KMSProxy: @unchecked Sendable {
 
     private final class Box: @unchecked Sendable { weak var proxy: KMSProxy? }
 
-    /// A fault for calls naming `keyArn` (KeyId, SourceKeyId or DestinationKeyId).
+    /// A fault for calls naming `keyArn` (KeyId, SourceKeyId or DestinationKeyId), or for one file's calls
+    /// when given its file ID.
     func set(_ fault: Fault, forKey keyArn: String) { faults.withLock { $0[keyArn] = fault } }
     /// A fault for every call.
     func setAll(_ fault: Fault) { global.withLock { $0 = fault } }
 
     private func decide(_ r: TestHTTPServer.Request, upstream: UInt16) -> TestHTTPServer.Action {
         let json = r.json
-        let named = ["KeyId", "SourceKeyId", "DestinationKeyId"].compactMap { json[$0] as? String }
+        var named = ["KeyId", "SourceKeyId", "DestinationKeyId"].compactMap { json[$0] as? String }
+        // Faults can also target one file, by the file ID in its encryption context.
+        if let fileId = (json["EncryptionContext"] as? [String: String])?["kmsfs:file-id"] { named.append(fileId) }
         var fault = global.withLock { $0 }
         if case .none = fault {
             fault = faults.withLock { f in named.compactMap { f[$0] }.first } ?? .none

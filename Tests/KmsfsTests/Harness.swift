@@ -96,6 +96,20 @@ final class MountedVolume {
         try start(mountArgs)
     }
 
+    /// The same backing directory, key files and paths as `other` (which must be unmounted), mounted again
+    /// with another environment.
+    init(existing other: MountedVolume, environment extra: [String: String]) throws {
+        dir = other.dir
+        cipher = other.cipher
+        mount = other.mount
+        configHome = other.configHome
+        auditLog = other.auditLog
+        daemonLog = other.daemonLog
+        chunkSize = other.chunkSize
+        extraEnvironment = extra
+        try start()
+    }
+
     deinit { stop() }
 
     /// Stops the daemon however it is doing: lazy unmount, SIGTERM, and SIGKILL if it is still there after

@@ -12,7 +12,7 @@ import KmsfsSystem
 /// with exponential backoff and full jitter, at most `maxAttempts` times.
 public final class KMSClient: Sendable {
     let settings: AWSSettings
-    let credentials: CredentialChain
+    public let credentials: CredentialChain
     let http: HTTPClient
     let maxAttempts = 4
 
