@@ -127,3 +127,29 @@ struct RecoveryTests {
         #expect(nokey.status == 1 && nokey.stderr.contains("cannot open key file"))
     }
 }
+
+@Suite("Local key rotation")
+struct LocalRewrapTests {
+    @Test("rewrap --key-file moves a local volume to a new master key; the old one is then not needed")
+    func rotateLocalKey() throws {
+        let v = try MountedVolume(chunkSize: 4096)
+        try P.writeFile(v.path("a"), [1, 2, 3])
+        try syscall { mkdir(v.path("d"), 0o755) }
+        try P.writeFile(v.path("d/b"), Array(repeating: 9, count: 9000))
+        try v.unmount()
+        let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        let oldKey = v.configHome + "/kmsfs/keys/\(volume.volumeId).key"
+        let newKey = v.dir.path + "/new.key"
+        let r = try run(kmsfsBinary, ["rewrap", "--key-file", newKey, v.cipher], environment: v.environment)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("2 files: 2 rewrapped") && r.stdout.contains("New master key: \(newKey)"))
+        let updated = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        #expect(updated.keyProvider.keyFile == newKey && updated.keyProvider.keyIds != volume.keyProvider.keyIds)
+        try FileManager.default.removeItem(atPath: oldKey)
+        try v.start()
+        #expect(try P.readFile(v.path("a")) == [1, 2, 3])
+        #expect(try P.readFile(v.path("d/b")) == Array(repeating: 9, count: 9000))
+        let again = try run(kmsfsBinary, ["rewrap", v.cipher], environment: v.environment)
+        #expect(again.status == 1 && again.stderr.contains("is in use"))
+    }
+}

@@ -53,8 +53,14 @@ final class TestHTTPServer: @unchecked Sendable {
     var url: String { "http://127.0.0.1:\(port)" }
     var requests: [Request] { log.withLock { $0 } }
 
-    init(handler: @escaping @Sendable (Request) -> Action) throws {
+    /// Keep connections open between answers (HTTP/1.1 keep-alive), counting them in `connections`.
+    let keepAlive: Bool
+    private let accepted = Atomic<Int>(0)
+    var connections: Int { accepted.load(ordering: .relaxed) }
+
+    init(keepAlive: Bool = false, handler: @escaping @Sendable (Request) -> Action) throws {
         self.handler = handler
+        self.keepAlive = keepAlive
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -90,6 +96,7 @@ final class TestHTTPServer: @unchecked Sendable {
                 if errno == EINTR { continue }
                 return
             }
+            accepted.add(1, ordering: .relaxed)
             let t = Thread { [self] in serve(c) }
             t.start()
         }
@@ -97,7 +104,14 @@ final class TestHTTPServer: @unchecked Sendable {
 
     private func serve(_ fd: Int32) {
         defer { close(fd) }
-        guard let request = TestHTTPServer.readRequest(fd) else { return }
+        repeat {
+            guard serveOne(fd) else { return }
+        } while keepAlive
+    }
+
+    /// Answers one request; false when the connection should close.
+    private func serveOne(_ fd: Int32) -> Bool {
+        guard let request = TestHTTPServer.readRequest(fd) else { return false }
         log.withLock { $0.append(request) }
         var action = handler(request)
         while case .delay(let seconds, let next) = action {
@@ -106,9 +120,10 @@ final class TestHTTPServer: @unchecked Sendable {
         }
         switch action {
         case .respond(let r):
-            var head = "HTTP/1.1 \(r.status) X\r\nContent-Length: \(r.body.count)\r\nConnection: close\r\n"
+            var head = "HTTP/1.1 \(r.status) X\r\nContent-Length: \(r.body.count)\r\n" + (keepAlive ? "" : "Connection: close\r\n")
             for (k, v) in r.headers { head += "\(k): \(v)\r\n" }
             TestHTTPServer.writeAll(fd, Array((head + "\r\n").utf8) + r.body)
+            return true
         case .forward(let port):
             let upstream = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             defer { close(upstream) }
@@ -117,7 +132,7 @@ final class TestHTTPServer: @unchecked Sendable {
             addr.sin_addr.s_addr = inet_addr("127.0.0.1")
             addr.sin_port = port.bigEndian
             let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(upstream, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            guard ok == 0 else { return }
+            guard ok == 0 else { return false }
             // Ask for one answer per connection, then relay it.
             var raw = request.raw
             if let end = TestHTTPServer.find(Array("\r\n".utf8), in: raw) {
@@ -130,8 +145,9 @@ final class TestHTTPServer: @unchecked Sendable {
                 if n <= 0 { break }
                 TestHTTPServer.writeAll(fd, Array(buffer[0..<n]))
             }
+            return false
         case .hangUp, .delay:
-            return
+            return false
         }
     }
 

@@ -34,7 +34,7 @@ ensure_debs() {
 
 # The system libraries kmsfs builds against and the FUSE tools it runs with.
 ensure_build_deps() {
-    ensure_debs fuse3 libfuse3-dev libssl-dev libcurl4-openssl-dev pkg-config util-linux curl ca-certificates
+    ensure_debs fuse3 libfuse3-dev libssl-dev libcurl4-openssl-dev pkg-config util-linux curl ca-certificates openssl
 }
 
 # moto's KMS-protocol server (and boto3, which moto brings), for the tests. Sets MOTO_SERVER and
