@@ -13,15 +13,12 @@ final class Moto: @unchecked Sendable {
         if let e = ProcessInfo.processInfo.environment["KMSFS_TEST_KMS_ENDPOINT"], let port = UInt16(e.split(separator: ":").last ?? "") {
             return .success(Moto(url: e, port: port))
         }
-        return Result {
-            let m = try Moto(environment: [:])
-            // Not started by scripts/test: stop it when the test process exits.
-            sharedPid.store(m.process!.processIdentifier, ordering: .relaxed)
-            atexit { kill(Moto.sharedPid.load(ordering: .relaxed), SIGTERM) }
-            return m
-        }
+        return Result { try Moto(environment: [:]) }
     }()
-    static let sharedPid = Atomic<Int32>(0)
+
+    /// Servers this process started and has not stopped; the shared ones live until the process exits.
+    private static let started = Mutex<Set<Int32>>([])
+    private static let stopAtExit: Void = { atexit { for pid in Moto.started.withLock({ $0 }) { kill(pid, SIGTERM) } } }()
 
     private init(url: String, port: UInt16) {
         self.url = url
@@ -64,6 +61,8 @@ final class Moto: @unchecked Sendable {
         try p.run()
         process = p
         log = logPath
+        Moto.stopAtExit
+        Moto.started.withLock { _ = $0.insert(p.processIdentifier) }
         for _ in 0..<300 {
             let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             addr.sin_port = port.bigEndian
@@ -78,6 +77,7 @@ final class Moto: @unchecked Sendable {
 
     deinit {
         if let p = process, p.isRunning {
+            Moto.started.withLock { _ = $0.remove(p.processIdentifier) }
             p.terminate()
             p.waitUntilExit()
         }
