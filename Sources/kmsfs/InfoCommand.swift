@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Glibc
 import KmsfsCrypto
+import KmsfsFilesystem
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
@@ -24,23 +25,15 @@ struct InfoCommand: ParsableCommand {
     var backingFile: String
 
     func run() throws {
+        let fd = open(backingFile, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { throw CLIError("\(backingFile): \(Errno.current)") }
+        defer { close(fd) }
+        let backingSize = try FileIO.size(fd)
         let header: FileHeader
-        let backingSize: Int
         do {
-            let fd = open(backingFile, O_RDONLY | O_CLOEXEC)
-            if fd < 0 { throw CLIError("\(backingFile): \(Errno.current)") }
-            defer { close(fd) }
-            backingSize = try FileIO.size(fd)
-            var prefix = [UInt8](repeating: 0, count: FileHeader.prefixSize)
-            let n = try prefix.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-            guard n == prefix.count else { throw FormatError.truncatedHeader }
-            let length = try HeaderPrefix(prefix).headerLength
-            var bytes = [UInt8](repeating: 0, count: length)
-            let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
-            guard m == length else { throw FormatError.truncatedHeader }
-            header = try FileHeader(decoding: bytes)
-        } catch let e as FormatError {
-            throw CLIError("\(backingFile): \(e)")
+            header = try FileOpener.readHeader(fd: fd)
+        } catch {
+            throw CLIError("\(backingFile): \(error)")
         }
         let size = header.layout.plaintextSize(backingSize: backingSize)
         if json {

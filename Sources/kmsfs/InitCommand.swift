@@ -88,22 +88,7 @@ struct InitCommand: ParsableCommand {
     /// Checks every key with DescribeKey; returns their ARNs, so each call goes to the key's region.
     private func resolveAWSKeys() throws -> (settings: AWSSettings, arns: [String]) {
         let settings = AWSSettings(region: region, profile: profile, endpoint: endpoint, environment: Paths.environment)
-        let provider = AWSKMSProvider(settings: settings)
-        var arns: [String] = []
-        for key in keyId {
-            do {
-                arns.append(try provider.describeKey(key))
-            } catch let e as KeyError {
-                let why: String
-                switch e.kind {
-                case .accessDenied: why = "not allowed (\(e.errorType)): the credentials need kms:DescribeKey on it"
-                case .keyUnavailable: why = e.errorType == "NotFoundException" ? "not found" : "not usable: \(e.message)"
-                case .unreachable: why = "KMS could not be reached: \(e.message)"
-                default: why = "\(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message)"
-                }
-                throw CLIError("key \(key): \(why)")
-            }
-        }
+        let arns = try VolumeAccess.checkAWSKeys(keyId, provider: AWSKMSProvider(settings: settings))
         if Set(arns).count != arns.count { throw CLIError("the same key is given twice") }
         return (settings, arns)
     }

@@ -65,14 +65,7 @@ struct RewrapCommand: ParsableCommand {
                                        environment: Paths.environment)
             let aws = AWSKMSProvider(settings: settings)
             provider = aws
-            var arns: [String] = []
-            for key in keyId.isEmpty ? c.keyIds : keyId {
-                do {
-                    arns.append(try aws.describeKey(key))
-                } catch let e as KeyError {
-                    throw CLIError("key \(key): \(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message)")
-                }
-            }
+            let arns = try VolumeAccess.checkAWSKeys(keyId.isEmpty ? c.keyIds : keyId, provider: aws)
             targets = arns
             volume.keyProvider.keyIds = arns
         case LocalKeyProvider.providerName:

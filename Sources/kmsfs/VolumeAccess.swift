@@ -33,4 +33,22 @@ enum VolumeAccess {
             throw CLIError("\(VolumeConfig.path(in: cipher)): \(e)")
         }
     }
+
+    /// DescribeKey on each key: their ARNs, or one line saying which key is unusable and why.
+    static func checkAWSKeys(_ keys: [String], provider: AWSKMSProvider) throws -> [String] {
+        try keys.map { key in
+            do {
+                return try provider.describeKey(key)
+            } catch let e as KeyError {
+                let why: String
+                switch e.kind {
+                case .accessDenied: why = "not allowed (\(e.errorType)): the credentials need kms:DescribeKey on it"
+                case .keyUnavailable: why = e.errorType == "NotFoundException" ? "not found" : "not usable: \(e.message)"
+                case .unreachable: why = "KMS could not be reached: \(e.message)"
+                default: why = "\(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message)"
+                }
+                throw CLIError("key \(key): \(why)")
+            }
+        }
+    }
 }
