@@ -40,3 +40,5 @@ int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length) { return fallo
 int kmsfs_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 int kmsfs_spawn_closefrom(posix_spawn_file_actions_t *actions, int from) { return posix_spawn_file_actions_addclosefrom_np(actions, from); }
+
+int kmsfs_mlockall(void) { return mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT); }

@@ -78,7 +78,8 @@ struct ContentIO {
     // MARK: - write
 
     /// Writes `count` bytes at `offset`, growing the file (leaving a hole) when the offset is past its end.
-    /// On failure (ENOSPC included) the file is restored to what it was.
+    /// On failure (ENOSPC included) the file keeps its old size and its old last chunk; chunks before that
+    /// which the write overwrote in place hold either their old or their new contents, as with any filesystem.
     func write(from data: UnsafeRawPointer, count: Int, offset: Int) throws {
         guard count > 0 else { return }
         let C = layout.chunkSize
@@ -98,10 +99,12 @@ struct ContentIO {
         var separate: Region? = nil
         defer { separate?.deallocate() }
 
-        var saved: SavedChunk? = nil
+        // A write that grows the file rewrites the old last chunk (resealed, or overwritten in place as part of
+        // the region) partly into new blocks: keep its stored bytes so a failed write can put it back.
+        let saved: SavedChunk? = oldLast >= 0 && newSize > oldSize
+            ? try SavedChunk(fd: fd, layout: layout, index: oldLast, size: oldSize) : nil
         try secrets.withCodec { codec in
             if resealOldLast {
-                saved = try SavedChunk(fd: fd, layout: layout, index: oldLast, size: oldSize)
                 let plain = try openExisting(codec, UnsafeRawBufferPointer(saved!.bytes), index: oldLast, isLast: true, length: oldSize - oldLast * C)
                 defer { plain.deallocate() }
                 if oldLast == regionStart {

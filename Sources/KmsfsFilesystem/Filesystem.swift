@@ -313,26 +313,27 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let writable = flags & O_ACCMODE != O_RDONLY
         if writable && readOnly { throw Errno.EROFS }
         let fd = try syscall { Glibc.open(inode.procPath, backingFlags(flags)) }
+        let handle: FileHandle
         do {
             let path = mountPath(of: inode)
             let file = try table.acquire(inode.key, path: path) {
                 try loadSecrets(fd: fd, mountPath: path)
             }
-            let handle = FileHandle(fd: fd, file: file, writable: writable, backingPath: path)
+            handle = FileHandle(fd: fd, file: file, writable: writable, backingPath: path)
             inode.layout = .known(file.secrets.layout)
-            if writable && flags & O_TRUNC != 0 {
-                do {
-                    try file.io.withWriteLock { try handle.content.truncate(to: 0) }
-                } catch {
-                    releaseFile(handle)
-                    throw error
-                }
-            }
-            return handle
         } catch {
             close(fd)
             throw error
         }
+        if writable && flags & O_TRUNC != 0 {
+            do {
+                try handle.file.io.withWriteLock { try handle.content.truncate(to: 0) }
+            } catch {
+                releaseFile(handle)  // closes fd
+                throw error
+            }
+        }
+        return handle
     }
 
     /// Creates a new encrypted file with a fresh data key and opens it. The header is written to an unnamed
@@ -355,10 +356,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         }) else {
             // Another creator won the race and the caller did not ask for O_EXCL: open that file instead.
             let (inode, _) = try lookup(parent, name)
+            var handle: FileHandle? = nil
             do {
-                let handle = try open(inode, flags: flags & ~O_CREAT)
-                return (inode, try getattr(inode), handle)
+                handle = try open(inode, flags: flags & ~O_CREAT)
+                return (inode, try getattr(inode), handle!)
             } catch {
+                if let h = handle { releaseFile(h) }
                 forget(inode.nodeId, count: 1)
                 throw error
             }

@@ -53,8 +53,10 @@ final class OpenFile: @unchecked Sendable {
     // Guarded by the table's lock.
     fileprivate var references = 0
 
-    // Guarded by loadLock.
+    // loadLock serializes loading (held across the provider call); stateLock guards `loaded` and is never
+    // held across anything slow, so size queries never wait on a key service.
     private let loadLock = Lock()
+    private let stateLock = Lock()
     private var loaded: FileSecrets?
     /// The mount path at first open, for log lines and the audit log.
     private(set) var path: String
@@ -69,21 +71,24 @@ final class OpenFile: @unchecked Sendable {
     }
 
     /// The secrets of an open file (present once `acquire` returned it).
-    var secrets: FileSecrets { loadLock.withLock { loaded! } }
+    var secrets: FileSecrets { stateLock.withLock { loaded! } }
 
     /// Layout without waiting on a load in progress (nil while loading).
     var layoutIfLoaded: ChunkLayout? {
-        loadLock.withLock { loaded?.layout }
+        stateLock.withLock { loaded?.layout }
     }
 
     fileprivate func ensureLoaded(_ load: () throws -> FileSecrets) throws {
         try loadLock.withLock {
-            if loaded == nil { loaded = try load() }
+            if stateLock.withLock({ loaded }) == nil {
+                let s = try load()
+                stateLock.withLock { loaded = s }
+            }
         }
     }
 
     fileprivate func discard() -> FileSecrets? {
-        loadLock.withLock {
+        stateLock.withLock {
             let s = loaded
             loaded = nil
             return s

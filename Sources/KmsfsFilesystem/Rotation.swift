@@ -60,7 +60,12 @@ public enum RewrapJournal {
             try header.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
         case "copy":
             let copy = Glibc.open(cipherDir + "/" + copyName, O_RDONLY | O_CLOEXEC)
-            if copy < 0 { throw Errno.current }
+            if copy < 0 {
+                // The journal is written only after its copy is durable, and the copy is removed only after the
+                // journal: a missing copy means the step was already applied and cleanup had begun.
+                if errno == ENOENT { return }
+                throw Errno.current
+            }
             defer { close(copy) }
             let size = try FileIO.size(copy)
             var buffer = [UInt8](repeating: 0, count: 1 << 20)
@@ -84,8 +89,10 @@ public enum RewrapJournal {
     }
 
     static func clear(cipherDir: String) {
-        unlink(cipherDir + "/" + copyName)
+        // The journal goes first: a copy without a journal is only a leftover, a journal without its copy
+        // would name work that can no longer be redone.
         unlink(cipherDir + "/" + name)
+        unlink(cipherDir + "/" + copyName)
         let d = Glibc.open(cipherDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if d >= 0 { fsync(d); close(d) }
     }

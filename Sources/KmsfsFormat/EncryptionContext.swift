@@ -54,7 +54,11 @@ public struct EncryptionContext: Equatable, Hashable, Sendable {
             guard let ks = String(validating: k, as: UTF8.self), let vs = String(validating: v, as: UTF8.self) else {
                 throw FormatError.malformedHeader("encryption context is not UTF-8")
             }
-            pairs[ks] = vs
+            // Swift strings compare by canonical equivalence: two byte-distinct keys that are the same text
+            // would collapse into one and change what the MAC covers.
+            guard pairs.updateValue(vs, forKey: ks) == nil else {
+                throw FormatError.malformedHeader("encryption context has the same key twice")
+            }
         }
         return EncryptionContext(pairs)
     }

@@ -86,7 +86,13 @@ public enum FileIO {
                 if b.count > 0 { try pwrite(fd, b.baseAddress!, count: b.count, offset: 0) }
             }
             try syscall { fsync(fd) }
+        } catch {
             close(fd)
+            unlink(tmp)
+            throw error
+        }
+        close(fd)
+        do {
             if exclusive {
                 try syscall { link(tmp, path) }
                 unlink(tmp)
@@ -94,7 +100,6 @@ public enum FileIO {
                 try syscall { rename(tmp, path) }
             }
         } catch {
-            close(fd)
             unlink(tmp)
             throw error
         }

@@ -113,8 +113,13 @@ struct MountCommand: ParsableCommand {
         }
         let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit)
 
-        // Keys must not reach a core dump, and modes of new files come from the caller, not our umask.
+        // Keys must not reach a core dump or swap, and modes of new files come from the caller, not our umask.
+        // Key buffers are locked one by one anyway; locking the whole daemon also keeps OpenSSL's expanded key
+        // schedules and libcurl's buffers out of swap. It needs root or a large RLIMIT_MEMLOCK.
         _ = kmsfs_set_dumpable(0)
+        if kmsfs_mlockall() != 0 {
+            Log.warning("cannot lock the daemon's memory (\(Errno.current)): data keys are locked, but OpenSSL's key schedules of open files may be swapped; run as root or raise RLIMIT_MEMLOCK")
+        }
         var noCore = rlimit(rlim_cur: 0, rlim_max: 0)
         setrlimit(__rlimit_resource_t(RLIMIT_CORE.rawValue), &noCore)
         umask(0)

@@ -57,6 +57,7 @@ struct RewrapCommand: ParsableCommand {
 
         let provider: KeyProvider
         let targets: [String]
+        let originalKeyIds = volume.keyProvider.keyIds
         switch volume.keyProvider.type {
         case AWSKMSProvider.providerName:
             if keyFile != nil || currentKeyFile != nil { throw CLIError("--key-file is for the local provider") }
@@ -102,6 +103,31 @@ struct RewrapCommand: ParsableCommand {
             throw CLIError("unknown key provider \"\(volume.keyProvider.type)\"")
         }
 
+        // A local volume is mounted with one key file. So a local rotation first wraps every file under both
+        // keys, then switches the config to the new key file, then drops the old key: at every moment, the key
+        // file the config names opens every file.
+        var passes: [[String]] = [targets]
+        if volume.keyProvider.type == LocalKeyProvider.providerName, let old = originalKeyIds.first, old != targets[0] {
+            passes = [[targets[0], old], targets]
+        }
+        for (n, pass) in passes.enumerated() {
+            let summary = try rewrap(cipher: cipher, volume: volume, provider: provider, targets: pass)
+            if n == 0 {
+                do {
+                    try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try volume.encoded(), mode: 0o644)
+                } catch {
+                    throw CLIError("cannot update \(VolumeConfig.path(in: cipher)): \(error)")
+                }
+            }
+            if n == passes.count - 1 {
+                print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, 0 failed")
+            }
+        }
+        print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
+    }
+
+    /// One pass over every file; throws (leaving the config alone) if any file failed.
+    private func rewrap(cipher: String, volume: VolumeConfig, provider: KeyProvider, targets: [String]) throws -> VolumeRewrapper.Summary {
         let keys = KeyService(provider: provider, keyIds: targets, audit: nil)
         let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets)
         var lastReport = time(nil)
@@ -112,15 +138,10 @@ struct RewrapCommand: ParsableCommand {
             }
         }
         for f in summary.failed { printError("/\(f.path): \(f.reason)") }
-        print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, \(summary.failed.count) failed")
         guard summary.failed.isEmpty else {
+            print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, \(summary.failed.count) failed")
             throw CLIError("\(summary.failed.count) files were not rewrapped; the volume config still names the old keys. Fix them and run kmsfs rewrap again")
         }
-        do {
-            try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try volume.encoded(), mode: 0o644)
-        } catch {
-            throw CLIError("cannot update \(VolumeConfig.path(in: cipher)): \(error)")
-        }
-        print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
+        return summary
     }
 }

@@ -153,3 +153,29 @@ struct LocalRewrapTests {
         #expect(again.status == 1 && again.stderr.contains("is in use"))
     }
 }
+
+extension LocalRewrapTests {
+    @Test("A local rotation stopped in either pass leaves a volume the configured key file opens", arguments: [1, 2, 3, 4])
+    func localRotationCrash(hit: Int) throws {
+        let v = try MountedVolume(chunkSize: 4096)
+        try P.writeFile(v.path("a"), [1])
+        try P.writeFile(v.path("b"), [2])
+        try v.unmount()
+        let newKey = v.dir.path + "/new.key"
+        var env = v.environment
+        env["KMSFS_FAILPOINT"] = "rewrap-before-clear:\(hit)"
+        let crashed = try run(kmsfsBinary, ["rewrap", "--key-file", newKey, v.cipher], environment: env)
+        #expect(crashed.status == 99, "\(crashed.stderr)")
+        // Whatever key file the config names now opens every file.
+        try v.start()
+        #expect(try P.readFile(v.path("a")) == [1])
+        #expect(try P.readFile(v.path("b")) == [2])
+        try v.unmount()
+        let finish = try run(kmsfsBinary, ["rewrap", "--key-file", newKey, v.cipher], environment: v.environment)
+        #expect(finish.status == 0, "\(finish.stderr)")
+        let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        try FileManager.default.removeItem(atPath: v.configHome + "/kmsfs/keys/\(volume.volumeId).key")
+        try v.start()
+        #expect(try P.readFile(v.path("a")) == [1] && (try P.readFile(v.path("b"))) == [2])
+    }
+}

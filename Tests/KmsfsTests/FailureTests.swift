@@ -181,6 +181,9 @@ struct FailureTests {
         var rng = SeededRandom(seed: 11)
         let keep = rng.bytes(512 * 1024)
         try P.writeFile(v.path("keep"), keep)
+        // A file whose last chunk is partial: appends to it rewrite that chunk.
+        let tail = rng.bytes(4096 + 100)
+        try P.writeFile(v.path("tail"), tail)
 
         var model = [UInt8]()
         let fd = try P.open(v.path("fill"), O_WRONLY | O_CREAT)
@@ -198,6 +201,17 @@ struct FailureTests {
         close(fd)
         #expect(failure == ENOSPC)
         #expect(model.count > 1024 * 1024)
+        // Appending to the partial last chunk of a file on the full disk fails and leaves that chunk whole.
+        let t = try P.open(v.path("tail"), O_WRONLY | O_APPEND)
+        var appended = tail
+        for _ in 0..<20 {
+            let piece = rng.bytes(3000)
+            let n = piece.withUnsafeBytes { Glibc.write(t, $0.baseAddress, $0.count) }
+            if n < 0 { break }
+            appended += piece[0..<n]
+        }
+        close(t)
+        #expect(difference(try P.readFile(v.path("tail")), appended) == nil)
         // Both files are exactly what was successfully written.
         #expect(try P.stat(v.path("fill")).st_size == off_t(model.count))
         #expect(difference(try P.readFile(v.path("fill")), model) == nil)
@@ -221,6 +235,7 @@ struct FailureTests {
         try P.writeFile(v.path("after"), [7, 7, 7])
         try v.unmount()
         #expect(try v.offlineContents("keep") == keep2)
+        #expect(try v.offlineContents("tail") == appended)
         #expect(try v.offlineContents("after") == [7, 7, 7])
     }
 }

@@ -42,6 +42,9 @@ int kmsfs_pipe_cloexec(int fds[2]);
 /// fallocate(2) (declared only with _GNU_SOURCE).
 int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length);
 
+/// mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): every page of the process stays out of swap once touched.
+int kmsfs_mlockall(void);
+
 /// posix_spawn_file_actions_addclosefrom_np(actions, from): the child closes every descriptor >= from.
 #include <spawn.h>
 int kmsfs_spawn_closefrom(posix_spawn_file_actions_t *actions, int from);

@@ -24,6 +24,7 @@ struct TransportError: Error, CustomStringConvertible {
     var description: String { message }
     /// Connection refused, DNS, timeouts and resets are worth retrying; TLS verification failures are not.
     var isTransient: Bool {
+        guard code >= 0 else { return false }
         let c = CURLcode(UInt32(code))
         return [CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST, CURLE_OPERATION_TIMEDOUT, CURLE_SEND_ERROR,
                 CURLE_RECV_ERROR, CURLE_GOT_NOTHING, CURLE_PARTIAL_FILE].contains(c)
@@ -164,9 +165,13 @@ final class HTTPClient: @unchecked Sendable {
         return String(h.prefix { $0 != ":" })
     }
 
+    /// localhost, ::1, or an IPv4 address in 127.0.0.0/8 (a host name merely starting with "127." is not).
     static func isLoopback(_ url: String) -> Bool {
         let h = host(url).lowercased()
-        return h == "localhost" || h == "::1" || h.hasPrefix("127.")
+        if h == "localhost" || h == "::1" { return true }
+        var addr = in_addr()
+        guard inet_pton(AF_INET, h, &addr) == 1 else { return false }
+        return UInt32(bigEndian: addr.s_addr) >> 24 == 127
     }
 
     private final class ResponseSink {
