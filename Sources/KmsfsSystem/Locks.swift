@@ -23,27 +23,6 @@ public final class Lock: @unchecked Sendable {
         defer { unlock() }
         return try body()
     }
-
-    fileprivate var raw: UnsafeMutablePointer<pthread_mutex_t> { mutex }
-}
-
-/// A condition variable used together with a `Lock`.
-public final class Condition: @unchecked Sendable {
-    private let cond: UnsafeMutablePointer<pthread_cond_t>
-
-    public init() {
-        cond = .allocate(capacity: 1)
-        pthread_cond_init(cond, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(cond)
-        cond.deallocate()
-    }
-
-    /// Waits; `lock` must be held and is held again on return.
-    public func wait(_ lock: Lock) { pthread_cond_wait(cond, lock.raw) }
-    public func broadcast() { pthread_cond_broadcast(cond) }
 }
 
 /// A readers-writer lock: many readers or one writer.
