@@ -128,9 +128,14 @@ struct ContentIO {
                 }
                 let plain: UnsafeMutableRawBufferPointer
                 if oldLen > 0 && !(from == 0 && to >= oldLen) {
-                    let old = try StoredChunk(fd: fd, layout: layout, index: i, plaintextLength: oldLen)
-                    defer { old.deallocate() }
-                    plain = try openExisting(codec, old.sealed, index: i, isLast: i == oldLast, length: oldLen)
+                    if i == oldLast, let s = saved {
+                        // Already read for the rollback.
+                        plain = try openExisting(codec, UnsafeRawBufferPointer(s.bytes), index: i, isLast: true, length: oldLen)
+                    } else {
+                        let old = try StoredChunk(fd: fd, layout: layout, index: i, plaintextLength: oldLen)
+                        defer { old.deallocate() }
+                        plain = try openExisting(codec, old.sealed, index: i, isLast: i == oldLast, length: oldLen)
+                    }
                 } else {
                     plain = .allocate(byteCount: C, alignment: 64)
                     plain.initializeMemory(as: UInt8.self, repeating: 0)

@@ -30,13 +30,19 @@ public enum FileOpener {
     /// Reads the header of an open backing file.
     public static func readHeader(fd: Int32) throws(Failure) -> FileHeader {
         do {
-            var prefix = [UInt8](repeating: 0, count: FileHeader.prefixSize)
-            let n = try prefix.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-            guard n == FileHeader.prefixSize else { throw FormatError.truncatedHeader }
-            let length = try HeaderPrefix(prefix).headerLength
-            var bytes = [UInt8](repeating: 0, count: length)
-            let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
-            guard m == length else { throw FormatError.truncatedHeader }
+            // One read covers the header of almost every file; a longer one (many wrapped keys) takes a second.
+            var bytes = [UInt8](repeating: 0, count: 4096)
+            let n = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+            guard n >= FileHeader.prefixSize else { throw FormatError.truncatedHeader }
+            let length = try HeaderPrefix(Array(bytes[0..<FileHeader.prefixSize])).headerLength
+            if length > bytes.count {
+                bytes = [UInt8](repeating: 0, count: length)
+                let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
+                guard m == length else { throw FormatError.truncatedHeader }
+            } else {
+                guard n >= length else { throw FormatError.truncatedHeader }
+                bytes.removeSubrange(length...)
+            }
             return try FileHeader(decoding: bytes)
         } catch let e as FormatError {
             throw .header(e)
