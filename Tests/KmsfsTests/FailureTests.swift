@@ -232,6 +232,13 @@ struct FailureTests {
         // Space freed, writing works again, and what is on disk decrypts offline.
         try syscall { unlink(v.path("fill")) }
         try? FileManager.default.removeItem(atPath: v.path("new"))
+        // The daemon gives the space back when the kernel's release and forget of the file arrive, which FUSE
+        // sends asynchronously after close(2) and unlink(2) have returned.
+        let freed = waitFor(seconds: 10) {
+            var fs = statvfs()
+            return statvfs(small, &fs) == 0 && UInt64(fs.f_bavail) * UInt64(fs.f_frsize) >= 1024 * 1024
+        }
+        try #require(freed, "unlinking the full file did not give its space back")
         try P.writeFile(v.path("after"), [7, 7, 7])
         try v.unmount()
         #expect(try v.offlineContents("keep") == keep2)

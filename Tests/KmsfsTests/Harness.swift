@@ -177,11 +177,7 @@ final class MountedVolume {
 
     /// Waits until the audit log holds at least `count` lines of `op` (release is asynchronous in FUSE).
     func waitForAudit(_ op: String, count: Int, path: String? = nil) -> Bool {
-        for _ in 0..<500 {
-            if auditCount(op, path: path) >= count { return true }
-            usleep(10_000)
-        }
-        return false
+        waitFor { auditCount(op, path: path) >= count }
     }
 
     func path(_ name: String) -> String { mount + "/" + name }

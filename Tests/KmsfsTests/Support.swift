@@ -14,3 +14,14 @@ final class TempDir {
 
     deinit { try? FileManager.default.removeItem(atPath: path) }
 }
+
+/// Polls `condition` every 10 ms until it holds or `seconds` have passed; says whether it held.
+/// For effects that FUSE delivers asynchronously (release and forget), never as a timing assertion.
+func waitFor(seconds: Double = 5, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    repeat {
+        if try condition() { return true }
+        usleep(10_000)
+    } while Date() < deadline
+    return try condition()
+}
