@@ -130,15 +130,19 @@ final class KMSProxy: @unchecked Sendable {
         case disabled
         case throttle(remaining: Int)
         case serverError
-        case slow(seconds: Double)
+        /// Hold each call until the fault is changed (at most 60 s), then forward it.
+        case held
         case down
     }
 
     let server: TestHTTPServer
     private let faults = Mutex<[String: Fault]>([:])
     private let global = Mutex<Fault>(.none)
+    private let heldNow = Atomic<Int>(0)
     var url: String { server.url }
     func count(_ op: String) -> Int { server.count(op) }
+    /// Calls being held by `.held` right now.
+    var heldCalls: Int { heldNow.load(ordering: .relaxed) }
 
     init(upstream: Moto) throws {
         let box = Box()
@@ -159,9 +163,12 @@ final class KMSProxy: @unchecked Sendable {
         var named = ["KeyId", "SourceKeyId", "DestinationKeyId"].compactMap { json[$0] as? String }
         // Faults can also target one file, by the file ID in its encryption context.
         if let fileId = (json["EncryptionContext"] as? [String: String])?["kmsfs:file-id"] { named.append(fileId) }
-        var fault = global.withLock { $0 }
-        if case .none = fault {
-            fault = faults.withLock { f in named.compactMap { f[$0] }.first } ?? .none
+        var fault = current(named)
+        if case .held = fault {
+            heldNow.add(1, ordering: .relaxed)
+            _ = waitFor(seconds: 60) { if case .held = current(named) { false } else { true } }
+            heldNow.subtract(1, ordering: .relaxed)
+            fault = .none
         }
         switch fault {
         case .none: return .forward(upstream)
@@ -173,11 +180,19 @@ final class KMSProxy: @unchecked Sendable {
             return .respond(.json(400, ["__type": "ThrottlingException", "message": "Rate exceeded"]))
         case .serverError:
             return .respond(.text(500, "<html><body><h1>500 Internal Server Error</h1></body></html>", type: "text/html"))
-        case .slow(let s):
-            return .delay(s, .forward(upstream))
         case .down:
             return .hangUp
+        case .held:
+            return .forward(upstream)
         }
+    }
+
+    private func current(_ named: [String]) -> Fault {
+        let fault = global.withLock { $0 }
+        if case .none = fault {
+            return faults.withLock { f in named.compactMap { f[$0] }.first } ?? .none
+        }
+        return fault
     }
 
     private func decrement(_ named: [String]) {

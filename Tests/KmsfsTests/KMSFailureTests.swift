@@ -73,44 +73,48 @@ struct KMSFailureTests {
         let busy = try P.open(v.path("busy"), O_RDWR)
         defer { close(busy) }
         let slowId = Hex.encode(try FileHeader(decoding: try P.readFile(v.backing("slow"))).fileId)
-        proxy.set(.slow(seconds: 4), forKey: slowId)
+        proxy.set(.held, forKey: slowId)
 
         let done = Atomic<Bool>(false)
         let slowPath = v.path("slow")
         let slowReader = Thread { _ = try? P.readFile(slowPath); done.store(true, ordering: .relaxed) }
         slowReader.start()
-        usleep(300_000)
-        let start = Date()
+        try #require(waitFor(seconds: 10) { proxy.heldCalls == 1 }, "the slow file's Decrypt never reached the KMS")
+        // While that call hangs, other files open and open files are read and written.
         for i in 0..<4 { #expect(try P.readFile(v.path("fast\(i)")) == [UInt8(i)]) }
         try P.pwrite(busy, [8], 1)
         #expect(try P.pread(busy, 2, 0) == [7, 8])
         _ = try P.stat(v.path("slow"))
-        let elapsed = Date().timeIntervalSince(start)
-        #expect(elapsed < 2, "other files waited \(elapsed) s for a slow KMS call")
-        let stillWaiting = !done.load(ordering: .relaxed)
-        #expect(stillWaiting)
-        for _ in 0..<100 where !done.load(ordering: .relaxed) { usleep(100_000) }
-        let finished = done.load(ordering: .relaxed)
-        #expect(finished)
+        let stillWaiting = !done.load(ordering: .relaxed) && proxy.heldCalls == 1
+        #expect(stillWaiting, "the other operations waited for the slow KMS call")
+        proxy.set(.none, forKey: slowId)
+        #expect(waitFor(seconds: 15) { done.load(ordering: .relaxed) })
     }
 
     @Test("Calls reuse connections (keep-alive), and concurrent calls run on connections of their own")
     func connectionReuse() throws {
         let arn = "arn:aws:kms:us-east-1:111122223333:key/reuse"
+        // Once armed, the server holds each call until four are in flight at once (or 10 s have passed): a client
+        // that serialized its calls would never get there.
+        let gate = InFlightGate()
         let server = try TestHTTPServer(keepAlive: true) { r in
-            r.kmsOperation == "DescribeKey"
-                ? .delay(0.2, .respond(.json(200, ["KeyMetadata": ["Arn": arn, "KeyState": "Enabled", "KeyUsage": "ENCRYPT_DECRYPT", "KeySpec": "SYMMETRIC_DEFAULT"]])))
-                : .respond(.json(400, ["__type": "UnsupportedOperationException"]))
+            guard r.kmsOperation == "DescribeKey" else { return .respond(.json(400, ["__type": "UnsupportedOperationException"])) }
+            gate.hold(until: 4, seconds: 10)
+            return .respond(.json(200, ["KeyMetadata": ["Arn": arn, "KeyState": "Enabled", "KeyUsage": "ENCRYPT_DECRYPT", "KeySpec": "SYMMETRIC_DEFAULT"]]))
         }
         var env = moto.clientEnvironment
         env["AWS_ENDPOINT_URL"] = server.url
         let client = KMSClient(settings: AWSSettings(region: nil, profile: nil, endpoint: nil, environment: env))
         for _ in 0..<5 { #expect(try client.describeKey("alias/x").arn == arn) }
         #expect(server.connections == 1)
-        let start = Date()
-        DispatchQueue.concurrentPerform(iterations: 4) { _ in _ = try? client.describeKey("alias/x") }
-        // Four 0.2 s calls at once take about 0.2 s, not 0.8 s.
-        #expect(Date().timeIntervalSince(start) < 0.6)
+        gate.arm()
+        let finished = DispatchGroup()
+        for _ in 0..<4 {
+            finished.enter()
+            Thread { _ = try? client.describeKey("alias/x"); finished.leave() }.start()
+        }
+        finished.wait()
+        #expect(gate.maxInFlight == 4, "at most \(gate.maxInFlight) calls were in flight at once")
         #expect(server.connections <= 4 && server.requests.count == 9)
     }
 
@@ -162,5 +166,26 @@ struct KMSFailureTests {
         #expect(fetches.load(ordering: .relaxed) == afterFirst + 1)
         #expect(try P.readFile(v.path("a")) == [1])
         #expect(!v.auditLines().contains { ($0["result"] as? String) != "ok" })
+    }
+}
+
+/// Counts requests in flight in a test server's handler and, once armed, holds each one until `count` are in
+/// flight together.
+final class InFlightGate: @unchecked Sendable {
+    private let state = Mutex((armed: false, now: 0, max: 0))
+
+    func arm() { state.withLock { $0.armed = true } }
+    var maxInFlight: Int { state.withLock { $0.max } }
+
+    func hold(until count: Int, seconds: Double) {
+        let armed = state.withLock { s -> Bool in
+            guard s.armed else { return false }
+            s.now += 1
+            s.max = Swift.max(s.max, s.now)
+            return true
+        }
+        guard armed else { return }
+        _ = waitFor(seconds: seconds) { maxInFlight >= count }
+        state.withLock { $0.now -= 1 }
     }
 }
