@@ -89,6 +89,7 @@ struct AWSKMSTests {
         var rng = SeededRandom(seed: 1)
         let data = rng.bytes(3 * 4096 + 17)
         try P.writeFile(v.path("f"), data)
+        try #require(v.waitForKeysWiped("f"))
         #expect(try P.readFile(v.path("f")) == data)
         #expect(v.auditLines().contains { $0["op"] as? String == "GenerateDataKey" && $0["keyId"] as? String == arn && $0["result"] as? String == "ok" })
         #expect(v.auditLines().contains { $0["op"] as? String == "Decrypt" && $0["path"] as? String == "/f" })
@@ -141,6 +142,7 @@ struct AWSKMSTests {
         let proxy = try KMSProxy(upstream: moto)
         let v = try volume(keys: [arn], proxy: proxy, context: ["dept=aaaa"])
         try P.writeFile(v.path("f"), [1, 2, 3])
+        try #require(v.waitForKeysWiped("f"))
         // Same length, other value: "dept=aaab".
         var bytes = try P.readFile(v.backing("f"))
         let at = find(Array("aaaa".utf8), in: bytes)!
@@ -177,6 +179,7 @@ struct AWSKMSTests {
         let proxy = try KMSProxy(upstream: moto)
         let v = try volume(keys: [k1, k2], proxy: proxy)
         try P.writeFile(v.path("f"), Array("both keys".utf8))
+        try #require(v.waitForKeysWiped("f"))
         #expect(proxy.count("GenerateDataKey") == 1 && proxy.count("Encrypt") == 1)
         let header = try FileHeader(decoding: try P.readFile(v.backing("f")))
         #expect(header.wrappedKeys.map(\.keyId) == [k1, k2])

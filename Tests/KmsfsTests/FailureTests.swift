@@ -83,6 +83,7 @@ struct FailureTests {
         try P.writeFile(v.path("mac"), Array(repeating: 1, count: 100))
         try P.writeFile(v.path("ctx"), Array(repeating: 2, count: 100))
         try P.writeFile(v.path("blob"), Array(repeating: 3, count: 100))
+        try #require(v.waitForKeysWiped("mac", "ctx", "blob"))
         try flipByte(v.backing("mac"), at: 40)            // key commitment
         try flipByte(v.backing("ctx"), at: 20)            // file ID (no longer matches its context)
         let header = try FileHeader(decoding: try P.readFile(v.backing("blob")))
@@ -99,6 +100,7 @@ struct FailureTests {
         // A header copied from another file does not make its body readable.
         try P.writeFile(v.path("x"), Array(repeating: 4, count: 5000))
         try P.writeFile(v.path("y"), Array(repeating: 5, count: 5000))
+        try #require(v.waitForKeysWiped("x", "y"))
         let hx = try FileHeader(decoding: try P.readFile(v.backing("x")))
         let yfd = try P.open(v.backing("y"), O_RDWR)
         try P.pwrite(yfd, Array(try P.readFile(v.backing("x"))[0..<hx.headerLength]), 0)

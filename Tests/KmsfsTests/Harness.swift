@@ -187,6 +187,20 @@ final class MountedVolume {
         waitFor { auditCount(op, path: path) >= count }
     }
 
+    /// Waits until the data keys the daemon loaded (created or unwrapped) for the files `names` have all been
+    /// wiped again. FUSE sends release asynchronously: right after close(2) a file may still hold its key, and
+    /// an open then would share it instead of reading the header and unwrapping.
+    func waitForKeysWiped(_ names: String...) -> Bool {
+        waitFor {
+            let lines = auditLines()
+            return names.allSatisfy { name in
+                let mine = lines.filter { $0["path"] as? String == "/" + name }
+                let loaded = mine.filter { ["GenerateDataKey", "Decrypt"].contains($0["op"] as? String ?? "") && $0["result"] as? String == "ok" }
+                return mine.filter { $0["op"] as? String == "DiscardKey" }.count >= loaded.count
+            }
+        }
+    }
+
     func path(_ name: String) -> String { mount + "/" + name }
     func backing(_ name: String) -> String { cipher + "/" + name }
 

@@ -47,6 +47,7 @@ struct KMSFailureTests {
         let v = try volume(key, proxy)
         try P.writeFile(v.path("open"), Array(repeating: 1, count: 10000))
         try P.writeFile(v.path("closed"), [2])
+        try #require(v.waitForKeysWiped("open", "closed"))
         let fd = try P.open(v.path("open"), O_RDWR)
         defer { close(fd) }
         proxy.setAll(.down)
