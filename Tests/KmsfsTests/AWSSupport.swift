@@ -63,7 +63,8 @@ final class Moto: @unchecked Sendable {
         log = logPath
         Moto.stopAtExit
         Moto.started.withLock { _ = $0.insert(p.processIdentifier) }
-        for _ in 0..<300 {
+        // A readiness wait, not an assertion: moto_server starts slowly on a loaded machine.
+        for _ in 0..<1200 {
             let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             addr.sin_port = port.bigEndian
             let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(c, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }

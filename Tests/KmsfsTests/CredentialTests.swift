@@ -101,7 +101,7 @@ struct CredentialTests {
                 return .respond(.text(401, "no"))
             }
             let n = fetches.add(1, ordering: .relaxed).newValue
-            var t = time(nil) + 4
+            var t = time(nil) + 8
             var tmv = tm()
             gmtime_r(&t, &tmv)
             let stamp = String(format: "%04d-%02d-%02dT%02d:%02d:%02dZ", tmv.tm_year + 1900, tmv.tm_mon + 1, tmv.tm_mday, tmv.tm_hour, tmv.tm_min, tmv.tm_sec)
@@ -115,8 +115,9 @@ struct CredentialTests {
         #expect(first.accessKeyId == "ASIACONTAINER1" && first.sessionToken == "t1" && first.expiration != nil)
         #expect(try client.credentials.current().accessKeyId == "ASIACONTAINER1")
         #expect(fetches.load(ordering: .relaxed) == 1)
-        // Four-second credentials are refreshed once half their lifetime is left.
-        usleep(2_600_000)
+        // Eight-second credentials are refreshed once half their lifetime is left. Timestamps are whole seconds,
+        // so that is 3 to 4 s after the fetch: the cache hit above has at least 3 s, the refresh 0.6 s of margin.
+        usleep(4_600_000)
         #expect(try client.credentials.current().accessKeyId == "ASIACONTAINER2")
         #expect(fetches.load(ordering: .relaxed) == 2)
         // Plain http to a non-loopback host is refused.

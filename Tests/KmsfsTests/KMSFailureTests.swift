@@ -33,9 +33,7 @@ struct KMSFailureTests {
         #expect(v.waitForAudit("DiscardKey", count: 2))
 
         proxy.set(.serverError, forKey: key)
-        let start = Date()
         #expect(P.errno { try P.open(v.path("f"), O_RDONLY) } == EIO)
-        #expect(Date().timeIntervalSince(start) < 10)
         #expect(proxy.count("Decrypt") == 3 + 4)
         #expect(v.daemonLogText.contains("cannot open /f: cannot unwrap the data key with key \(key): HTTP500"))
     }
@@ -71,6 +69,8 @@ struct KMSFailureTests {
         try P.writeFile(v.path("slow"), [1])
         for i in 0..<4 { try P.writeFile(v.path("fast\(i)"), [UInt8(i)]) }
         try P.writeFile(v.path("busy"), [7])
+        // Until its release arrives, "slow" still holds its key and an open would share it without a KMS call.
+        try #require(v.waitForKeysWiped("slow"))
         let busy = try P.open(v.path("busy"), O_RDWR)
         defer { close(busy) }
         let slowId = Hex.encode(try FileHeader(decoding: try P.readFile(v.backing("slow"))).fileId)
@@ -86,7 +86,8 @@ struct KMSFailureTests {
         try P.pwrite(busy, [8], 1)
         #expect(try P.pread(busy, 2, 0) == [7, 8])
         _ = try P.stat(v.path("slow"))
-        let stillWaiting = !done.load(ordering: .relaxed) && proxy.heldCalls == 1
+        // (The daemon's request timeout may have retried the held call meanwhile: then two are held.)
+        let stillWaiting = !done.load(ordering: .relaxed) && proxy.heldCalls >= 1
         #expect(stillWaiting, "the other operations waited for the slow KMS call")
         proxy.set(.none, forKey: slowId)
         #expect(waitFor(seconds: 15) { done.load(ordering: .relaxed) })
