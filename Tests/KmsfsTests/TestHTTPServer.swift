@@ -4,7 +4,7 @@ import Synchronization
 
 /// A small HTTP/1.1 server on 127.0.0.1 for tests: instance metadata and container credential endpoints,
 /// and a fault-injecting proxy in front of the real KMS-protocol server (moto), which adds what moto lacks
-/// (key states, throttling, outages, slow answers). One request per connection.
+/// (key states, throttling, outages, held answers). One request per connection.
 final class TestHTTPServer: @unchecked Sendable {
     struct Request: Sendable {
         var method: String
@@ -38,8 +38,6 @@ final class TestHTTPServer: @unchecked Sendable {
         case respond(Response)
         /// Pass the request unchanged to 127.0.0.1:port and relay the answer.
         case forward(UInt16)
-        /// Wait, then act.
-        indirect case delay(Double, Action)
         /// Close the connection without answering.
         case hangUp
     }
@@ -113,12 +111,7 @@ final class TestHTTPServer: @unchecked Sendable {
     private func serveOne(_ fd: Int32) -> Bool {
         guard let request = TestHTTPServer.readRequest(fd) else { return false }
         log.withLock { $0.append(request) }
-        var action = handler(request)
-        while case .delay(let seconds, let next) = action {
-            usleep(useconds_t(seconds * 1_000_000))
-            action = next
-        }
-        switch action {
+        switch handler(request) {
         case .respond(let r):
             var head = "HTTP/1.1 \(r.status) X\r\nContent-Length: \(r.body.count)\r\n" + (keepAlive ? "" : "Connection: close\r\n")
             for (k, v) in r.headers { head += "\(k): \(v)\r\n" }
@@ -146,7 +139,7 @@ final class TestHTTPServer: @unchecked Sendable {
                 TestHTTPServer.writeAll(fd, Array(buffer[0..<n]))
             }
             return false
-        case .hangUp, .delay:
+        case .hangUp:
             return false
         }
     }
