@@ -1,76 +1,63 @@
 import CSystem
+import Dispatch
 import Glibc
 import KmsfsFormat
 import KmsfsSystem
 
-/// Chunked read-modify-write of one file's body through its backing file descriptor.
+/// Chunked read-modify-write of one file's body through a backing file descriptor.
 ///
-/// Callers hold the file's I/O lock: shared for `read`, exclusive for everything else. Every function finds
-/// the current size from the backing file (one fstat), so all handles of an inode, and getattr, agree on it.
+/// Callers hold the file's I/O lock: shared for `read`, exclusive for everything else. The plaintext size is
+/// the open file's (`OpenFile.size`), which every change made here keeps current: all handles of an inode,
+/// and getattr, agree on it without asking the backing file.
 struct ContentIO {
     let fd: Int32
     let file: OpenFile
-    let secrets: FileSecrets
-    /// For log lines only.
-    let backingPath: String
 
-    var layout: ChunkLayout { secrets.layout }
+    var layout: ChunkLayout { file.layout }
 
-    init(fd: Int32, file: OpenFile, backingPath: String) {
-        self.fd = fd
-        self.file = file
-        self.secrets = file.secrets
-        self.backingPath = backingPath
-    }
+    /// Sealing or opening at least this many chunks is spread over the CPUs.
+    static let parallelThreshold = 32
 
     // MARK: - read
 
     /// Reads up to `count` plaintext bytes at `offset` into `out`; returns the number read (short only at EOF).
     /// Any chunk of the range that fails authentication fails the whole read with EIO.
-    func read(into out: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
-        let backingSize = try FileIO.size(fd)
-        let size = layout.plaintextSize(backingSize: backingSize)
+    func read(_ secrets: FileSecrets, into out: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
+        let size = file.size
         guard offset < size, count > 0 else { return 0 }
         let end = min(offset + count, size)
-        let first = layout.chunkIndex(ofOffset: offset)
-        let last = layout.chunkIndex(ofOffset: end - 1)
-        let lastOfFile = layout.chunkIndex(ofOffset: size - 1)
         let C = layout.chunkSize
+        let first = offset / C
+        let last = (end - 1) / C
+        let lastOfFile = (size - 1) / C
         let storedStart = layout.backingOffset(ofChunk: first)
-        let storedEnd = min(layout.backingOffset(ofChunk: last + 1), backingSize)
+        let storedEnd = layout.backingOffset(ofChunk: last) + layout.plaintextLength(ofChunk: last, plaintextSize: size) + ChunkLayout.overhead
 
         let stored = UnsafeMutableRawBufferPointer.allocate(byteCount: storedEnd - storedStart, alignment: 64)
         defer { stored.deallocate() }
         let got = try FileIO.pread(fd, stored.baseAddress!, count: stored.count, offset: storedStart)
-        guard got == stored.count else { throw Errno.EIO }  // the file shrank under us: cannot happen under the lock
+        if got != stored.count {
+            // The backing file is shorter than the size this mount knows: cut behind its back.
+            reportCorrupt(chunk: first + got / layout.storedChunkSize)
+            throw Errno.EIO
+        }
 
-        var scratch: UnsafeMutableRawBufferPointer? = nil
-        defer { scratch?.deallocate() }
-
-        try secrets.withCodec { codec in
-            for i in first...last {
-                let chunkStart = i * C
-                let chunkLen = layout.plaintextLength(ofChunk: i, plaintextSize: size)
-                let at = layout.backingOffset(ofChunk: i) - storedStart
-                let sealed = UnsafeRawBufferPointer(start: stored.baseAddress! + at, count: chunkLen + ChunkLayout.overhead)
-                let wantFrom = max(offset, chunkStart)
-                let wantTo = min(end, chunkStart + chunkLen)
-                let whole = wantFrom == chunkStart && wantTo == chunkStart + chunkLen
-                let target: UnsafeMutableRawPointer
-                if whole {
-                    target = out + (chunkStart - offset)
-                } else {
-                    if scratch == nil { scratch = .allocate(byteCount: C, alignment: 64) }
-                    target = scratch!.baseAddress!
-                }
-                if codec.open(sealed, index: i, isLast: i == lastOfFile, into: target) == .corrupt {
-                    reportCorrupt(chunk: i)
-                    throw Errno.EIO
-                }
-                if !whole {
-                    (out + (wantFrom - offset)).copyMemory(from: target + (wantFrom - chunkStart), byteCount: wantTo - wantFrom)
-                }
-            }
+        // Chunks read whole go straight to `out`; the partial first and last ones through a scratch chunk.
+        let corrupt = try forEachChunk(secrets, Array(first...last)) { codec, i, scratch in
+            let chunkStart = i * C
+            let chunkLen = layout.plaintextLength(ofChunk: i, plaintextSize: size)
+            let sealed = UnsafeRawBufferPointer(start: stored.baseAddress! + (layout.backingOffset(ofChunk: i) - storedStart),
+                                                count: chunkLen + ChunkLayout.overhead)
+            let from = max(offset, chunkStart), to = min(end, chunkStart + chunkLen)
+            let whole = from == chunkStart && to == chunkStart + chunkLen
+            let target = whole ? out + (chunkStart - offset) : scratch
+            if codec.open(sealed, index: i, isLast: i == lastOfFile, into: target) == .corrupt { return false }
+            if !whole { (out + (from - offset)).copyMemory(from: target + (from - chunkStart), byteCount: to - from) }
+            return true
+        }
+        if let c = corrupt {
+            reportCorrupt(chunk: c)
+            throw Errno.EIO
         }
         return end - offset
     }
@@ -80,92 +67,86 @@ struct ContentIO {
     /// Writes `count` bytes at `offset`, growing the file (leaving a hole) when the offset is past its end.
     /// On failure (ENOSPC included) the file keeps its old size and its old last chunk; chunks before that
     /// which the write overwrote in place hold either their old or their new contents, as with any filesystem.
-    func write(from data: UnsafeRawPointer, count: Int, offset: Int) throws {
+    func write(_ secrets: FileSecrets, from data: UnsafeRawPointer, count: Int, offset: Int) throws {
         guard count > 0 else { return }
+        let plan = WritePlan(chunkSize: layout.chunkSize, oldSize: file.size, offset: offset, count: count)
         let C = layout.chunkSize
-        let oldBacking = try FileIO.size(fd)
-        let oldSize = layout.plaintextSize(backingSize: oldBacking)
-        let newSize = max(oldSize, offset + count)
-        let a = offset / C
-        let b = (offset + count - 1) / C
-        let oldLast = oldSize > 0 ? (oldSize - 1) / C : -1
-        let newLast = (newSize - 1) / C
 
-        // The old last chunk stops being last when the write starts past it: reseal it as a full chunk.
-        let resealOldLast = oldLast >= 0 && oldLast < a
-        let regionStart = resealOldLast && oldLast == a - 1 ? oldLast : a
-        var region = Region(layout: layout, first: regionStart, last: b, newSize: newSize)
+        // Old stored chunks the write needs: partial chunks keep old bytes, and a growing write replaces the
+        // old last chunk, whose stored bytes are kept to put back if the write fails.
+        var needed = Set([plan.first, plan.last].filter { plan.needsOld($0) })
+        if plan.rewritesOldLast { needed.insert(plan.oldLast) }
+        var reading: [Int: StoredChunk] = [:]
+        defer { for c in reading.values { c.deallocate() } }
+        for i in needed { reading[i] = try StoredChunk(fd: fd, layout: layout, index: i, plaintextLength: plan.oldLength(i)) }
+        let old = reading
+
+        let region = Region(layout: layout, first: plan.regionFirst, last: plan.last, newSize: plan.newSize)
         defer { region.deallocate() }
-        var separate: Region? = nil
+        let separate = plan.resealsSeparately ? Region(layout: layout, first: plan.oldLast, last: plan.oldLast, newSize: plan.newSize) : nil
         defer { separate?.deallocate() }
 
-        // A write that grows the file rewrites the old last chunk (resealed, or overwritten in place as part of
-        // the region) partly into new blocks: keep its stored bytes so a failed write can put it back.
-        let saved: SavedChunk? = oldLast >= 0 && newSize > oldSize
-            ? try SavedChunk(fd: fd, layout: layout, index: oldLast, size: oldSize) : nil
-        try secrets.withCodec { codec in
-            if resealOldLast {
-                let plain = try openExisting(codec, UnsafeRawBufferPointer(saved!.bytes), index: oldLast, isLast: true, length: oldSize - oldLast * C)
-                defer { plain.deallocate() }
-                if oldLast == regionStart {
-                    try region.seal(codec, index: oldLast, plaintext: UnsafeRawBufferPointer(plain), isLast: false)
-                } else {
-                    separate = Region(layout: layout, first: oldLast, last: oldLast, newSize: newSize)
-                    try separate!.seal(codec, index: oldLast, plaintext: UnsafeRawBufferPointer(plain), isLast: false)
-                }
+        // Every chunk of the region (and the separately resealed old last chunk) is sealed independently.
+        var chunks = Array(plan.regionFirst...plan.last)
+        if plan.resealsSeparately { chunks.append(plan.oldLast) }
+        let corrupt = try forEachChunk(secrets, chunks) { codec, i, scratch in
+            let target = i < plan.regionFirst ? separate! : region
+            if i == plan.resealedOldLast {
+                // No longer the last chunk: reseal as a full chunk, zero-padded.
+                let n = plan.oldLength(i)
+                guard old[i]!.open(codec, isLast: true, length: n, into: scratch) else { return false }
+                scratch.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: C - n)
+                try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: scratch, count: C), isLast: false)
+                return true
             }
-            for i in a...b {
-                let chunkStart = i * C
-                let newLen = min(C, newSize - chunkStart)
-                let from = max(offset, chunkStart) - chunkStart
-                let to = min(offset + count, chunkStart + newLen) - chunkStart
-                let oldLen = i <= oldLast ? layout.plaintextLength(ofChunk: i, plaintextSize: oldSize) : 0
-                if from == 0 && to == newLen {
-                    // Fully overwritten: seal straight from the caller's buffer.
-                    try region.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: data + (chunkStart - offset), count: newLen),
-                                    isLast: i == newLast)
-                    continue
-                }
-                let plain: UnsafeMutableRawBufferPointer
-                if oldLen > 0 && !(from == 0 && to >= oldLen) {
-                    if i == oldLast, let s = saved {
-                        // Already read for the rollback.
-                        plain = try openExisting(codec, UnsafeRawBufferPointer(s.bytes), index: i, isLast: true, length: oldLen)
-                    } else {
-                        let old = try StoredChunk(fd: fd, layout: layout, index: i, plaintextLength: oldLen)
-                        defer { old.deallocate() }
-                        plain = try openExisting(codec, old.sealed, index: i, isLast: i == oldLast, length: oldLen)
-                    }
-                } else {
-                    plain = .allocate(byteCount: C, alignment: 64)
-                    plain.initializeMemory(as: UInt8.self, repeating: 0)
-                }
-                defer { plain.deallocate() }
-                (plain.baseAddress! + from).copyMemory(from: data + (chunkStart + from - offset), byteCount: to - from)
-                try region.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(rebasing: plain[0..<newLen]), isLast: i == newLast)
+            let newLen = plan.newLength(i)
+            if plan.isWhole(i) {
+                try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: data + (i * C - offset), count: newLen),
+                                isLast: plan.isLast(i))
+                return true
             }
+            let w = plan.written(i)
+            if plan.needsOld(i) {
+                let n = plan.oldLength(i)
+                guard old[i]!.open(codec, isLast: i == plan.oldLast, length: n, into: scratch) else { return false }
+                if newLen > n { scratch.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: newLen - n) }
+            } else {
+                scratch.initializeMemory(as: UInt8.self, repeating: 0, count: newLen)
+            }
+            (scratch + w.lowerBound).copyMemory(from: data + (i * C + w.lowerBound - offset), byteCount: w.count)
+            try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: scratch, count: newLen), isLast: plan.isLast(i))
+            return true
         }
+        if let c = corrupt {
+            reportCorrupt(chunk: c)
+            throw Errno.EIO
+        }
+
+        let oldBacking = layout.backingSize(plaintextSize: plan.oldSize)
         do {
-            if let s = separate { try s.write(fd) }
+            try separate?.write(fd)
             try region.write(fd)
         } catch {
-            restore(backingSize: oldBacking, saved: saved)
+            restore(backingSize: oldBacking, oldLast: plan.rewritesOldLast ? old[plan.oldLast] : nil)
             throw error
         }
+        file.size = plan.newSize
     }
 
     // MARK: - truncate and allocate
 
+    /// Sets the plaintext size to 0, which needs no key: an empty file is its header alone.
+    func truncateToZero() throws {
+        try syscall { ftruncate(fd, off_t(layout.headerLength)) }
+        file.size = 0
+    }
+
     /// Sets the plaintext size, resealing the chunk that becomes the last one. Growing leaves a hole.
-    func truncate(to newSize: Int) throws {
-        let C = layout.chunkSize
-        let oldBacking = try FileIO.size(fd)
-        let oldSize = layout.plaintextSize(backingSize: oldBacking)
+    func truncate(_ secrets: FileSecrets, to newSize: Int) throws {
+        let oldSize = file.size
         if newSize == oldSize { return }
-        if newSize == 0 {
-            try syscall { ftruncate(fd, off_t(layout.headerLength)) }
-            return
-        }
+        if newSize == 0 { return try truncateToZero() }
+        let C = layout.chunkSize
         let oldLast = oldSize > 0 ? (oldSize - 1) / C : -1
         let newLast = (newSize - 1) / C
         let newLastLen = newSize - newLast * C
@@ -175,60 +156,73 @@ struct ContentIO {
             let stored = try StoredChunk(fd: fd, layout: layout, index: newLast,
                                          plaintextLength: layout.plaintextLength(ofChunk: newLast, plaintextSize: oldSize))
             defer { stored.deallocate() }
-            var region = Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
+            let region = Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
             defer { region.deallocate() }
-            try secrets.withCodec { codec in
-                let plain = try openExisting(codec, stored.sealed, index: newLast, isLast: newLast == oldLast,
-                                             length: stored.bytes.count - ChunkLayout.overhead)
-                defer { plain.deallocate() }
-                try region.seal(codec, index: newLast, plaintext: UnsafeRawBufferPointer(rebasing: plain[0..<newLastLen]), isLast: true)
+            let ok = try secrets.withCodec { codec in
+                try withScratch(C) { scratch in
+                    guard stored.open(codec, isLast: newLast == oldLast, length: stored.plaintextLength, into: scratch) else { return false }
+                    try region.seal(codec, index: newLast, plaintext: UnsafeRawBufferPointer(start: scratch, count: newLastLen), isLast: true)
+                    return true
+                }
+            }
+            guard ok else {
+                reportCorrupt(chunk: newLast)
+                throw Errno.EIO
             }
             // Overwrite in place (no new blocks, so no ENOSPC), then cut the file after it.
             try region.write(fd)
             try syscall { ftruncate(fd, off_t(layout.backingSize(plaintextSize: newSize))) }
+            file.size = newSize
             return
         }
 
-        // Grow.
-        var saved: SavedChunk? = nil
+        // Grow: the old last chunk becomes full (or the new last, if it stays last); a new last chunk of zeros.
+        var saved: StoredChunk? = nil
+        defer { saved?.deallocate() }
         var regions: [Region] = []
         defer { for r in regions { r.deallocate() } }
-        try secrets.withCodec { codec in
-            if oldLast >= 0 {
-                saved = try SavedChunk(fd: fd, layout: layout, index: oldLast, size: oldSize)
-                let plain = try openExisting(codec, UnsafeRawBufferPointer(saved!.bytes), index: oldLast, isLast: true, length: oldSize - oldLast * C)
-                defer { plain.deallocate() }
-                var r = Region(layout: layout, first: oldLast, last: oldLast, newSize: newSize)
-                let len = oldLast == newLast ? newLastLen : C
-                try r.seal(codec, index: oldLast, plaintext: UnsafeRawBufferPointer(rebasing: plain[0..<len]), isLast: oldLast == newLast)
-                regions.append(r)
+        let ok = try secrets.withCodec { codec in
+            try withScratch(C) { scratch in
+                if oldLast >= 0 {
+                    saved = try StoredChunk(fd: fd, layout: layout, index: oldLast, plaintextLength: oldSize - oldLast * C)
+                    let n = oldSize - oldLast * C
+                    guard saved!.open(codec, isLast: true, length: n, into: scratch) else { return false }
+                    scratch.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: C - n)
+                    let r = Region(layout: layout, first: oldLast, last: oldLast, newSize: newSize)
+                    regions.append(r)
+                    try r.seal(codec, index: oldLast, plaintext: UnsafeRawBufferPointer(start: scratch, count: oldLast == newLast ? newLastLen : C),
+                               isLast: oldLast == newLast)
+                }
+                if newLast != oldLast {
+                    scratch.initializeMemory(as: UInt8.self, repeating: 0, count: newLastLen)
+                    let r = Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
+                    regions.append(r)
+                    try r.seal(codec, index: newLast, plaintext: UnsafeRawBufferPointer(start: scratch, count: newLastLen), isLast: true)
+                }
+                return true
             }
-            if newLast != oldLast {
-                let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: newLastLen, alignment: 64)
-                defer { zeros.deallocate() }
-                zeros.initializeMemory(as: UInt8.self, repeating: 0)
-                var r = Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
-                try r.seal(codec, index: newLast, plaintext: UnsafeRawBufferPointer(zeros), isLast: true)
-                regions.append(r)
-            }
+        }
+        guard ok else {
+            reportCorrupt(chunk: oldLast)
+            throw Errno.EIO
         }
         do {
             // The new last chunk first: the file is never longer than its sealed data says.
             for r in regions.reversed() { try r.write(fd) }
         } catch {
-            restore(backingSize: oldBacking, saved: saved)
+            restore(backingSize: layout.backingSize(plaintextSize: oldSize), oldLast: saved)
             throw error
         }
+        file.size = newSize
     }
 
     /// fallocate(2): mode 0 grows the file to offset+length if shorter and reserves backing space for the
     /// range; FALLOC_FL_KEEP_SIZE only reserves. Other modes (punching holes, zeroing ranges) are not supported.
-    func allocate(mode: Int32, offset: Int, length: Int) throws {
+    func allocate(_ secrets: () throws -> FileSecrets, mode: Int32, offset: Int, length: Int) throws {
         let keepSize = kmsfs_falloc_keep_size()
         guard mode == 0 || mode == keepSize else { throw Errno.ENOTSUP }
         guard offset >= 0, length > 0 else { throw Errno.EINVAL }
-        let size = layout.plaintextSize(backingSize: try FileIO.size(fd))
-        if mode == 0 && offset + length > size { try truncate(to: offset + length) }
+        if mode == 0 && offset + length > file.size { try truncate(try secrets(), to: offset + length) }
         let start = layout.backingOffset(ofChunk: offset / layout.chunkSize)
         let end = layout.backingSize(plaintextSize: offset + length)
         if kmsfs_fallocate(fd, keepSize, off_t(start), off_t(end - start)) != 0 {
@@ -239,41 +233,81 @@ struct ContentIO {
 
     // MARK: - helpers
 
-    /// Decrypts an existing chunk for read-modify-write into a new chunk-size buffer (zero past `length`).
-    private func openExisting(_ codec: ChunkCodec, _ sealed: UnsafeRawBufferPointer, index: Int, isLast: Bool,
-                              length: Int) throws -> UnsafeMutableRawBufferPointer {
-        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: layout.chunkSize, alignment: 64)
-        if codec.open(UnsafeRawBufferPointer(rebasing: sealed[0..<(length + ChunkLayout.overhead)]), index: index,
-                      isLast: isLast, into: plain.baseAddress!) == .corrupt {
-            plain.deallocate()
-            reportCorrupt(chunk: index)
-            throw Errno.EIO
+    /// Runs `body(codec, chunk, scratch)` for every chunk, on several threads when there are many; `scratch` is
+    /// a chunk-size buffer of the calling thread. Returns the first chunk for which `body` returned false
+    /// (authentication failed), or nil.
+    private func forEachChunk(_ secrets: FileSecrets, _ chunks: [Int],
+                              _ body: (ChunkCodec, Int, UnsafeMutableRawPointer) throws -> Bool) throws -> Int? {
+        let n = chunks.count
+        let threads = n >= ContentIO.parallelThreshold ? min(Parallel.cpuCount, n / (ContentIO.parallelThreshold / 2)) : 1
+        func run(_ range: Range<Int>) -> SliceResult {
+            do {
+                return try secrets.withCodec { codec in
+                    try withScratch(layout.chunkSize) { scratch in
+                        for j in range {
+                            if try !body(codec, chunks[j], scratch) { return SliceResult.corrupt(chunks[j]) }
+                        }
+                        return SliceResult.ok
+                    }
+                }
+            } catch {
+                return .failed(error)
+            }
         }
-        (plain.baseAddress! + length).initializeMemory(as: UInt8.self, repeating: 0, count: layout.chunkSize - length)
-        return plain
+        var results = [SliceResult](repeating: .ok, count: threads)
+        if threads <= 1 {
+            results[0] = run(0..<n)
+        } else {
+            // Contiguous slices, one per thread; each writes only its own result.
+            results.withUnsafeMutableBufferPointer { r in
+                let out = r.baseAddress!
+                Parallel.forEach(threads) { t in out[t] = run((n * t / threads)..<(n * (t + 1) / threads)) }
+            }
+        }
+        for r in results {
+            switch r {
+            case .ok: continue
+            case .corrupt(let i): return i
+            case .failed(let e): throw e
+            }
+        }
+        return nil
+    }
+
+    private enum SliceResult {
+        case ok
+        case corrupt(Int)
+        case failed(Error)
     }
 
     /// Best-effort undo of a failed write: cut the backing file back and put the old last chunk back.
-    private func restore(backingSize: Int, saved: SavedChunk?) {
+    private func restore(backingSize: Int, oldLast: StoredChunk?) {
         _ = ftruncate(fd, off_t(backingSize))
-        if let s = saved {
+        if let s = oldLast {
             try? FileIO.pwrite(fd, s.bytes.baseAddress!, count: s.bytes.count, offset: s.offset)
         }
     }
 
     private func reportCorrupt(chunk: Int) {
         if file.firstReport(ofChunk: chunk) {
-            Log.error("corrupt chunk \(chunk) of \(file.path) (backing file \(backingPath)): authentication failed, reads of it return EIO")
+            Log.error("corrupt chunk \(chunk) of \(file.path): authentication failed, reads of it return EIO")
         }
     }
 }
 
-/// Consecutive sealed chunks, ready for one pwrite.
-private struct Region {
+/// Runs `body` with a temporary buffer of `count` bytes.
+private func withScratch<R>(_ count: Int, _ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
+    let p = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 64)
+    defer { p.deallocate() }
+    return try body(p)
+}
+
+/// Consecutive sealed chunks, ready for one pwrite. Chunks may be sealed into it from several threads at once
+/// (each writes only its own bytes).
+private final class Region: @unchecked Sendable {
     let layout: ChunkLayout
     let first: Int
     let buffer: UnsafeMutableRawBufferPointer
-    var used = 0
 
     init(layout: ChunkLayout, first: Int, last: Int, newSize: Int) {
         self.layout = layout
@@ -282,28 +316,32 @@ private struct Region {
         buffer = .allocate(byteCount: end - layout.backingOffset(ofChunk: first), alignment: 64)
     }
 
-    mutating func seal(_ codec: ChunkCodec, index: Int, plaintext: UnsafeRawBufferPointer, isLast: Bool) throws {
+    func seal(_ codec: ChunkCodec, index: Int, plaintext: UnsafeRawBufferPointer, isLast: Bool) throws {
         let at = layout.backingOffset(ofChunk: index) - layout.backingOffset(ofChunk: first)
-        precondition(at == used && at + plaintext.count + ChunkLayout.overhead <= buffer.count)
+        precondition(at >= 0 && at + plaintext.count + ChunkLayout.overhead <= buffer.count, "chunk outside its region")
         try codec.seal(plaintext, index: index, isLast: isLast, into: buffer.baseAddress! + at)
-        used = at + plaintext.count + ChunkLayout.overhead
     }
 
     func write(_ fd: Int32) throws {
-        try FileIO.pwrite(fd, buffer.baseAddress!, count: used, offset: layout.backingOffset(ofChunk: first))
+        try FileIO.pwrite(fd, buffer.baseAddress!, count: buffer.count, offset: layout.backingOffset(ofChunk: first))
     }
 
     func deallocate() { buffer.deallocate() }
 }
 
-/// The stored bytes of one chunk.
+/// The stored bytes of one existing chunk.
 private struct StoredChunk {
     let bytes: UnsafeMutableRawBufferPointer
+    let offset: Int
+    let index: Int
+    var plaintextLength: Int { bytes.count - ChunkLayout.overhead }
 
     init(fd: Int32, layout: ChunkLayout, index: Int, plaintextLength: Int) throws {
+        self.index = index
+        offset = layout.backingOffset(ofChunk: index)
         bytes = .allocate(byteCount: plaintextLength + ChunkLayout.overhead, alignment: 64)
         do {
-            let n = try FileIO.pread(fd, bytes.baseAddress!, count: bytes.count, offset: layout.backingOffset(ofChunk: index))
+            let n = try FileIO.pread(fd, bytes.baseAddress!, count: bytes.count, offset: offset)
             if n != bytes.count { throw Errno.EIO }
         } catch {
             bytes.deallocate()
@@ -311,21 +349,11 @@ private struct StoredChunk {
         }
     }
 
-    var sealed: UnsafeRawBufferPointer { UnsafeRawBufferPointer(bytes) }
-    func deallocate() { bytes.deallocate() }
-}
-
-/// The old last chunk, kept to undo a failed write.
-private final class SavedChunk {
-    let bytes: UnsafeMutableRawBufferPointer
-    let offset: Int
-
-    init(fd: Int32, layout: ChunkLayout, index: Int, size: Int) throws {
-        let stored = try StoredChunk(fd: fd, layout: layout, index: index,
-                                     plaintextLength: layout.plaintextLength(ofChunk: index, plaintextSize: size))
-        bytes = stored.bytes
-        offset = layout.backingOffset(ofChunk: index)
+    /// Opens the first `length` plaintext bytes' chunk into `out`; false if it fails authentication.
+    func open(_ codec: ChunkCodec, isLast: Bool, length: Int, into out: UnsafeMutableRawPointer) -> Bool {
+        codec.open(UnsafeRawBufferPointer(start: bytes.baseAddress!, count: length + ChunkLayout.overhead), index: index,
+                   isLast: isLast, into: out) != .corrupt
     }
 
-    deinit { bytes.deallocate() }
+    func deallocate() { bytes.deallocate() }
 }

@@ -53,7 +53,11 @@ public enum FileOpener {
 
     /// Reads, unwraps and authenticates the header of an open backing file of volume `volumeId`.
     public static func open(fd: Int32, volumeId: String, keys: KeyService, path: String) throws(Failure) -> OpenedHeader {
-        let header = try readHeader(fd: fd)
+        try open(header: try readHeader(fd: fd), volumeId: volumeId, keys: keys, path: path)
+    }
+
+    /// Unwraps and authenticates a header already read.
+    public static func open(header: FileHeader, volumeId: String, keys: KeyService, path: String) throws(Failure) -> OpenedHeader {
         do {
             try header.checkContext(volumeId: volumeId)
         } catch let e as FormatError {

@@ -24,17 +24,14 @@ final class FileHandle: Handle, @unchecked Sendable {
     let fd: Int32
     let file: OpenFile
     let writable: Bool
-    /// Backing path at open time, relative to the backing root (for log lines).
-    let backingPath: String
 
-    init(fd: Int32, file: OpenFile, writable: Bool, backingPath: String) {
+    init(fd: Int32, file: OpenFile, writable: Bool) {
         self.fd = fd
         self.file = file
         self.writable = writable
-        self.backingPath = backingPath
     }
 
-    var content: ContentIO { ContentIO(fd: fd, file: file, backingPath: backingPath) }
+    var content: ContentIO { ContentIO(fd: fd, file: file) }
 }
 
 /// An open directory stream.

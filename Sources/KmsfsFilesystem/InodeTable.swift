@@ -2,59 +2,89 @@ import Glibc
 import KmsfsFormat
 import KmsfsSystem
 
-/// A backing node the kernel holds a reference to: an O_PATH descriptor of it, its identity, and the number
-/// of lookups the kernel has not yet forgotten. Hard links resolve to one `Inode`, so the kernel sees one
-/// inode with one size and one page cache for all their names.
+/// A backing node the kernel holds a reference to.
+///
+/// An inode keeps no descriptor of its own: it knows where it is (its parent inode and its backing name in
+/// it), and every call reaches it through a descriptor of its parent directory (`InodeTable.withDirectory`),
+/// so the number of files the kernel knows is not bounded by the open-file limit. Hard links resolve to one
+/// `Inode` (by backing device and inode number), so the kernel sees one inode with one size and one page cache
+/// for all their names.
 final class Inode: @unchecked Sendable {
-    let fd: Int32
     let key: InodeKey
     let type: mode_t
 
     /// FUSE node ID: the object's address (kept alive by the table while the kernel knows it); 1 for the root.
     fileprivate(set) var nodeId: UInt64 = 0
-    fileprivate var lookups: UInt64 = 0
 
-    /// What the header prefix says about the plaintext layout, learned once (the header length of a backing
-    /// file never changes while it is mounted).
+    // Guarded by the table's lock.
+    fileprivate var lookups: UInt64 = 0
+    /// Where the node is: its parent directory and its backing name there (nil parent: the root, or a node
+    /// whose last known name is gone, reachable only through its open files).
+    fileprivate var parent: Inode?
+    fileprivate var name: String
+    /// Further names of a hard-linked file that the kernel looked up (rare; nil for almost every inode).
+    fileprivate var otherLinks: [Link]?
+    /// Directories: an O_PATH descriptor, while cached (-1 otherwise), and the number of callers using it.
+    fileprivate var dirFd: Int32 = -1
+    fileprivate var dirFdUsers = 0
+    fileprivate var dirFdReferenced = false
+
+    /// What the header prefix says about the plaintext layout (regular files), learned once: the header
+    /// length of a backing file never changes while it is mounted. Guarded by the table's lock.
+    fileprivate var layoutState: Layout = .unknown
+
     enum Layout {
         case unknown
         case known(ChunkLayout)
         /// Not a kmsfs file (or unreadable): reported with size 0.
         case foreign
     }
-    private let layoutLock = Lock()
-    private var layoutState: Layout = .unknown
 
-    init(fd: Int32, st: stat) {
-        self.fd = fd
-        key = InodeKey(st)
-        type = st.st_mode & S_IFMT
+    struct Link {
+        let parent: Inode
+        let name: String
     }
 
-    deinit { close(fd) }
-
-    /// "/proc/self/fd/N": a path to exactly this node, for calls that have no *at form or need to reopen it.
-    var procPath: String { "/proc/self/fd/\(fd)" }
-
-    var layout: Layout {
-        get { layoutLock.withLock { layoutState } }
-        set { layoutLock.withLock { layoutState = newValue } }
+    fileprivate init(key: InodeKey, type: mode_t, parent: Inode?, name: String) {
+        self.key = key
+        self.type = type
+        self.parent = parent
+        self.name = name
     }
 }
 
-/// The inodes the kernel knows, by node ID and by backing identity.
+/// The inodes the kernel knows, by node ID and by backing identity, and a bounded cache of directory
+/// descriptors through which every backing call is made.
+///
+/// Directory descriptors are opened one path component at a time from the nearest cached ancestor, with
+/// O_NOFOLLOW, so a symbolic link planted in the backing directory is never followed out of it. At most
+/// `maxCachedDirectories` stay open; a descriptor in use is never closed under its user.
 final class InodeTable: @unchecked Sendable {
     static let rootNodeId: UInt64 = 1
 
     let root: Inode
+    let rootFd: Int32
+    let maxCachedDirectories: Int
     private let lock = Lock()
     private var byKey: [InodeKey: Inode] = [:]
+    /// Directories whose descriptor is cached, swept by a clock hand for eviction.
+    private var cached: [Inode] = []
+    private var hand = 0
 
-    init(rootFd: Int32) throws {
+    /// `rootFd`: an O_PATH descriptor of the backing directory, which the table takes over.
+    init(rootFd: Int32, maxCachedDirectories: Int) throws {
         var st = stat()
         try syscall { fstat(rootFd, &st) }
-        root = Inode(fd: rootFd, st: st)
+        self.rootFd = rootFd
+        root = Inode(key: InodeKey(st), type: S_IFDIR, parent: nil, name: "")
         root.nodeId = InodeTable.rootNodeId
+        root.dirFd = rootFd
+        self.maxCachedDirectories = max(4, maxCachedDirectories)
+    }
+
+    deinit {
+        for d in cached where d.dirFd >= 0 { close(d.dirFd) }
+        close(rootFd)
     }
 
     /// The inode of a node ID the kernel sent.
@@ -63,21 +93,26 @@ final class InodeTable: @unchecked Sendable {
         return Unmanaged<Inode>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(nodeId))!).takeUnretainedValue()
     }
 
-    /// Records one kernel lookup of the node behind the O_PATH descriptor `fd` (which the table takes over:
-    /// it is closed if the node is already known).
-    func remember(fd: Int32, st: stat) -> Inode {
+    /// Records one kernel lookup of entry `name` of `parent`, whose attributes are `st`.
+    func remember(parent: Inode, name: String, st: stat) -> Inode {
         let key = InodeKey(st)
         return lock.withLock {
-            if key == root.key {
-                close(fd)
-                return root
-            }
+            if key == root.key { return root }
             if let known = byKey[key] {
-                close(fd)
                 known.lookups += 1
+                if known.parent == nil {
+                    known.parent = parent
+                    known.name = name
+                } else if !(known.parent === parent && known.name == name) && st.st_nlink > 1 {
+                    // Another name of a hard-linked file: remember it, so the inode stays reachable when the
+                    // name it was first found under is removed.
+                    if !(known.otherLinks ?? []).contains(where: { $0.parent === parent && $0.name == name }) {
+                        known.otherLinks = (known.otherLinks ?? []) + [Inode.Link(parent: parent, name: name)]
+                    }
+                }
                 return known
             }
-            let inode = Inode(fd: fd, st: st)
+            let inode = Inode(key: key, type: st.st_mode & S_IFMT, parent: parent, name: name)
             inode.nodeId = UInt64(UInt(bitPattern: Unmanaged.passUnretained(inode).toOpaque()))
             inode.lookups = 1
             byKey[key] = inode
@@ -91,9 +126,166 @@ final class InodeTable: @unchecked Sendable {
         let inode = get(nodeId)
         lock.withLock {
             inode.lookups -= min(count, inode.lookups)
-            if inode.lookups == 0 && byKey[inode.key] === inode { byKey[inode.key] = nil }
+            guard inode.lookups == 0 else { return }
+            if byKey[inode.key] === inode { byKey[inode.key] = nil }
+            inode.parent = nil
+            inode.otherLinks = nil
+            if inode.dirFd >= 0 && inode.dirFdUsers == 0 { dropDirFd(inode) }
         }
     }
 
+    /// The inode behind a backing identity, if the kernel knows it.
+    func known(_ key: InodeKey) -> Inode? {
+        lock.withLock { byKey[key] }
+    }
+
     var count: Int { lock.withLock { byKey.count } }
+    var cachedDirectoryCount: Int { lock.withLock { cached.count } }
+
+    // MARK: - where nodes are
+
+    /// The parent and backing name through which `inode` is reached, or nil if it has no known name left.
+    func location(of inode: Inode) -> (parent: Inode, name: String)? {
+        lock.withLock { inode.parent.map { ($0, inode.name) } }
+    }
+
+    /// The backing path of `inode` relative to the backing root ("a/b/c"; "" for the root), if it has one.
+    func backingPath(of inode: Inode) -> String? {
+        lock.withLock {
+            var parts: [String] = []
+            var node = inode
+            while node !== root {
+                guard let p = node.parent else { return nil }
+                parts.append(node.name)
+                node = p
+            }
+            return parts.reversed().joined(separator: "/")
+        }
+    }
+
+    /// A name was removed from `parent` (unlink, rmdir, or replaced by a rename); `key` is what it named.
+    func removed(_ key: InodeKey, from parent: Inode, name: String) {
+        lock.withLock {
+            guard let inode = byKey[key] else { return }
+            if inode.parent === parent && inode.name == name {
+                if let next = inode.otherLinks?.first {
+                    inode.parent = next.parent
+                    inode.name = next.name
+                    inode.otherLinks!.removeFirst()
+                    if inode.otherLinks!.isEmpty { inode.otherLinks = nil }
+                } else {
+                    inode.parent = nil
+                }
+            } else {
+                inode.otherLinks?.removeAll { $0.parent === parent && $0.name == name }
+            }
+            if inode.type == S_IFDIR && inode.parent == nil && inode.dirFdUsers == 0 && inode.dirFd >= 0 { dropDirFd(inode) }
+        }
+    }
+
+    /// An entry moved from `parent`/`name` to `newParent`/`newName`; `key` is what it names.
+    func moved(_ key: InodeKey, from parent: Inode, name: String, to newParent: Inode, newName: String) {
+        lock.withLock {
+            guard let inode = byKey[key] else { return }
+            if inode.parent === parent && inode.name == name {
+                inode.parent = newParent
+                inode.name = newName
+            } else if let i = inode.otherLinks?.firstIndex(where: { $0.parent === parent && $0.name == name }) {
+                inode.otherLinks![i] = Inode.Link(parent: newParent, name: newName)
+            }
+        }
+    }
+
+    // MARK: - layouts
+
+    func layout(of inode: Inode) -> Inode.Layout {
+        lock.withLock { inode.layoutState }
+    }
+
+    func setLayout(_ layout: Inode.Layout, of inode: Inode) {
+        lock.withLock { inode.layoutState = layout }
+    }
+
+    // MARK: - directory descriptors
+
+    /// Runs `body` with an O_PATH descriptor of directory `dir`, opening it (and its uncached ancestors) if
+    /// needed. The descriptor is valid only during `body`.
+    func withDirectory<R>(_ dir: Inode, _ body: (Int32) throws -> R) throws -> R {
+        let fd = try acquireDirFd(dir)
+        defer { releaseDirFd(dir) }
+        return try body(fd)
+    }
+
+    /// Runs `body` with a descriptor of the parent directory of `inode` and its backing name there.
+    /// Throws ENOENT when the node has no name left (it was removed; only its open files still reach it).
+    func withLocation<R>(_ inode: Inode, _ body: (Int32, String) throws -> R) throws -> R {
+        guard let (parent, name) = location(of: inode) else { throw Errno.ENOENT }
+        return try withDirectory(parent) { try body($0, name) }
+    }
+
+    private func acquireDirFd(_ dir: Inode) throws -> Int32 {
+        // Fast path: cached.
+        let cachedFd: Int32? = lock.withLock {
+            guard dir.dirFd >= 0 else { return nil }
+            dir.dirFdUsers += 1
+            dir.dirFdReferenced = true
+            return dir.dirFd
+        }
+        if let fd = cachedFd { return fd }
+        guard let (parent, name) = location(of: dir) else { throw Errno.ENOENT }
+        let fd = try withDirectory(parent) { pfd in
+            try syscall { openat(pfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        }
+        return lock.withLock {
+            dir.dirFdUsers += 1
+            dir.dirFdReferenced = true
+            if dir.dirFd >= 0 {
+                // Another thread opened it meanwhile.
+                close(fd)
+            } else {
+                dir.dirFd = fd
+                if dir !== root {
+                    cached.append(dir)
+                    evictIfNeeded()
+                }
+            }
+            return dir.dirFd
+        }
+    }
+
+    private func releaseDirFd(_ dir: Inode) {
+        lock.withLock {
+            dir.dirFdUsers -= 1
+            if dir.dirFdUsers == 0 && dir.dirFd >= 0 && dir !== root && (dir.lookups == 0 || dir.parent == nil || cached.count > maxCachedDirectories) {
+                dropDirFd(dir)
+            }
+        }
+    }
+
+    /// Closes descriptors past the bound, least recently used first (clock algorithm). Called with the lock held.
+    private func evictIfNeeded() {
+        var scanned = 0
+        while cached.count > maxCachedDirectories && scanned < 2 * cached.count {
+            if hand >= cached.count { hand = 0 }
+            let d = cached[hand]
+            if d.dirFdReferenced || d.dirFdUsers > 0 {
+                d.dirFdReferenced = false
+                hand += 1
+            } else {
+                dropDirFd(d)
+            }
+            scanned += 1
+        }
+    }
+
+    /// Closes a cached directory descriptor nobody is using. Called with the lock held.
+    private func dropDirFd(_ dir: Inode) {
+        guard dir !== root, dir.dirFd >= 0 else { return }
+        close(dir.dirFd)
+        dir.dirFd = -1
+        if let i = cached.firstIndex(where: { $0 === dir }) {
+            cached.remove(at: i)
+            if hand > i { hand -= 1 }
+        }
+    }
 }

@@ -8,7 +8,7 @@ public struct ChunkLayout: Equatable, Sendable {
     public static let nonceSize = 12
     public static let tagSize = 16
     public static let overhead = nonceSize + tagSize
-    public static let defaultChunkSize = 64 * 1024
+    public static let defaultChunkSize = 4096
 
     public let headerLength: Int
     public let chunkSize: Int
@@ -63,4 +63,73 @@ public struct ChunkLayout: Equatable, Sendable {
     public func plaintextLength(ofChunk index: Int, plaintextSize: Int) -> Int {
         max(0, min(chunkSize, plaintextSize - index * chunkSize))
     }
+}
+
+/// Which chunks a write of `count` bytes at `offset` rewrites in a file of `oldSize` plaintext bytes, and how.
+///
+/// The write covers chunks `first...last`. A chunk is *whole* when the write supplies all of its new
+/// plaintext, so it is sealed straight from the caller's bytes; otherwise its old plaintext is needed
+/// (`needsOld`) and the written bytes are laid over it. When the write starts past the old last chunk, that
+/// chunk stops being the last one and is resealed as a full chunk (`resealedOldLast`): as part of the
+/// written region when it is adjacent to `first`, else on its own, with a hole between.
+public struct WritePlan: Equatable, Sendable {
+    public let chunkSize: Int
+    public let offset: Int
+    public let count: Int
+    public let oldSize: Int
+    public let newSize: Int
+    public let first: Int
+    public let last: Int
+    /// The old last chunk, when it must be resealed as a full, non-last chunk.
+    public let resealedOldLast: Int?
+
+    public init(chunkSize: Int, oldSize: Int, offset: Int, count: Int) {
+        precondition(count > 0 && offset >= 0 && oldSize >= 0)
+        self.chunkSize = chunkSize
+        self.offset = offset
+        self.count = count
+        self.oldSize = oldSize
+        newSize = max(oldSize, offset + count)
+        first = offset / chunkSize
+        last = (offset + count - 1) / chunkSize
+        let oldLast = oldSize > 0 ? (oldSize - 1) / chunkSize : -1
+        resealedOldLast = oldLast >= 0 && oldLast < first ? oldLast : nil
+    }
+
+    /// Index of the old last chunk (-1 for an empty file) and of the new one.
+    public var oldLast: Int { oldSize > 0 ? (oldSize - 1) / chunkSize : -1 }
+    public var newLast: Int { (newSize - 1) / chunkSize }
+
+    /// The first chunk of the contiguous region the write stores: the resealed old last chunk when adjacent.
+    public var regionFirst: Int { resealedOldLast == first - 1 ? first - 1 : first }
+
+    /// True when the old last chunk is resealed on its own, apart from the region (a hole lies between).
+    public var resealsSeparately: Bool { resealedOldLast.map { $0 < first - 1 } ?? false }
+
+    /// Plaintext bytes of chunk `i` before and after the write.
+    public func oldLength(_ i: Int) -> Int { max(0, min(chunkSize, oldSize - i * chunkSize)) }
+    public func newLength(_ i: Int) -> Int { max(0, min(chunkSize, newSize - i * chunkSize)) }
+
+    /// The part of chunk `i` (first...last) the write supplies, as offsets within the chunk.
+    public func written(_ i: Int) -> Range<Int> {
+        let start = i * chunkSize
+        return (max(offset, start) - start)..<(min(offset + count, start + newLength(i)) - start)
+    }
+
+    /// True when the write supplies all of chunk `i`'s new plaintext.
+    public func isWhole(_ i: Int) -> Bool { written(i) == 0..<newLength(i) }
+
+    /// True when chunk `i` keeps some of its old plaintext, which must be read and authenticated first.
+    public func needsOld(_ i: Int) -> Bool {
+        let w = written(i)
+        let old = oldLength(i)
+        return old > 0 && !(w.lowerBound == 0 && w.upperBound >= old)
+    }
+
+    /// True when chunk `i` is the file's last chunk after the write.
+    public func isLast(_ i: Int) -> Bool { i == newLast }
+
+    /// True when the old last chunk is rewritten at all (resealed, or overwritten as part of the region):
+    /// a write that grows the file replaces the old last chunk's stored bytes, which a failed write must restore.
+    public var rewritesOldLast: Bool { oldLast >= 0 && newSize > oldSize }
 }

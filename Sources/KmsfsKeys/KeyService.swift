@@ -14,6 +14,15 @@ public struct KeySubject: Sendable {
     }
 }
 
+/// A data key for a new file, with the file ID and encryption context it was made for.
+public struct FreshFileKey: Sendable {
+    public let fileId: [UInt8]
+    public let context: EncryptionContext
+    /// The plaintext data key (locked memory); the caller wipes it once the file's keys are derived.
+    public let dataKey: SecureBytes
+    public let wrapped: [WrappedKey]
+}
+
 /// The volume's key policy on top of its provider: which keys wrap new data keys, the order keys are tried
 /// on open, falling back from one key to the next, and the audit record of every call.
 public final class KeyService: Sendable {
@@ -43,6 +52,18 @@ public final class KeyService: Sendable {
         }
         return (dataKey, wrapped)
     }
+
+    /// A data key for a new file of volume `volumeId`: a fresh random file ID, its encryption context, and a
+    /// new data key wrapped under every configured key.
+    public func newFileKey(volumeId: String, userContext: [String: String], path: String) throws -> FreshFileKey {
+        let fileId = try SecureRandom.bytes(FileHeader.fileIdSize)
+        let context = EncryptionContext.forFile(volumeId: volumeId, fileId: fileId, user: userContext)
+        let (dataKey, wrapped) = try newDataKey(context: context, subject: KeySubject(path: path, fileId: fileId))
+        return FreshFileKey(fileId: fileId, context: context, dataKey: dataKey, wrapped: wrapped)
+    }
+
+    /// Wipes every key the service holds (unmount).
+    public func shutdown() {}
 
     /// Unwraps a file's data key, trying its wrapped keys in the configured order (then any others the header
     /// carries) until one unwraps to a key that `accept` approves (the key commitment check).
@@ -144,9 +165,5 @@ public final class KeyService: Sendable {
     }
 
     /// Milliseconds on the monotonic clock.
-    static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
-    }
+    static func now() -> Double { Monotonic.seconds() * 1000 }
 }

@@ -150,7 +150,7 @@ struct AWSKMSTests {
         let fd = try P.open(v.backing("f"), O_WRONLY)
         try P.pwrite(fd, Array(bytes[0..<(at + 4)]), 0)
         close(fd)
-        #expect(P.errno { try P.open(v.path("f"), O_RDONLY) } == EIO)
+        #expect(P.errno { try P.readFile(v.path("f")) } == EIO)
         #expect(v.daemonLogText.contains("cannot open /f: cannot unwrap the data key with key \(arn): InvalidCiphertextException"))
         #expect(v.auditLines().contains { $0["op"] as? String == "Decrypt" && $0["result"] as? String == "InvalidCiphertextException" })
     }
@@ -194,7 +194,7 @@ struct AWSKMSTests {
         try moto.disableKey(k2)
         proxy.set(.disabled, forKey: k2)
         #expect(v.waitForAudit("DiscardKey", count: 2, path: "/f"))
-        #expect(P.errno { try P.open(v.path("f"), O_RDONLY) } == EIO)
+        #expect(P.errno { try P.readFile(v.path("f")) } == EIO)
         #expect(v.daemonLogText.contains("cannot open /f: cannot unwrap the data key with key \(k1): DisabledException"))
         // Creating needs the first key: refused as well, and nothing is left behind.
         #expect(P.errno { try P.writeFile(v.path("g"), [1]) } != nil)

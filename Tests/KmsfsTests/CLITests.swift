@@ -15,7 +15,7 @@ struct CLITests {
         let config = try VolumeConfig.decode(try FileIO.readFile(dir.path + "/vol/kmsfs.conf"))
         #expect(config.keyProvider.type == "local" && config.keyProvider.keyFile == nil)
         #expect(config.encryptionContext == ["team": "storage", "env": "test"])
-        #expect(config.chunkSize == 65536)
+        #expect(config.chunkSize == 4096)
         let keyPath = dir.path + "/cfg/kmsfs/keys/\(config.volumeId).key"
         #expect(r.stdout.contains(keyPath) && r.stdout.contains("Back this key file up"))
         var st = stat()

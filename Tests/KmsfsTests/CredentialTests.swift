@@ -199,19 +199,19 @@ struct CredentialTests {
         try P.writeFile(bad.path("f"), [7])
         try bad.unmount()
         let wrongMount = try MountedVolumeRestart(bad, environment: wrong)
-        #expect(P.errno { try P.open(wrongMount.path("f"), O_RDONLY) } == EACCES)
+        #expect(P.errno { try P.readFile(wrongMount.path("f")) } == EACCES)
         #expect(wrongMount.daemonLogText.contains("cannot open /f: cannot unwrap the data key with key \(auth.keyArn): SignatureDoesNotMatch"))
         #expect(!wrongMount.daemonLogText.contains(auth.good.secret))
     }
 
-    @Test("A principal denied kms:Decrypt gets EACCES on open, with one log line naming the file, key and error")
+    @Test("A principal denied kms:Decrypt gets EACCES on first read, with one log line naming the file, key and error")
     func accessDenied() throws {
         let auth = try AuthMoto.shared.get()
         let v = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn], environment: auth.environment(id: auth.good.id, secret: auth.good.secret))
         try P.writeFile(v.path("secret"), Array("top".utf8))
         try v.unmount()
         let denied = try MountedVolumeRestart(v, environment: auth.environment(id: auth.noDecrypt.id, secret: auth.noDecrypt.secret))
-        #expect(P.errno { try P.open(denied.path("secret"), O_RDONLY) } == EACCES)
+        #expect(P.errno { try P.readFile(denied.path("secret")) } == EACCES)
         let lines = denied.daemonLogText.split(separator: "\n").filter { $0.contains("cannot open /secret") }
         #expect(lines.count == 1 && lines[0].contains("AccessDenied") && lines[0].contains(auth.keyArn), "\(denied.daemonLogText)")
         // Creating still works: GenerateDataKey is allowed.

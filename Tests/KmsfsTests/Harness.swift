@@ -72,6 +72,8 @@ final class MountedVolume {
     let auditLog: String
     let daemonLog: String
     let chunkSize: Int
+    /// The daemon's open-file limit (RLIMIT_NOFILE), when a test sets one.
+    let openFileLimit: Int?
     private(set) var process: Process?
     private(set) var mountArgs: [String] = []
 
@@ -81,8 +83,9 @@ final class MountedVolume {
     }
 
     init(chunkSize: Int = 4096, initArgs: [String] = [], mountArgs: [String] = [], cipherParent: String? = nil,
-         environment extra: [String: String] = [:]) throws {
+         environment extra: [String: String] = [:], openFileLimit: Int? = nil) throws {
         extraEnvironment = extra
+        self.openFileLimit = openFileLimit
         dir = try TempDir()
         cipher = (cipherParent ?? dir.path) + "/cipher"
         mount = dir.path + "/mnt"
@@ -106,6 +109,7 @@ final class MountedVolume {
         auditLog = other.auditLog
         daemonLog = other.daemonLog
         chunkSize = other.chunkSize
+        openFileLimit = other.openFileLimit
         extraEnvironment = extra
         try start()
     }
@@ -129,6 +133,10 @@ final class MountedVolume {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: kmsfsBinary)
         p.arguments = ["mount", "-f", "--audit-log", auditLog] + args + [cipher, mount]
+        if let n = openFileLimit {
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
+            p.arguments = ["--nofile=\(n):\(n)", "--", kmsfsBinary] + p.arguments!
+        }
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         p.environment = env

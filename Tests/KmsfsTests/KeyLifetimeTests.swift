@@ -17,13 +17,17 @@ struct KeyLifetimeTests {
         #expect(v.waitForAudit("DiscardKey", count: 1, path: "/f"))
         #expect(v.auditCount("Decrypt") == 0)   // creating needs no unwrap
 
-        // Open twice: one unwrap.
+        // Opening needs no key; the first read unwraps it, once for every handle.
         let a = try P.open(v.path("f"), O_RDONLY)
         let b = try P.open(v.path("f"), O_RDWR)
+        #expect(v.auditCount("Decrypt") == 0)
+        #expect(try P.pread(a, 1, 0) == [1])
+        #expect(try P.pread(b, 1, 1) == [1])
         #expect(v.auditCount("Decrypt", path: "/f") == 1)
         // A third handle through a hard link shares the same key too.
         try syscall { link(v.path("f"), v.path("g")) }
         let c = try P.open(v.path("g"), O_RDONLY)
+        #expect(try P.pread(c, 1, 2) == [1])
         #expect(v.auditCount("Decrypt") == 1)
         close(a)
         close(c)
@@ -33,8 +37,9 @@ struct KeyLifetimeTests {
         close(b)
         // The last close wipes the key ...
         #expect(v.waitForAudit("DiscardKey", count: 2, path: "/f"))
-        // ... so the next open unwraps again.
+        // ... so the next read unwraps again.
         let d = try P.open(v.path("f"), O_RDONLY)
+        #expect(try P.pread(d, 1, 3) == [1])
         #expect(v.auditCount("Decrypt") == 2)
         close(d)
         #expect(v.waitForAudit("DiscardKey", count: 3, path: "/f"))
@@ -50,6 +55,27 @@ struct KeyLifetimeTests {
         try v.remount()
         #expect(try P.stat(v.path("f")).st_size == 100)
         #expect(v.auditLines().count == before)
+    }
+
+    @Test("touch, opening without reading or writing, and truncating to zero need no key")
+    func noKeyWithoutIO() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("f"), Array(repeating: 3, count: 5000))
+        try #require(v.waitForKeysWiped("f"))
+        #expect(try run("touch", [v.path("f")]).status == 0)
+        close(try P.open(v.path("f"), O_RDONLY))
+        close(try P.open(v.path("f"), O_WRONLY))
+        #expect(try P.stat(v.path("f")).st_size == 5000)
+        #expect(try run("truncate", ["-s", "0", v.path("f")]).status == 0)
+        #expect(try P.stat(v.path("f")).st_size == 0)
+        #expect(try P.readFile(v.path("f")) == [])
+        #expect(v.auditCount("Decrypt") == 0)
+        // The emptied file is a valid encrypted file: writing it unwraps its key, once.
+        let fd = try P.open(v.path("f"), O_RDWR | O_APPEND)
+        defer { close(fd) }
+        try P.write(fd, [1, 2])
+        #expect(try P.pread(fd, 2, 0) == [1, 2])
+        #expect(v.auditCount("Decrypt", path: "/f") == 1)
     }
 
     @Test("A new file gets a fresh data key; every file has its own file ID")

@@ -49,4 +49,7 @@ int kmsfs_mlockall(void);
 #include <spawn.h>
 int kmsfs_spawn_closefrom(posix_spawn_file_actions_t *actions, int from);
 
+/// The number of CPUs this process may run on (its affinity mask).
+int kmsfs_cpu_count(void);
+
 #endif

@@ -1,0 +1,240 @@
+import CSystem
+import Glibc
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+/// Opening, creating, reading, writing and resizing regular files.
+extension EncryptedFilesystem {
+    /// Opens a regular file. Reads and checks its header (no key needed); the data key is unwrapped only when
+    /// a handle of the file first needs it, and only if no other handle already did.
+    func open(_ inode: Inode, flags: Int32) throws -> FileHandle {
+        guard inode.type == S_IFREG else { throw Errno.EISDIR }
+        let writable = flags & O_ACCMODE != O_RDONLY
+        if writable && readOnly { throw Errno.EROFS }
+        let backingFlags = self.backingFlags(flags)
+        let fd = try withNode(inode, { dfd, name in
+            try syscall { openat(dfd, name, backingFlags | O_NOFOLLOW) }
+        }, viaDescriptor: { fd in
+            try syscall { Glibc.open("/proc/self/fd/\(fd)", backingFlags) }
+        })
+        let handle: FileHandle
+        do {
+            var st = stat()
+            try syscall { fstat(fd, &st) }
+            guard InodeKey(st) == inode.key else { throw Errno(ESTALE) }
+            let path = mountPath(of: inode)
+            var header: FileHeader? = nil
+            let layout: ChunkLayout
+            if let open = table.lookup(inode.key) {
+                layout = open.layout
+            } else {
+                // The first handle: check the header's structure and context now, so that damage shows at open.
+                do {
+                    let h = try FileOpener.readHeader(fd: fd)
+                    try h.checkContext(volumeId: volume.volumeId)
+                    header = h
+                    layout = h.layout
+                } catch {
+                    Log.error("cannot open \(path): \(error)")
+                    throw Errno.EIO
+                }
+            }
+            inodes.setLayout(.known(layout), of: inode)
+            let file = try table.acquire(inode.key, fd: fd, path: path, layout: layout,
+                                         size: { layout.plaintextSize(backingSize: Int(st.st_size)) }, header: header)
+            handle = FileHandle(fd: fd, file: file, writable: writable)
+        } catch {
+            close(fd)
+            throw error
+        }
+        if writable && flags & O_TRUNC != 0 {
+            do {
+                try handle.file.io.withWriteLock { try handle.content.truncateToZero() }
+            } catch {
+                releaseFile(handle)
+                throw error
+            }
+        }
+        return handle
+    }
+
+    /// Creates a new encrypted file with a fresh data key and opens it. The header is written to an unnamed
+    /// file (O_TMPFILE) that is linked into place only when complete, so no headerless file is ever visible.
+    func create(_ parent: Inode, _ name: String, _ mode: mode_t, _ flags: Int32, _ caller: Caller) throws -> (Inode, stat, FileHandle) {
+        if readOnly { throw Errno.EROFS }
+        let n = try backingName(parent, name, creating: true)
+        let path = mountPath(of: parent, name)
+        let fresh = try keys.newFileKey(volumeId: volume.volumeId, userContext: volume.encryptionContext, path: path)
+        let fileKeys: FileKeys
+        do {
+            fileKeys = try FileKeys(dataKey: fresh.dataKey, fileId: fresh.fileId)
+        } catch {
+            fresh.dataKey.wipe()
+            throw error
+        }
+        fresh.dataKey.wipe()
+        let header = try FileHeader(fileId: fresh.fileId, chunkSize: volume.chunkSize, context: fresh.context,
+                                    wrappedKeys: fresh.wrapped, keys: fileKeys)
+        let bytes = header.encoded()
+
+        let created: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in
+            guard let fd = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
+                try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+            }) else { return nil }
+            do {
+                var st = stat()
+                try syscall { fstat(fd, &st) }
+                let inode = inodes.remember(parent: parent, name: n, st: st)
+                inodes.setLayout(.known(header.layout), of: inode)
+                let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fresh.fileId, layout: header.layout)
+                do {
+                    let file = try table.acquire(inode.key, fd: fd, path: path, layout: header.layout, size: { 0 }, secrets: secrets)
+                    st.st_size = 0
+                    return (inode, st, FileHandle(fd: fd, file: file, writable: true))
+                } catch {
+                    forget(inode.nodeId, count: 1)
+                    throw error
+                }
+            } catch {
+                close(fd)
+                throw error
+            }
+        }
+        if let c = created { return c }
+        // Another creator won the race and the caller did not ask for O_EXCL: open that file instead.
+        fileKeys.chunkKey.wipe()
+        let (inode, _) = try lookup(parent, name)
+        do {
+            let handle = try open(inode, flags: flags & ~O_CREAT)
+            do {
+                return (inode, try getattr(inode), handle)
+            } catch {
+                releaseFile(handle)
+                throw error
+            }
+        } catch {
+            forget(inode.nodeId, count: 1)
+            throw error
+        }
+    }
+
+    /// Creates `name` in directory `dfd` with its content written by `fill` before it becomes visible. Returns
+    /// the open descriptor, or nil when the name appeared meanwhile and `exclusive` is false.
+    private func createLinked(_ dfd: Int32, _ name: String, mode: mode_t, exclusive: Bool, caller: Caller,
+                              fill: (Int32) throws -> Void) throws -> Int32? {
+        let tmp = openat(dfd, ".", kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, mode)
+        if tmp >= 0 {
+            do {
+                try fill(tmp)
+                giveToCaller(fd: tmp, caller)
+                if linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", dfd, name, AT_SYMLINK_FOLLOW) == 0 { return tmp }
+                let e = Errno.current
+                if e.code == EEXIST && !exclusive { close(tmp); return nil }
+                throw e
+            } catch {
+                close(tmp)
+                throw error
+            }
+        } else if ![EOPNOTSUPP, EISDIR, EINVAL].contains(Errno.current.code) {
+            throw Errno.current
+        }
+        // Backing filesystems without O_TMPFILE: create, write the header, remove on failure.
+        let fd = openat(dfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+        if fd < 0 {
+            let e = Errno.current
+            if e.code == EEXIST && !exclusive { return nil }
+            throw e
+        }
+        do {
+            try fill(fd)
+            giveToCaller(fd: fd, caller)
+            return fd
+        } catch {
+            close(fd)
+            unlinkat(dfd, name, 0)
+            throw error
+        }
+    }
+
+    /// The file's secrets, unwrapping its data key if no handle has needed it yet. A failure is logged (one
+    /// line naming the file, the key and the error) and fails the operation that needed the key.
+    func secrets(of handle: FileHandle) throws -> FileSecrets {
+        let file = handle.file
+        return try file.secrets {
+            do throws(FileOpener.Failure) {
+                let header: FileHeader
+                if let h = file.header { header = h } else { header = try FileOpener.readHeader(fd: handle.fd) }
+                let opened = try FileOpener.open(header: header, volumeId: volume.volumeId, keys: keys, path: file.path)
+                return FileSecrets(chunkKey: opened.keys.chunkKey, fileId: header.fileId, layout: file.layout)
+            } catch {
+                Log.error("cannot open \(file.path): \(error)")
+                if case .key(let e) = error, e.kind == .accessDenied { throw Errno.EACCES }
+                throw Errno.EIO
+            }
+        }
+    }
+
+    func read(_ handle: FileHandle, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
+        if offset >= handle.file.size { return 0 }
+        let s = try secrets(of: handle)
+        return try handle.file.io.withReadLock { try handle.content.read(s, into: buffer, count: count, offset: offset) }
+    }
+
+    func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int) throws -> Int {
+        guard handle.writable else { throw Errno.EBADF }
+        let s = try secrets(of: handle)
+        try handle.file.io.withWriteLock { try handle.content.write(s, from: buffer, count: count, offset: offset) }
+        return count
+    }
+
+    /// Changes the plaintext size, through `handle` when the change came through an open file. Truncation to
+    /// zero needs no key.
+    func truncate(_ inode: Inode, _ size: Int, _ handle: FileHandle?) throws {
+        guard size >= 0 else { throw Errno.EINVAL }
+        if readOnly { throw Errno.EROFS }
+        let h: FileHandle
+        if let given = handle, given.writable {
+            h = given
+        } else {
+            h = try open(inode, flags: O_WRONLY)
+        }
+        defer { if h !== handle { releaseFile(h) } }
+        if size == 0 {
+            try h.file.io.withWriteLock { try h.content.truncateToZero() }
+            return
+        }
+        let s = try secrets(of: h)
+        try h.file.io.withWriteLock { try h.content.truncate(s, to: size) }
+    }
+
+    func fallocate(_ handle: FileHandle, mode: Int32, offset: Int, length: Int) throws {
+        guard handle.writable else { throw Errno.EBADF }
+        try handle.file.io.withWriteLock {
+            try handle.content.allocate({ try secrets(of: handle) }, mode: mode, offset: offset, length: length)
+        }
+    }
+
+    func fsync(_ handle: FileHandle, datasync: Bool) throws {
+        try syscall { datasync ? fdatasync(handle.fd) : Glibc.fsync(handle.fd) }
+    }
+
+    /// Closes a handle; the last handle of a file wipes its key.
+    func releaseFile(_ handle: FileHandle) {
+        table.release(handle.file, fd: handle.fd)
+        close(handle.fd)
+    }
+
+    private func backingFlags(_ flags: Int32) -> Int32 {
+        let writable = flags & O_ACCMODE != O_RDONLY
+        // Writers also read (partial chunks are read back); appends and truncation are done by kmsfs itself.
+        return (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & (O_SYNC | O_DSYNC))
+    }
+
+    /// Gives a new file to the user whose request created it (when kmsfs runs as root, e.g. with allow_other).
+    private func giveToCaller(fd: Int32, _ caller: Caller) {
+        guard chownToCaller else { return }
+        _ = fchown(fd, caller.uid, caller.gid)
+    }
+}

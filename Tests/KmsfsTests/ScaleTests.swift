@@ -1,0 +1,48 @@
+import Foundation
+import Glibc
+import KmsfsSystem
+import Testing
+
+@Suite("Scale: no file-count ceiling")
+struct ScaleTests {
+    @Test("With the daemon's open-file limit at 64, thousands of files in many directories and a deep path are created, listed, stat'ed, read and removed")
+    func manyFilesFewDescriptors() throws {
+        let v = try MountedVolume(openFileLimit: 64)
+        let dirs = 30, perDir = 100
+        var deep = v.mount
+        for i in 0..<40 {
+            deep += "/level\(i)"
+            try syscall { mkdir(deep, 0o755) }
+        }
+        try P.writeFile(deep + "/bottom", Array("deep".utf8))
+        for d in 0..<dirs {
+            try syscall { mkdir(v.path("d\(d)"), 0o755) }
+            for f in 0..<perDir { try P.writeFile(v.path("d\(d)/f\(f)"), Array("\(d)/\(f)".utf8)) }
+        }
+        // Hard links across directories still share one inode and one size.
+        try syscall { link(v.path("d0/f0"), v.path("d29/link")) }
+        try P.writeFile(v.path("d29/link"), Array("changed through the link".utf8))
+        #expect(try P.stat(v.path("d0/f0")).st_ino == (try P.stat(v.path("d29/link")).st_ino))
+        #expect(try P.readFile(v.path("d0/f0")) == Array("changed through the link".utf8))
+
+        // A fresh mount: the kernel knows nothing, so every lookup reaches the daemon again.
+        try v.remount()
+        var listed = 0
+        for d in 0..<dirs { listed += try FileManager.default.contentsOfDirectory(atPath: v.path("d\(d)")).count }
+        #expect(listed == dirs * perDir + 1)
+        for d in 0..<dirs {
+            for f in 0..<perDir {
+                let expected = d == 0 && f == 0 ? Array("changed through the link".utf8) : Array("\(d)/\(f)".utf8)
+                #expect(try P.stat(v.path("d\(d)/f\(f)")).st_size == off_t(expected.count))
+                #expect(try P.readFile(v.path("d\(d)/f\(f)")) == expected)
+            }
+        }
+        #expect(try P.readFile(deep + "/bottom") == Array("deep".utf8))
+        // Renaming a directory high up keeps everything below it reachable.
+        try syscall { rename(v.path("level0"), v.path("moved")) }
+        #expect(try P.readFile(deep.replacingOccurrences(of: v.mount + "/level0", with: v.mount + "/moved") + "/bottom") == Array("deep".utf8))
+        #expect(try run("rm", ["-rf", v.path("moved")] + (0..<dirs).map { v.path("d\($0)") }).status == 0)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount) == [])
+        #expect(!v.daemonLogText.contains("Too many open files"))
+    }
+}
