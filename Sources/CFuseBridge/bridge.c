@@ -1,8 +1,14 @@
 #include "kmsfs_fuse.h"
 
+#include <linux/capability.h>
+#include <linux/fuse.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 static kmsfs_fuse_log_fn log_target;
 
@@ -29,6 +35,89 @@ void kmsfs_fuse_set_log(kmsfs_fuse_log_fn fn) {
     fuse_set_log_func(forward_log);
 }
 
+/*
+ * The request/reply hook (libfuse's custom I/O): libfuse 3.14 cannot negotiate FUSE_HANDLE_KILLPRIV_V2, which the
+ * kernel (5.11+) offers. Without it the kernel asks for the security.capability attribute before every write
+ * (a GETXATTR round trip per write(2), half the speed of small writes); with it the kernel marks the mount
+ * SB_NOSEC and instead flags the requests that must drop set-user-ID/set-group-ID bits and file capabilities:
+ * writes and truncations by a process without CAP_FSETID. So the hook adds the flag to the INIT reply, and
+ * records, for the worker thread that read each request (libfuse's loop processes a request on the thread that
+ * read it), whether that request carries the kill flag.
+ */
+static _Atomic uint64_t init_unique = UINT64_MAX;
+static _Atomic int killpriv_v2_offered = 0;
+static int killpriv_v2_wanted = 0;
+static __thread int request_kills_suidgid = 0;
+
+static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata) {
+    (void)userdata;
+    ssize_t n = read(fd, buf, len);
+    request_kills_suidgid = 0;
+    if (n < (ssize_t)sizeof(struct fuse_in_header)) return n;
+    const struct fuse_in_header *in = buf;
+    const char *arg = (const char *)buf + sizeof *in;
+    size_t argLen = (size_t)n - sizeof *in;
+    switch (in->opcode) {
+    case FUSE_INIT:
+        if (argLen >= offsetof(struct fuse_init_in, flags) + sizeof(uint32_t)) {
+            const struct fuse_init_in *init = (const void *)arg;
+            atomic_store(&killpriv_v2_offered, (init->flags & FUSE_HANDLE_KILLPRIV_V2) != 0);
+            atomic_store(&init_unique, in->unique);
+        }
+        break;
+    case FUSE_WRITE:
+        if (argLen >= sizeof(struct fuse_write_in))
+            request_kills_suidgid = (((const struct fuse_write_in *)(const void *)arg)->write_flags & FUSE_WRITE_KILL_SUIDGID) != 0;
+        break;
+    case FUSE_SETATTR:
+        if (argLen >= sizeof(struct fuse_setattr_in))
+            request_kills_suidgid = (((const struct fuse_setattr_in *)(const void *)arg)->valid & FATTR_KILL_SUIDGID) != 0;
+        break;
+    case FUSE_OPEN:
+        if (argLen >= sizeof(struct fuse_open_in))
+            request_kills_suidgid = (((const struct fuse_open_in *)(const void *)arg)->open_flags & FUSE_OPEN_KILL_SUIDGID) != 0;
+        break;
+    default:
+        break;
+    }
+    return n;
+}
+
+static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata) {
+    (void)userdata;
+    if (count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header) &&
+        iov[1].iov_len >= offsetof(struct fuse_init_out, flags) + sizeof(uint32_t)) {
+        struct fuse_out_header *out = iov[0].iov_base;
+        if (out->error == 0 && out->unique == atomic_load(&init_unique)) {
+            struct fuse_init_out *init = iov[1].iov_base;
+            if (killpriv_v2_wanted && atomic_load(&killpriv_v2_offered)) init->flags |= FUSE_HANDLE_KILLPRIV_V2;
+            atomic_store(&init_unique, UINT64_MAX);
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+int kmsfs_fuse_request_kills_suidgid(void) { return request_kills_suidgid; }
+
+int kmsfs_fuse_killpriv_v2_active(void) { return killpriv_v2_wanted && atomic_load(&killpriv_v2_offered); }
+
+/* CAP_FSETID of the calling thread, in its effective set: dropped, the backing filesystem itself clears the
+ * set-user-ID and set-group-ID bits and file capabilities when this thread writes or truncates. */
+static int set_fsetid(int on) {
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    unsigned int bit = 1u << (CAP_FSETID % 32);
+    int had = (data[CAP_FSETID / 32].effective & bit) != 0;
+    if (on) data[CAP_FSETID / 32].effective |= bit & data[CAP_FSETID / 32].permitted;
+    else data[CAP_FSETID / 32].effective &= ~bit;
+    if (syscall(SYS_capset, &header, data) != 0) return -1;
+    return had;
+}
+
+int kmsfs_drop_fsetid(void) { return set_fsetid(0); }
+void kmsfs_restore_fsetid(void) { (void)set_fsetid(1); }
+
 int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowlevel_ops *ops, void *userdata) {
     struct fuse_args args = FUSE_ARGS_INIT(mount->argc, mount->argv);
     int result = KMSFS_FUSE_OK;
@@ -45,6 +134,11 @@ int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowle
     if (fuse_session_mount(session, mount->mountpoint) != 0) {
         result = KMSFS_FUSE_MOUNT_FAILED;
         goto signals;
+    }
+    killpriv_v2_wanted = mount->killpriv_v2;
+    if (killpriv_v2_wanted) {
+        static const struct fuse_custom_io io = { .read = hook_read, .writev = hook_writev };
+        if (fuse_session_custom_io(session, &io, fuse_session_fd(session)) != 0) killpriv_v2_wanted = 0;
     }
     if (mount->ready != NULL) mount->ready(mount->ready_context);
 

@@ -37,7 +37,8 @@ public enum FuseServer {
                     mountpoint: mp, argc: Int32(args.count), argv: argv.baseAddress,
                     max_threads: maxThreads, max_idle_threads: 4,
                     ready: { ctx in Unmanaged<ReadyBox>.fromOpaque(ctx!).takeUnretainedValue().body() },
-                    ready_context: Unmanaged.passUnretained(ready).toOpaque())
+                    ready_context: Unmanaged.passUnretained(ready).toOpaque(),
+                    killpriv_v2: 1)
                 return kmsfs_fuse_run(&mount, &ops, fs.toOpaque())
             }
         }
@@ -72,6 +73,15 @@ private func serve(_ req: fuse_req_t?, _ body: (EncryptedFilesystem) throws -> V
         Log.error("internal error: \(error)")
         fuse_reply_err(req, EIO)
     }
+}
+
+/// Runs `body` as the request asks: without CAP_FSETID when it must clear set-user-ID and set-group-ID bits and
+/// file capabilities (FUSE_HANDLE_KILLPRIV_V2: a write or truncation by a process that lacks CAP_FSETID), so the
+/// backing filesystem clears them as it would for that process.
+private func killingPrivileges<R>(_ body: () throws -> R) rethrows -> R {
+    guard kmsfs_fuse_request_kills_suidgid() != 0, kmsfs_drop_fsetid() == 1 else { return try body() }
+    defer { kmsfs_restore_fsetid() }
+    return try body()
 }
 
 private func caller(_ req: fuse_req_t?) -> Caller {
@@ -147,7 +157,7 @@ private func operations() -> fuse_lowlevel_ops {
     }
     ops.setattr = { req, ino, attr, valid, fi in
         serve(req) { fs in
-            var st = try fs.setattr(fs.inodes.get(ino), attr!.pointee, valid, handle(fi), caller(req))
+            var st = try killingPrivileges { try fs.setattr(fs.inodes.get(ino), attr!.pointee, valid, handle(fi), caller(req)) }
             fuse_reply_attr(req, &st, EncryptedFilesystem.cacheTimeout)
         }
     }
@@ -214,7 +224,7 @@ private func operations() -> fuse_lowlevel_ops {
 
     ops.open = { req, ino, fi in
         serve(req) { fs in
-            let h = try fs.open(fs.inodes.get(ino), flags: fi!.pointee.flags)
+            let h = try killingPrivileges { try fs.open(fs.inodes.get(ino), flags: fi!.pointee.flags) }
             fi!.pointee.fh = h.retainedValue()
             if fs.directIO { fi!.pointee.direct_io = 1 }
             if fuse_reply_open(req, fi) != 0 { fs.releaseFile(Handle.take(fi!.pointee.fh) as! FileHandle) }
@@ -247,7 +257,7 @@ private func operations() -> fuse_lowlevel_ops {
     }
     ops.write = { req, _, buf, size, offset, fi in
         serve(req) { fs in
-            let n = try fs.write(try fileHandle(fi), from: buf!, count: size, offset: Int(offset))
+            let n = try killingPrivileges { try fs.write(try fileHandle(fi), from: buf!, count: size, offset: Int(offset)) }
             fuse_reply_write(req, n)
         }
     }

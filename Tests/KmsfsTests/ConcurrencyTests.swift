@@ -128,7 +128,7 @@ struct ConcurrencyTests {
         #expect(v.waitForAudit("DiscardKey", count: v.auditCount("GenerateDataKey") + v.auditCount("Decrypt")))
     }
 
-    @Test("With allow_other, other users are held to the file permissions and own what they create")
+    @Test("With allow_other, other users are held to the file permissions, own what they create, and their writes clear set-user-ID bits")
     func allowOther() throws {
         let v = try MountedVolume(mountArgs: ["-o", "allow_other"])
         try syscall { chmod(v.dir.path, 0o755) }
@@ -153,6 +153,20 @@ struct ConcurrencyTests {
         #expect(try P.stat(v.backing("pub/mine")).st_uid == 65534)
         #expect(try P.stat(v.path("pub/dir")).st_uid == 65534)
         #expect(try P.readFile(v.path("pub/mine")) == Array("mine\n".utf8))
+
+        // Set-user-ID and set-group-ID bits: root's writes keep them; another user's write or truncation clears
+        // them, as on any filesystem (kmsfs lets the backing filesystem do it for that user).
+        try P.writeFile(v.path("pub/setuid"), Array("#!/bin/sh\n".utf8))
+        try syscall { chmod(v.path("pub/setuid"), 0o6777) }
+        try P.writeFile(v.path("pub/setuid"), Array("#!/bin/sh\necho root\n".utf8))
+        #expect(try P.stat(v.path("pub/setuid")).st_mode & 0o7777 == 0o6777)
+        #expect(try asNobody("echo changed >> \(v.path("pub/setuid"))").status == 0)
+        #expect(try P.stat(v.path("pub/setuid")).st_mode & 0o7777 == 0o0777)
+        #expect(try P.stat(v.backing("pub/setuid")).st_mode & 0o7777 == 0o0777)
+        try syscall { chmod(v.path("pub/setuid"), 0o4777) }
+        #expect(try asNobody("truncate -s 3 \(v.path("pub/setuid"))").status == 0)
+        #expect(try P.stat(v.path("pub/setuid")).st_mode & 0o7777 == 0o0777)
+        #expect(try P.readFile(v.path("pub/setuid")) == Array("#!/".utf8))
         // Without allow_other other users see nothing at all.
         try v.unmount()
         try v.start()

@@ -28,6 +28,8 @@ struct kmsfs_fuse_mount {
     unsigned int max_idle_threads;
     kmsfs_fuse_ready_fn ready;
     void *ready_context;
+    /// Negotiate FUSE_HANDLE_KILLPRIV_V2 when the kernel offers it (see bridge.c).
+    int killpriv_v2;
 };
 
 enum kmsfs_fuse_result {
@@ -41,5 +43,18 @@ enum kmsfs_fuse_result {
 /// Creates a session with `ops`, mounts it, runs the multithreaded loop until unmount or SIGINT/SIGTERM/SIGHUP,
 /// then unmounts and destroys it (which calls ops->destroy).
 int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowlevel_ops *ops, void *userdata);
+
+/// True when the request being processed on this thread asks the filesystem to clear set-user-ID and
+/// set-group-ID bits and file capabilities (FUSE_HANDLE_KILLPRIV_V2: a write or truncation by a process without
+/// CAP_FSETID).
+int kmsfs_fuse_request_kills_suidgid(void);
+
+/// True when FUSE_HANDLE_KILLPRIV_V2 is in effect for the mount.
+int kmsfs_fuse_killpriv_v2_active(void);
+
+/// Drops CAP_FSETID from the calling thread's effective capabilities; returns 1 if it was there (restore it
+/// with kmsfs_restore_fsetid), 0 if not, -1 on failure.
+int kmsfs_drop_fsetid(void);
+void kmsfs_restore_fsetid(void);
 
 #endif
