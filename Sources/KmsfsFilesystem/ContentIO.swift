@@ -1,6 +1,7 @@
 import CSystem
 import Dispatch
 import Glibc
+import KmsfsCrypto
 import KmsfsFormat
 import KmsfsSystem
 
@@ -86,23 +87,30 @@ struct ContentIO {
         let separate = plan.resealsSeparately ? Region(layout: layout, first: plan.oldLast, last: plan.oldLast, newSize: plan.newSize) : nil
         defer { separate?.deallocate() }
 
-        // Every chunk of the region (and the separately resealed old last chunk) is sealed independently.
+        // Every chunk of the region (and the separately resealed old last chunk) is sealed independently, each
+        // under its own nonce; all of them drawn from the CSPRNG in one call.
         var chunks = Array(plan.regionFirst...plan.last)
         if plan.resealsSeparately { chunks.append(plan.oldLast) }
+        let nonces = UnsafeMutableRawBufferPointer.allocate(byteCount: (plan.last - plan.regionFirst + 2) * ChunkLayout.nonceSize, alignment: 16)
+        defer { nonces.deallocate() }
+        try SecureRandom.fill(nonces)
+        let firstNonce = plan.regionFirst
         let corrupt = try forEachChunk(secrets, chunks) { codec, i, scratch in
             let target = i < plan.regionFirst ? separate! : region
+            // The separately resealed chunk takes the spare nonce after the region's.
+            let nonce = UnsafeRawPointer(nonces.baseAddress! + (i < firstNonce ? plan.last - firstNonce + 1 : i - firstNonce) * ChunkLayout.nonceSize)
             if i == plan.resealedOldLast {
                 // No longer the last chunk: reseal as a full chunk, zero-padded.
                 let n = plan.oldLength(i)
                 guard old[i]!.open(codec, isLast: true, length: n, into: scratch) else { return false }
                 scratch.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: C - n)
-                try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: scratch, count: C), isLast: false)
+                try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: scratch, count: C), isLast: false, nonce: nonce)
                 return true
             }
             let newLen = plan.newLength(i)
             if plan.isWhole(i) {
                 try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: data + (i * C - offset), count: newLen),
-                                isLast: plan.isLast(i))
+                                isLast: plan.isLast(i), nonce: nonce)
                 return true
             }
             let w = plan.written(i)
@@ -114,7 +122,7 @@ struct ContentIO {
                 scratch.initializeMemory(as: UInt8.self, repeating: 0, count: newLen)
             }
             (scratch + w.lowerBound).copyMemory(from: data + (i * C + w.lowerBound - offset), byteCount: w.count)
-            try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: scratch, count: newLen), isLast: plan.isLast(i))
+            try target.seal(codec, index: i, plaintext: UnsafeRawBufferPointer(start: scratch, count: newLen), isLast: plan.isLast(i), nonce: nonce)
             return true
         }
         if let c = corrupt {
@@ -316,10 +324,14 @@ private final class Region: @unchecked Sendable {
         buffer = .allocate(byteCount: end - layout.backingOffset(ofChunk: first), alignment: 64)
     }
 
-    func seal(_ codec: ChunkCodec, index: Int, plaintext: UnsafeRawBufferPointer, isLast: Bool) throws {
+    func seal(_ codec: ChunkCodec, index: Int, plaintext: UnsafeRawBufferPointer, isLast: Bool, nonce: UnsafeRawPointer? = nil) throws {
         let at = layout.backingOffset(ofChunk: index) - layout.backingOffset(ofChunk: first)
         precondition(at >= 0 && at + plaintext.count + ChunkLayout.overhead <= buffer.count, "chunk outside its region")
-        try codec.seal(plaintext, index: index, isLast: isLast, into: buffer.baseAddress! + at)
+        if let nonce {
+            try codec.seal(plaintext, index: index, isLast: isLast, nonce: nonce, into: buffer.baseAddress! + at)
+        } else {
+            try codec.seal(plaintext, index: index, isLast: isLast, into: buffer.baseAddress! + at)
+        }
     }
 
     func write(_ fd: Int32) throws {

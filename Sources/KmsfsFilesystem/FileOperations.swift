@@ -66,7 +66,7 @@ extension EncryptedFilesystem {
         if readOnly { throw Errno.EROFS }
         let n = try backingName(parent, name, creating: true)
         let path = mountPath(of: parent, name)
-        let fresh = try keys.newFileKey(volumeId: volume.volumeId, userContext: volume.encryptionContext, path: path)
+        let fresh = try pool.take(path: path)
         let fileKeys: FileKeys
         do {
             fileKeys = try FileKeys(dataKey: fresh.dataKey, fileId: fresh.fileId)
@@ -129,7 +129,10 @@ extension EncryptedFilesystem {
             do {
                 try fill(tmp)
                 giveToCaller(fd: tmp, caller)
-                if linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", dfd, name, AT_SYMLINK_FOLLOW) == 0 { return tmp }
+                // AT_EMPTY_PATH links the descriptor itself (it needs CAP_DAC_READ_SEARCH); else through /proc.
+                if linkat(tmp, "", dfd, name, AT_EMPTY_PATH_FLAG) == 0 { return tmp }
+                if [ENOENT, EPERM].contains(Errno.current.code),
+                   linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", dfd, name, AT_SYMLINK_FOLLOW) == 0 { return tmp }
                 let e = Errno.current
                 if e.code == EEXIST && !exclusive { close(tmp); return nil }
                 throw e
@@ -234,7 +237,7 @@ extension EncryptedFilesystem {
 
     /// Gives a new file to the user whose request created it (when kmsfs runs as root, e.g. with allow_other).
     private func giveToCaller(fd: Int32, _ caller: Caller) {
-        guard chownToCaller else { return }
+        guard chownToCaller, caller.uid != 0 || caller.gid != 0 else { return }
         _ = fchown(fd, caller.uid, caller.gid)
     }
 }

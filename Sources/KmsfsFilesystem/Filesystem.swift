@@ -28,15 +28,18 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         /// Bypass the kernel page cache: every read and write reaches kmsfs as the application issued it.
         public var directIO: Bool
         public var names: NameMapping
+        /// Data keys made ahead for new files (`DataKeyPool.Settings.off` to make each at create time).
+        public var keyPool: DataKeyPool.Settings
 
         public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, readOnly: Bool, directIO: Bool = false,
-                    names: NameMapping = PlaintextNames()) {
+                    names: NameMapping = PlaintextNames(), keyPool: DataKeyPool.Settings = .defaults) {
             self.cipherDir = cipherDir
             self.volume = volume
             self.keys = keys
             self.readOnly = readOnly
             self.directIO = directIO
             self.names = names
+            self.keyPool = keyPool
         }
     }
 
@@ -51,6 +54,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let directIO: Bool
     let inodes: InodeTable
     let table: OpenFileTable
+    let pool: DataKeyPool
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool
 
@@ -69,6 +73,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         readOnly = settings.readOnly
         directIO = settings.directIO
         chownToCaller = geteuid() == 0
+        pool = DataKeyPool(keys: settings.keys, volumeId: settings.volume.volumeId, userContext: settings.volume.encryptionContext,
+                           settings: settings.readOnly ? .off : settings.keyPool)
         let keyService = settings.keys
         table = OpenFileTable { file, secrets in
             keyService.recordDiscard(subject: KeySubject(path: file.path, fileId: secrets.fileId))
@@ -81,7 +87,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Wipes every key still in memory (on unmount).
     public func shutdown() {
         table.wipeAll()
-        keys.shutdown()
+        pool.shutdown()
     }
 
     // MARK: - reaching nodes
@@ -254,7 +260,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let n = try backingName(parent, name, creating: true)
         return try inodes.withDirectory(parent) { dfd in
             try make(dfd, n)
-            if chownToCaller { _ = fchownat(dfd, n, caller.uid, caller.gid, AT_SYMLINK_NOFOLLOW) }
+            if chownToCaller && (caller.uid != 0 || caller.gid != 0) { _ = fchownat(dfd, n, caller.uid, caller.gid, AT_SYMLINK_NOFOLLOW) }
             var st = stat()
             try syscall { fstatat(dfd, n, &st, AT_SYMLINK_NOFOLLOW) }
             return (inodes.remember(parent: parent, name: n, st: st), st)

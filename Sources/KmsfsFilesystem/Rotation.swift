@@ -4,6 +4,7 @@ import KmsfsCrypto
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
+import Synchronization
 
 /// Who may use a backing directory: a mount holds a shared lock on it for its lifetime, offline maintenance
 /// (key rotation) an exclusive one, so the two never run at once.
@@ -100,7 +101,7 @@ public enum RewrapJournal {
 
 /// Key rotation: re-wraps every file's data key under a new set of keys by rewriting headers only
 /// (ReEncrypt, so with AWS KMS the plaintext key never leaves KMS); bodies are untouched.
-public final class VolumeRewrapper {
+public final class VolumeRewrapper: @unchecked Sendable {
     public struct Summary: Sendable {
         public var total = 0
         public var rewrapped = 0
@@ -121,33 +122,103 @@ public final class VolumeRewrapper {
     }
 
     /// Rewraps every regular file; `progress(done, total)` is called after each one.
-    public func run(progress: (Int, Int) -> Void) throws -> Summary {
+    ///
+    /// The key service calls (ReEncrypt, one per file and key) run on `jobs` threads at once; the headers are
+    /// then written one at a time on the calling thread, each through the redo journal, so a rotation stopped
+    /// at any point leaves at most one file to finish, exactly as a serial one would.
+    public func run(jobs: Int = VolumeRewrapper.defaultJobs, progress: (Int, Int) -> Void) throws -> Summary {
         var files: [String] = []
+        links = []
+        seenLinks = [:]
         try collect("", into: &files)
         var summary = Summary()
-        summary.total = files.count
-        for (i, rel) in files.enumerated() {
+        summary.total = files.count + links.count
+        let queue = PreparedQueue(capacity: max(1, jobs) * 2)
+        let next = Mutex(0)
+        let workerCount = min(max(1, jobs), max(1, files.count))
+        let all = files
+        for _ in 0..<workerCount {
+            let started = BackgroundThread.start { [self] in
+                while true {
+                    let i: Int = next.withLock { n in
+                        defer { n += 1 }
+                        return n
+                    }
+                    guard i < all.count, !queue.isCancelled else { break }
+                    queue.put(i, Result { try prepare(all[i]) })
+                }
+                queue.workerDone()
+            }
+            if !started { queue.workerDone() }
+        }
+        defer { queue.cancel() }
+        var done = 0
+        while let (i, prepared) = queue.take(workers: workerCount) {
+            done += 1
+            let rel = all[i]
             do {
-                if try rewrap(rel) { summary.rewrapped += 1 } else { summary.unchanged += 1 }
+                if let p = try prepared.get() {
+                    try apply(p)
+                    summary.rewrapped += 1
+                } else {
+                    summary.unchanged += 1
+                }
             } catch {
                 summary.failed.append((rel, "\(error)"))
             }
-            progress(i + 1, files.count)
+            progress(done, summary.total)
+        }
+        // A further name of a hard-linked file is done once its first name is.
+        for link in links {
+            if let f = summary.failed.first(where: { $0.path == link.first }) {
+                summary.failed.append((link.name, f.reason))
+            } else {
+                summary.unchanged += 1
+            }
+            done += 1
+            progress(done, summary.total)
         }
         return summary
     }
 
-    /// Rewraps one file; false if it was already wrapped exactly under the targets.
-    func rewrap(_ rel: String) throws -> Bool {
-        let fd = Glibc.open(cipherDir + "/" + rel, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+    public static let defaultJobs = 16
+
+    /// A file's new header, made but not yet written.
+    struct Prepared {
+        let rel: String
+        let old: FileHeader
+        let updated: FileHeader
+    }
+
+    /// Reads a file's header and re-wraps its key under the targets (the key service calls); nil if it is
+    /// already wrapped exactly under them.
+    func prepare(_ rel: String) throws -> Prepared? {
+        let fd = Glibc.open(cipherDir + "/" + rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         if fd < 0 { throw Errno.current }
         defer { close(fd) }
         let header = try FileOpener.readHeader(fd: fd)
         try header.checkContext(volumeId: volume.volumeId)
-        if header.wrappedKeys.map(\.keyId) == targets { return false }
+        if header.wrappedKeys.map(\.keyId) == targets { return nil }
         let wrapped = try keys.rewrap(header.wrappedKeys, to: targets, context: header.context,
                                       subject: KeySubject(path: "/" + rel, fileId: header.fileId))
-        let updated = try header.replacingWrappedKeys(wrapped)
+        return Prepared(rel: rel, old: header, updated: try header.replacingWrappedKeys(wrapped))
+    }
+
+    /// Rewraps one file; false if it was already wrapped exactly under the targets.
+    func rewrap(_ rel: String) throws -> Bool {
+        guard let p = try prepare(rel) else { return false }
+        try apply(p)
+        return true
+    }
+
+    /// Writes a prepared header through the journal.
+    func apply(_ p: Prepared) throws {
+        let rel = p.rel, header = p.old, updated = p.updated
+        let fd = Glibc.open(cipherDir + "/" + rel, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+        if fd < 0 { throw Errno.current }
+        defer { close(fd) }
+        // Nothing else writes the volume during a rotation (it holds the volume lock): the header read when the
+        // key was re-wrapped is still the file's header.
         let bytes = updated.encoded()
         if updated.headerLength == header.headerLength {
             try RewrapJournal.write(.init(path: rel, kind: "header", header: Base64.encode(bytes)), cipherDir: cipherDir)
@@ -184,8 +255,11 @@ public final class VolumeRewrapper {
         }
         Failpoint.hit("rewrap-before-clear")
         RewrapJournal.clear(cipherDir: cipherDir)
-        return true
     }
+
+    /// Hard links found by `collect`: a further name, and the first name of its file.
+    private var links: [(name: String, first: String)] = []
+    private var seenLinks: [String: String] = [:]
 
     private func collect(_ rel: String, into files: inout [String]) throws {
         let dir = rel.isEmpty ? cipherDir : cipherDir + "/" + rel
@@ -203,7 +277,64 @@ public final class VolumeRewrapper {
             var st = stat()
             guard lstat(cipherDir + "/" + child, &st) == 0 else { continue }
             if st.st_mode & S_IFMT == S_IFDIR { try collect(child, into: &files) }
-            if st.st_mode & S_IFMT == S_IFREG { files.append(child) }
+            if st.st_mode & S_IFMT == S_IFREG {
+                // The further names of a hard-linked file are the same file: rewrapped once, through its first name.
+                if st.st_nlink > 1 {
+                    let key = "\(st.st_dev):\(st.st_ino)"
+                    if let first = seenLinks[key] {
+                        links.append((child, first))
+                        continue
+                    }
+                    seenLinks[key] = child
+                }
+                files.append(child)
+            }
+        }
+    }
+}
+
+/// Prepared rewraps handed from the worker threads to the writing thread, at most `capacity` waiting.
+private final class PreparedQueue: @unchecked Sendable {
+    private let condition = Condition()
+    private var items: [(Int, Result<VolumeRewrapper.Prepared?, Error>)] = []
+    private var finishedWorkers = 0
+    private var cancelled = false
+    private let capacity: Int
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    var isCancelled: Bool { condition.withLock { cancelled } }
+
+    func put(_ index: Int, _ item: Result<VolumeRewrapper.Prepared?, Error>) {
+        condition.withLock {
+            while items.count >= capacity && !cancelled { condition.wait() }
+            if cancelled { return }
+            items.append((index, item))
+            condition.broadcast()
+        }
+    }
+
+    func workerDone() {
+        condition.withLock {
+            finishedWorkers += 1
+            condition.broadcast()
+        }
+    }
+
+    /// The next prepared item; nil once every worker is done and nothing is left.
+    func take(workers: Int) -> (Int, Result<VolumeRewrapper.Prepared?, Error>)? {
+        condition.withLock {
+            while items.isEmpty && finishedWorkers < workers { condition.wait() }
+            guard !items.isEmpty else { return nil }
+            condition.broadcast()
+            return items.removeFirst()
+        }
+    }
+
+    func cancel() {
+        condition.withLock {
+            cancelled = true
+            condition.broadcast()
         }
     }
 }

@@ -39,11 +39,25 @@ public final class ChunkCodec {
         aad[24] = isLast ? 1 : 0
     }
 
-    /// Seals `plaintext` (1...chunk size bytes) as chunk `index`, writing plaintext.count + 28 bytes to `out`.
+    /// Seals `plaintext` (1...chunk size bytes) as chunk `index`, writing plaintext.count + 28 bytes to `out`,
+    /// under a nonce drawn from the CSPRNG.
     public func seal(_ plaintext: UnsafeRawBufferPointer, index: Int, isLast: Bool, into out: UnsafeMutableRawPointer) throws {
+        try SecureRandom.fill(UnsafeMutableRawBufferPointer(start: out, count: ChunkLayout.nonceSize))
+        try seal(plaintext, index: index, isLast: isLast, nonceAt: out)
+    }
+
+    /// Seals as above under the 12-byte `nonce`, which the caller drew from the CSPRNG for this seal alone
+    /// (drawing the nonces of many chunks in one call is much cheaper than one call per chunk).
+    public func seal(_ plaintext: UnsafeRawBufferPointer, index: Int, isLast: Bool, nonce: UnsafeRawPointer,
+                     into out: UnsafeMutableRawPointer) throws {
+        out.copyMemory(from: nonce, byteCount: ChunkLayout.nonceSize)
+        try seal(plaintext, index: index, isLast: isLast, nonceAt: out)
+    }
+
+    /// Seals with the nonce already in the first 12 bytes of `out`.
+    private func seal(_ plaintext: UnsafeRawBufferPointer, index: Int, isLast: Bool, nonceAt out: UnsafeMutableRawPointer) throws {
         precondition(plaintext.count > 0 && plaintext.count <= layout.chunkSize)
         precondition(isLast || plaintext.count == layout.chunkSize, "only the last chunk may be partial")
-        try SecureRandom.fill(UnsafeMutableRawBufferPointer(start: out, count: ChunkLayout.nonceSize))
         setAAD(index: index, isLast: isLast)
         try aad.withUnsafeBytes { a in
             try aead.seal(nonce: out, aad: a, plaintext: plaintext,

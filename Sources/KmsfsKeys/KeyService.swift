@@ -31,13 +31,21 @@ public final class KeyService: Sendable {
     /// they are tried in this order.
     public let keyIds: [String]
     private let audit: AuditLog?
+    /// Bounds the provider calls in flight at once (KMS requests), whoever makes them.
+    private let inFlight: KmsfsSystem.Semaphore
 
-    public init(provider: KeyProvider, keyIds: [String], audit: AuditLog?) {
+    public static let defaultMaxInFlight = 16
+
+    public init(provider: KeyProvider, keyIds: [String], audit: AuditLog?, maxInFlight: Int = KeyService.defaultMaxInFlight) {
         precondition(!keyIds.isEmpty)
         self.provider = provider
         self.keyIds = keyIds
         self.audit = audit
+        inFlight = KmsfsSystem.Semaphore(max(1, maxInFlight))
     }
+
+    /// The most provider calls in flight at once.
+    public var maxInFlight: Int { inFlight.limit }
 
     /// A new data key for a file, wrapped under every configured key (GenerateDataKey, then Encrypt).
     public func newDataKey(context: EncryptionContext, subject: KeySubject) throws -> (plaintext: SecureBytes, wrapped: [WrappedKey]) {
@@ -61,9 +69,6 @@ public final class KeyService: Sendable {
         let (dataKey, wrapped) = try newDataKey(context: context, subject: KeySubject(path: path, fileId: fileId))
         return FreshFileKey(fileId: fileId, context: context, dataKey: dataKey, wrapped: wrapped)
     }
-
-    /// Wipes every key the service holds (unmount).
-    public func shutdown() {}
 
     /// Unwraps a file's data key, trying its wrapped keys in the configured order (then any others the header
     /// carries) until one unwraps to a key that `accept` approves (the key commitment check).
@@ -125,6 +130,11 @@ public final class KeyService: Sendable {
         }
     }
 
+    /// Records that a data key made ahead (`DataKeyPool`) was given to the new file at `path`.
+    public func recordAssign(fileId: [UInt8], path: String) {
+        audit?.record(op: "AssignDataKey", keyId: "", fileId: Hex.encode(fileId), path: path, result: "ok", latencyMs: 0)
+    }
+
     /// Records that the plaintext data key of a file was wiped.
     public func recordDiscard(subject: KeySubject) {
         audit?.record(op: "DiscardKey", keyId: "", fileId: Hex.encode(subject.fileId), path: subject.path, result: "ok", latencyMs: 0)
@@ -140,6 +150,10 @@ public final class KeyService: Sendable {
     }
 
     private func audited<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
+        try inFlight.withPermit { try auditedCall(op, keyId: keyId, subject: subject, body) }
+    }
+
+    private func auditedCall<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
         let start = KeyService.now()
         do {
             let r = try body()

@@ -43,6 +43,15 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Background mounts: log to this file.", valueName: "file"))
     var logFile: String?
 
+    @Option(name: .long, help: ArgumentHelp("Data keys made ahead for new files, so creates do not wait for the KMS (0: off).", valueName: "count"))
+    var keyPool: Int = DataKeyPool.Settings.defaults.capacity
+
+    @Option(name: .long, help: ArgumentHelp("Seconds an unused pooled key may wait before it is wiped.", valueName: "seconds"))
+    var keyPoolAge: Double = DataKeyPool.Settings.defaults.maxAge
+
+    @Option(name: .long, help: ArgumentHelp("Most KMS requests in flight at once.", valueName: "count"))
+    var kmsMaxInflight: Int = KeyService.defaultMaxInFlight
+
     @Flag(name: .long, help: "Log every error and debug detail (never key material).")
     var debug = false
 
@@ -54,6 +63,12 @@ struct MountCommand: ParsableCommand {
 
     @Argument(help: ArgumentHelp("An existing, empty directory to mount on.", valueName: "mountpoint"))
     var mountPoint: String
+
+    func validate() throws {
+        guard keyPool >= 0 && keyPool <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
+        guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
+        guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
+    }
 
     func run() throws {
         if !foreground {
@@ -111,7 +126,7 @@ struct MountCommand: ParsableCommand {
                 throw CLIError("cannot open audit log \(path): \(error)")
             }
         }
-        let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit)
+        let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit, maxInFlight: kmsMaxInflight)
 
         // Keys must not reach a core dump or swap, and modes of new files come from the caller, not our umask.
         // Key buffers are locked one by one anyway; locking the whole daemon also keeps OpenSSL's expanded key
@@ -129,7 +144,9 @@ struct MountCommand: ParsableCommand {
             fs = try EncryptedFilesystem(.init(
                 cipherDir: cipher, volume: volume,
                 keys: keyService,
-                readOnly: readOnly, directIO: directIo))
+                readOnly: readOnly, directIO: directIo,
+                keyPool: DataKeyPool.Settings(capacity: keyPool, maxAge: keyPoolAge,
+                                              concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2)))))
         } catch {
             throw CLIError("cannot open \(cipher): \(error)")
         }
@@ -206,6 +223,7 @@ struct MountCommand: ParsableCommand {
         if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }
         if let l = logFile { args += ["--log-file", Paths.absolute(l)] }
         if debug { args.append("--debug") }
+        args += ["--key-pool", String(keyPool), "--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight)]
         args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
 
         let pid: pid_t

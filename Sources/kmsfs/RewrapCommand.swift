@@ -39,8 +39,15 @@ struct RewrapCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("AWS KMS: endpoint override.", valueName: "url"))
     var endpoint: String?
 
+    @Option(name: .long, help: ArgumentHelp("Key service requests in flight at once.", valueName: "count"))
+    var jobs: Int = VolumeRewrapper.defaultJobs
+
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
     var cipherDir: String
+
+    func validate() throws {
+        guard jobs >= 1 && jobs <= 256 else { throw ValidationError("--jobs must be 1 to 256") }
+    }
 
     func run() throws {
         let cipher = try Paths.resolve(cipherDir)
@@ -128,10 +135,10 @@ struct RewrapCommand: ParsableCommand {
 
     /// One pass over every file; throws (leaving the config alone) if any file failed.
     private func rewrap(cipher: String, volume: VolumeConfig, provider: KeyProvider, targets: [String]) throws -> VolumeRewrapper.Summary {
-        let keys = KeyService(provider: provider, keyIds: targets, audit: nil)
+        let keys = KeyService(provider: provider, keyIds: targets, audit: nil, maxInFlight: jobs)
         let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets)
         var lastReport = time(nil)
-        let summary = try rewrapper.run { done, total in
+        let summary = try rewrapper.run(jobs: jobs) { done, total in
             if done == total || time(nil) > lastReport {
                 printError("rewrapped \(done)/\(total) files")
                 lastReport = time(nil)

@@ -71,12 +71,13 @@ struct AWSKMSTests {
     }
 
     /// A volume whose KMS calls go through a fault-injecting proxy in front of moto.
-    func volume(keys: [String], proxy: KMSProxy, context: [String] = []) throws -> MountedVolume {
+    /// Without the key pool unless asked: these tests count the KMS calls each operation makes.
+    func volume(keys: [String], proxy: KMSProxy, context: [String] = [], mountArgs: [String] = ["--key-pool", "0"]) throws -> MountedVolume {
         var args = ["--kms", "aws"] + keys.flatMap { ["--key-id", $0] }
         for c in context { args += ["--context", c] }
         var env = moto.clientEnvironment
         env["AWS_ENDPOINT_URL"] = proxy.url
-        return try MountedVolume(chunkSize: 4096, initArgs: args, environment: env)
+        return try MountedVolume(chunkSize: 4096, initArgs: args, mountArgs: mountArgs, environment: env)
     }
 
     @Test("A mount with --kms aws round-trips files; the header holds the KMS blob and key ARN; the audit log shows the calls")

@@ -186,6 +186,16 @@ final class MountedVolume {
         }
     }
 
+    /// Data keys files loaded (made at create, taken from the pool, or unwrapped) and wiped again: audit lines
+    /// with a path, so keys made ahead for the pool and not yet given to a file do not count.
+    var fileKeysLoaded: Int {
+        auditLines().filter { ["GenerateDataKey", "AssignDataKey", "Decrypt"].contains($0["op"] as? String ?? "")
+            && $0["result"] as? String == "ok" && !($0["path"] as? String ?? "").isEmpty }.count
+    }
+    var fileKeysWiped: Int {
+        auditLines().filter { $0["op"] as? String == "DiscardKey" && !($0["path"] as? String ?? "").isEmpty }.count
+    }
+
     func auditCount(_ op: String, path: String? = nil) -> Int {
         auditLines().filter { ($0["op"] as? String) == op && (path == nil || ($0["path"] as? String) == path) }.count
     }
@@ -203,7 +213,7 @@ final class MountedVolume {
             let lines = auditLines()
             return names.allSatisfy { name in
                 let mine = lines.filter { $0["path"] as? String == "/" + name }
-                let loaded = mine.filter { ["GenerateDataKey", "Decrypt"].contains($0["op"] as? String ?? "") && $0["result"] as? String == "ok" }
+                let loaded = mine.filter { ["GenerateDataKey", "AssignDataKey", "Decrypt"].contains($0["op"] as? String ?? "") && $0["result"] as? String == "ok" }
                 return mine.filter { $0["op"] as? String == "DiscardKey" }.count >= loaded.count
             }
         }

@@ -12,10 +12,11 @@ struct KMSFailureTests {
     let moto: Moto
     init() throws { moto = try Moto.shared.get() }
 
-    func volume(_ key: String, _ proxy: KMSProxy, extra: [String: String] = [:]) throws -> MountedVolume {
+    /// Without the key pool: its refills would meet the faults these tests inject for one operation at a time.
+    func volume(_ key: String, _ proxy: KMSProxy, extra: [String: String] = [:], mountArgs: [String] = ["--key-pool", "0"]) throws -> MountedVolume {
         var env = moto.clientEnvironment
         env["AWS_ENDPOINT_URL"] = proxy.url
-        return try MountedVolume(chunkSize: 4096, initArgs: ["--kms", "aws", "--key-id", key], environment: env.merging(extra) { $1 })
+        return try MountedVolume(chunkSize: 4096, initArgs: ["--kms", "aws", "--key-id", key], mountArgs: mountArgs, environment: env.merging(extra) { $1 })
     }
 
     @Test("Throttling is retried with backoff until it passes; a KMS that keeps failing gives EIO after a bounded number of tries")

@@ -187,7 +187,8 @@ final class TestHTTPServer: @unchecked Sendable {
     static func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
         var done = 0
         while done < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
+            // MSG_NOSIGNAL: a client that hung up must not kill the test process with SIGPIPE.
+            let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
             if n <= 0 { return }
             done += n
         }

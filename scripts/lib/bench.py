@@ -321,6 +321,9 @@ def lower_is_better(metric):
 def run_matrix(a, filesystems, steps):
     """Runs every step on every filesystem, a.runs times, interleaved. Returns {metric: {fs: [values]}}."""
     results = {}
+    if a.steps:
+        wanted = [w.strip() for w in a.steps.split(",")]
+        steps = [s for s in steps if any(s.title.startswith(w) for w in wanted)]
     for r in range(a.runs):
         for step in steps:
             for fs in filesystems:
@@ -718,6 +721,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sections", default="core,tree,files,memory")
     p.add_argument("--fs", default="passthrough,gocryptfs,securefs,kmsfs")
+    p.add_argument("--steps", default="", help="only the steps whose titles start with these (comma-separated)")
     p.add_argument("--size-mib", type=int, default=1024, help="sequential write/read size")
     p.add_argument("--fio-mib", type=int, default=512, help="total size of the fio files")
     p.add_argument("--files", type=int, default=10000)
