@@ -323,6 +323,16 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     // MARK: - extended attributes (stored on the backing node as they are; see the threat model)
+    //
+    // Only the user.* and trusted.* namespaces are stored. security.* (SELinux labels, file capabilities) and
+    // system.* (POSIX ACLs) are not supported, as on a filesystem without them: calls on them fail with
+    // EOPNOTSUPP, and listings leave them out. Permissions are the file modes (checked by the kernel with
+    // allow_other's default_permissions). Tools cache that answer per filesystem (ls -l asks once, not once per
+    // file), which saves two requests per file listed.
+
+    static func isSupportedXattr(_ name: UnsafePointer<CChar>) -> Bool {
+        strncmp(name, "user.", 5) == 0 || strncmp(name, "trusted.", 8) == 0
+    }
 
     /// Runs `body` with a path to exactly the node (an O_PATH descriptor's /proc link, never following a
     /// symbolic link the node's name may have become).
@@ -336,18 +346,43 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func setxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32) throws {
+        guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
         try withNodePath(inode) { p in try syscall { CSystem.setxattr(p, name, value, size, flags) } }
     }
 
     func getxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
-        try withNodePath(inode) { p in try syscall { CSystem.getxattr(p, name, value, size) } }
+        guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
+        return try withNodePath(inode) { p in try syscall { CSystem.getxattr(p, name, value, size) } }
     }
 
+    /// The names of the node's supported attributes (NUL-terminated, concatenated) into `list`, or their total
+    /// length when `size` is 0.
     func listxattr(_ inode: Inode, _ list: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
-        try withNodePath(inode) { p in try syscall { CSystem.listxattr(p, list, size) } }
+        let all: [CChar] = try withNodePath(inode) { p in
+            var buffer = [CChar](repeating: 0, count: 1024)
+            while true {
+                let n = CSystem.listxattr(p, &buffer, buffer.count)
+                if n >= 0 { return Array(buffer[0..<n]) }
+                guard errno == ERANGE else { throw Errno.current }
+                let needed = try syscall { CSystem.listxattr(p, nil, 0) }
+                buffer = [CChar](repeating: 0, count: max(needed, buffer.count * 2))
+            }
+        }
+        var shown: [CChar] = []
+        var start = 0
+        for (i, c) in all.enumerated() where c == 0 {
+            let name = Array(all[start...i])
+            if name.withUnsafeBufferPointer({ Self.isSupportedXattr($0.baseAddress!) }) { shown += name }
+            start = i + 1
+        }
+        if size == 0 { return shown.count }
+        guard shown.count <= size else { throw Errno(ERANGE) }
+        shown.withUnsafeBufferPointer { list!.update(from: $0.baseAddress!, count: $0.count) }
+        return shown.count
     }
 
     func removexattr(_ inode: Inode, _ name: UnsafePointer<CChar>) throws {
+        guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
         try withNodePath(inode) { p in try syscall { CSystem.removexattr(p, name) } }
     }
 

@@ -35,7 +35,7 @@ public enum FuseServer {
             cArgs.withUnsafeMutableBufferPointer { argv in
                 var mount = kmsfs_fuse_mount(
                     mountpoint: mp, argc: Int32(args.count), argv: argv.baseAddress,
-                    max_threads: maxThreads, max_idle_threads: 4,
+                    max_threads: maxThreads, max_idle_threads: maxThreads,
                     ready: { ctx in Unmanaged<ReadyBox>.fromOpaque(ctx!).takeUnretainedValue().body() },
                     ready_context: Unmanaged.passUnretained(ready).toOpaque(),
                     killpriv_v2: 1)

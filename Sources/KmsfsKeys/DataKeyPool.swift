@@ -75,7 +75,8 @@ public final class DataKeyPool: @unchecked Sendable {
             lastDemand = now
             let e = ready.isEmpty ? nil : ready.removeFirst()
             startWorkersIfNeeded()
-            condition.broadcast()
+            // One idle refill thread is enough to wake; it wakes the next if more is missing.
+            if wantsMore(now) { condition.signal() }
             return e
         }
         discard(expired)
@@ -139,6 +140,7 @@ public final class DataKeyPool: @unchecked Sendable {
                 continue
             }
             fetching += 1
+            if wantsMore(now) { condition.signal() }
             condition.unlock()
             let result = Result { try keys.newFileKey(volumeId: volumeId, userContext: userContext, path: "") }
             condition.lock()

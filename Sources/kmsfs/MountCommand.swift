@@ -43,8 +43,8 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Background mounts: log to this file.", valueName: "file"))
     var logFile: String?
 
-    @Option(name: .long, help: ArgumentHelp("Data keys made ahead for new files, so creates do not wait for the KMS (0: off).", valueName: "count"))
-    var keyPool: Int = DataKeyPool.Settings.defaults.capacity
+    @Option(name: .long, help: ArgumentHelp("Data keys made ahead for new files, so creates do not wait for the KMS (0: off; default 64 with AWS KMS, off with the local provider, whose keys cost nothing to make).", valueName: "count"))
+    var keyPool: Int?
 
     @Option(name: .long, help: ArgumentHelp("Seconds an unused pooled key may wait before it is wiped.", valueName: "seconds"))
     var keyPoolAge: Double = DataKeyPool.Settings.defaults.maxAge
@@ -65,7 +65,7 @@ struct MountCommand: ParsableCommand {
     var mountPoint: String
 
     func validate() throws {
-        guard keyPool >= 0 && keyPool <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
+        guard (keyPool ?? 0) >= 0 && (keyPool ?? 0) <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
         guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
         guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
     }
@@ -145,7 +145,8 @@ struct MountCommand: ParsableCommand {
                 cipherDir: cipher, volume: volume,
                 keys: keyService,
                 readOnly: readOnly, directIO: directIo,
-                keyPool: DataKeyPool.Settings(capacity: keyPool, maxAge: keyPoolAge,
+                keyPool: DataKeyPool.Settings(capacity: keyPool ?? (volume.keyProvider.type == LocalKeyProvider.providerName ? 0 : DataKeyPool.Settings.defaults.capacity),
+                                              maxAge: keyPoolAge,
                                               concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2)))))
         } catch {
             throw CLIError("cannot open \(cipher): \(error)")
@@ -223,7 +224,8 @@ struct MountCommand: ParsableCommand {
         if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }
         if let l = logFile { args += ["--log-file", Paths.absolute(l)] }
         if debug { args.append("--debug") }
-        args += ["--key-pool", String(keyPool), "--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight)]
+        if let n = keyPool { args += ["--key-pool", String(n)] }
+        args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight)]
         args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
 
         let pid: pid_t

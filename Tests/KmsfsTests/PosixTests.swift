@@ -210,7 +210,7 @@ struct PosixTests {
         #expect(try P.stat(v.backing("sparse")).st_blocks * 512 < 1 << 20)
     }
 
-    @Test("Extended attributes: set, get, list, remove")
+    @Test("Extended attributes: set, get, list, remove; the security and system namespaces are not supported")
     func xattrs() throws {
         let v = try MountedVolume()
         try P.writeFile(v.path("f"), [1])
@@ -226,6 +226,30 @@ struct PosixTests {
         #expect(P.errno { try syscall { setxattr(v.path("f"), "user.colour", value, value.count, Int32(XATTR_CREATE)) } } == EEXIST)
         try syscall { removexattr(v.path("f"), "user.colour") }
         #expect(P.errno { try syscall { getxattr(v.path("f"), "user.colour", &buf, buf.count) } } == ENODATA)
+        // Only the user and trusted namespaces are kept: SELinux labels, capabilities and POSIX ACLs are not
+        // supported, and say so, even where the backing file has such an attribute.
+        for name in ["security.selinux", "security.capability", "system.posix_acl_access"] {
+            #expect(P.errno { try syscall { getxattr(v.path("f"), name, &buf, buf.count) } } == EOPNOTSUPP, "\(name)")
+            // (The kernel itself refuses "blue" as an ACL, before asking the filesystem.)
+            if name == "security.selinux" {
+                #expect(P.errno { try syscall { setxattr(v.path("f"), name, value, value.count, 0) } } == EOPNOTSUPP, "\(name)")
+            }
+        }
+        try syscall { setxattr(v.backing("f"), "security.kmsfs-test", value, value.count, 0) }
+        try syscall { setxattr(v.path("f"), "trusted.kept", value, value.count, 0) }
+        let all = try syscall { listxattr(v.path("f"), &list, list.count) }
+        #expect(try syscall { listxattr(v.path("f"), nil, 0) } == all)
+        let shown = list[0..<all].split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        #expect(shown == ["trusted.kept"])
+        // ls -l asks for the label and the ACL of the first file only, then knows the filesystem has neither.
+        for i in 0..<20 { try P.writeFile(v.path("many\(i)"), [1]) }
+        let trace = v.dir.path + "/ls.trace"
+        let ls = try run("strace", ["-c", "-e", "trace=getxattr,lgetxattr", "-o", trace, "ls", "-l", v.mount])
+        #expect(ls.status == 0, "\(ls.stderr)")
+        let calls = String(decoding: try P.readFile(trace), as: UTF8.self).split(separator: "\n")
+            .filter { $0.hasSuffix(" getxattr") || $0.hasSuffix(" lgetxattr") }
+            .compactMap { line in line.split(separator: " ").dropFirst(3).first.flatMap { Int($0) } }
+        #expect(calls.reduce(0, +) <= 4, "\(calls)")
     }
 
     @Test("Shared writable mmap: stores reach the file, and mapped reads see written data")

@@ -37,6 +37,11 @@ ensure_build_deps() {
     ensure_debs fuse3 libfuse3-dev libssl-dev libcurl4-openssl-dev pkg-config util-linux curl ca-certificates openssl
 }
 
+# Tools the tests drive besides the mount itself.
+ensure_test_tools() {
+    ensure_debs strace util-linux coreutils
+}
+
 # moto's KMS-protocol server (and boto3, which moto brings), for the tests. Sets MOTO_SERVER and
 # TEST_PYTHON: the system's when it already has them, else a virtualenv in /opt/kmsfs-test-venv
 # (Debian 12's own Python refuses pip installs outside one).
