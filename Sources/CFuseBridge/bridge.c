@@ -1,6 +1,8 @@
 #include "kmsfs_fuse.h"
 
+#include <errno.h>
 #include <linux/capability.h>
+#include <pthread.h>
 #include <linux/fuse.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -118,6 +120,17 @@ static int set_fsetid(int on) {
 int kmsfs_drop_fsetid(void) { return set_fsetid(0); }
 void kmsfs_restore_fsetid(void) { (void)set_fsetid(1); }
 
+/* The live session, for notifications sent from threads other than the loop's (NULL outside the loop). */
+static pthread_mutex_t notify_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct fuse_session *notify_session = NULL;
+
+int kmsfs_fuse_notify_inval_entry(uint64_t parent, const char *name, size_t length) {
+    pthread_mutex_lock(&notify_lock);
+    int r = notify_session != NULL ? fuse_lowlevel_notify_inval_entry(notify_session, parent, name, length) : -ENOTCONN;
+    pthread_mutex_unlock(&notify_lock);
+    return r;
+}
+
 int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowlevel_ops *ops, void *userdata) {
     struct fuse_args args = FUSE_ARGS_INIT(mount->argc, mount->argv);
     int result = KMSFS_FUSE_OK;
@@ -140,6 +153,9 @@ int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowle
         static const struct fuse_custom_io io = { .read = hook_read, .writev = hook_writev };
         if (fuse_session_custom_io(session, &io, fuse_session_fd(session)) != 0) killpriv_v2_wanted = 0;
     }
+    pthread_mutex_lock(&notify_lock);
+    notify_session = session;
+    pthread_mutex_unlock(&notify_lock);
     if (mount->ready != NULL) mount->ready(mount->ready_context);
 
     struct fuse_loop_config *config = fuse_loop_cfg_create();
@@ -149,6 +165,9 @@ int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowle
     // A positive result is the signal that ended the loop (an orderly shutdown); negative is an error.
     if (fuse_session_loop_mt(session, config) < 0) result = KMSFS_FUSE_LOOP_FAILED;
     fuse_loop_cfg_destroy(config);
+    pthread_mutex_lock(&notify_lock);
+    notify_session = NULL;
+    pthread_mutex_unlock(&notify_lock);
 
     fuse_session_unmount(session);
 signals:

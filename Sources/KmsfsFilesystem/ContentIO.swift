@@ -34,8 +34,8 @@ struct ContentIO {
         let storedStart = layout.backingOffset(ofChunk: first)
         let storedEnd = layout.backingOffset(ofChunk: last) + layout.plaintextLength(ofChunk: last, plaintextSize: size) + ChunkLayout.overhead
 
-        let stored = UnsafeMutableRawBufferPointer.allocate(byteCount: storedEnd - storedStart, alignment: 64)
-        defer { stored.deallocate() }
+        let stored = UnsafeMutableRawBufferPointer(start: try BufferPool.shared.acquire(storedEnd - storedStart), count: storedEnd - storedStart)
+        defer { BufferPool.shared.release(stored.baseAddress!, stored.count) }
         let got = try FileIO.pread(fd, stored.baseAddress!, count: stored.count, offset: storedStart)
         if got != stored.count {
             // The backing file is shorter than the size this mount knows: cut behind its back.
@@ -82,9 +82,9 @@ struct ContentIO {
         for i in needed { reading[i] = try StoredChunk(fd: fd, layout: layout, index: i, plaintextLength: plan.oldLength(i)) }
         let old = reading
 
-        let region = Region(layout: layout, first: plan.regionFirst, last: plan.last, newSize: plan.newSize)
+        let region = try Region(layout: layout, first: plan.regionFirst, last: plan.last, newSize: plan.newSize)
         defer { region.deallocate() }
-        let separate = plan.resealsSeparately ? Region(layout: layout, first: plan.oldLast, last: plan.oldLast, newSize: plan.newSize) : nil
+        let separate = plan.resealsSeparately ? try Region(layout: layout, first: plan.oldLast, last: plan.oldLast, newSize: plan.newSize) : nil
         defer { separate?.deallocate() }
 
         // Every chunk of the region (and the separately resealed old last chunk) is sealed independently, each
@@ -164,7 +164,7 @@ struct ContentIO {
             let stored = try StoredChunk(fd: fd, layout: layout, index: newLast,
                                          plaintextLength: layout.plaintextLength(ofChunk: newLast, plaintextSize: oldSize))
             defer { stored.deallocate() }
-            let region = Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
+            let region = try Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
             defer { region.deallocate() }
             let ok = try secrets.withCodec { codec in
                 try withScratch(C) { scratch in
@@ -196,14 +196,14 @@ struct ContentIO {
                     let n = oldSize - oldLast * C
                     guard saved!.open(codec, isLast: true, length: n, into: scratch) else { return false }
                     scratch.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: C - n)
-                    let r = Region(layout: layout, first: oldLast, last: oldLast, newSize: newSize)
+                    let r = try Region(layout: layout, first: oldLast, last: oldLast, newSize: newSize)
                     regions.append(r)
                     try r.seal(codec, index: oldLast, plaintext: UnsafeRawBufferPointer(start: scratch, count: oldLast == newLast ? newLastLen : C),
                                isLast: oldLast == newLast)
                 }
                 if newLast != oldLast {
                     scratch.initializeMemory(as: UInt8.self, repeating: 0, count: newLastLen)
-                    let r = Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
+                    let r = try Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
                     regions.append(r)
                     try r.seal(codec, index: newLast, plaintext: UnsafeRawBufferPointer(start: scratch, count: newLastLen), isLast: true)
                 }
@@ -304,10 +304,8 @@ struct ContentIO {
 }
 
 /// Runs `body` with a temporary buffer of `count` bytes.
-private func withScratch<R>(_ count: Int, _ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
-    let p = UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 64)
-    defer { p.deallocate() }
-    return try body(p)
+private func withScratch<R>(_ count: Int, _ body: (UnsafeMutableRawPointer) throws -> R) throws -> R {
+    try BufferPool.shared.withBuffer(count, body)
 }
 
 /// Consecutive sealed chunks, ready for one pwrite. Chunks may be sealed into it from several threads at once
@@ -317,11 +315,12 @@ private final class Region: @unchecked Sendable {
     let first: Int
     let buffer: UnsafeMutableRawBufferPointer
 
-    init(layout: ChunkLayout, first: Int, last: Int, newSize: Int) {
+    init(layout: ChunkLayout, first: Int, last: Int, newSize: Int) throws {
         self.layout = layout
         self.first = first
         let end = min(layout.backingOffset(ofChunk: last + 1), layout.backingSize(plaintextSize: newSize))
-        buffer = .allocate(byteCount: end - layout.backingOffset(ofChunk: first), alignment: 64)
+        let count = end - layout.backingOffset(ofChunk: first)
+        buffer = UnsafeMutableRawBufferPointer(start: try BufferPool.shared.acquire(count), count: count)
     }
 
     func seal(_ codec: ChunkCodec, index: Int, plaintext: UnsafeRawBufferPointer, isLast: Bool, nonce: UnsafeRawPointer? = nil) throws {
@@ -338,7 +337,7 @@ private final class Region: @unchecked Sendable {
         try FileIO.pwrite(fd, buffer.baseAddress!, count: buffer.count, offset: layout.backingOffset(ofChunk: first))
     }
 
-    func deallocate() { buffer.deallocate() }
+    func deallocate() { BufferPool.shared.release(buffer.baseAddress!, buffer.count) }
 }
 
 /// The stored bytes of one existing chunk.
@@ -351,12 +350,13 @@ private struct StoredChunk {
     init(fd: Int32, layout: ChunkLayout, index: Int, plaintextLength: Int) throws {
         self.index = index
         offset = layout.backingOffset(ofChunk: index)
-        bytes = .allocate(byteCount: plaintextLength + ChunkLayout.overhead, alignment: 64)
+        bytes = UnsafeMutableRawBufferPointer(start: try BufferPool.shared.acquire(plaintextLength + ChunkLayout.overhead),
+                                              count: plaintextLength + ChunkLayout.overhead)
         do {
             let n = try FileIO.pread(fd, bytes.baseAddress!, count: bytes.count, offset: offset)
             if n != bytes.count { throw Errno.EIO }
         } catch {
-            bytes.deallocate()
+            BufferPool.shared.release(bytes.baseAddress!, bytes.count)
             throw error
         }
     }
@@ -367,5 +367,5 @@ private struct StoredChunk {
                    isLast: isLast, into: out) != .corrupt
     }
 
-    func deallocate() { bytes.deallocate() }
+    func deallocate() { BufferPool.shared.release(bytes.baseAddress!, bytes.count) }
 }

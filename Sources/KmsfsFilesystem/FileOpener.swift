@@ -31,17 +31,19 @@ public enum FileOpener {
     public static func readHeader(fd: Int32) throws(Failure) -> FileHeader {
         do {
             // One read covers the header of almost every file; a longer one (many wrapped keys) takes a second.
-            var bytes = [UInt8](repeating: 0, count: 4096)
-            let n = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-            guard n >= FileHeader.prefixSize else { throw FormatError.truncatedHeader }
-            let length = try HeaderPrefix(Array(bytes[0..<FileHeader.prefixSize])).headerLength
-            if length > bytes.count {
-                bytes = [UInt8](repeating: 0, count: length)
-                let m = try bytes.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
+            let first = 4096
+            let bytes: [UInt8] = try BufferPool.shared.withBuffer(first) { buffer in
+                let n = try FileIO.pread(fd, buffer, count: first, offset: 0)
+                guard n >= FileHeader.prefixSize else { throw FormatError.truncatedHeader }
+                let length = try HeaderPrefix(UnsafeRawBufferPointer(start: buffer, count: FileHeader.prefixSize)).headerLength
+                if length <= first {
+                    guard n >= length else { throw FormatError.truncatedHeader }
+                    return Array(UnsafeRawBufferPointer(start: buffer, count: length))
+                }
+                var all = [UInt8](repeating: 0, count: length)
+                let m = try all.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
                 guard m == length else { throw FormatError.truncatedHeader }
-            } else {
-                guard n >= length else { throw FormatError.truncatedHeader }
-                bytes.removeSubrange(length...)
+                return all
             }
             return try FileHeader(decoding: bytes)
         } catch let e as FormatError {

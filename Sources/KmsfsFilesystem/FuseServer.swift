@@ -27,7 +27,12 @@ public enum FuseServer {
         var cArgs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) }
         defer { for a in cArgs { free(a) } }
 
-        let ready = ReadyBox(onReady)
+        let ready = ReadyBox {
+            filesystem.startInodeSweeper { parent, name in
+                _ = name.withCString { kmsfs_fuse_notify_inval_entry(parent, $0, strlen($0)) }
+            }
+            onReady()
+        }
         var ops = operations()
         let fs = Unmanaged.passRetained(filesystem)
         defer { fs.release() }
@@ -253,10 +258,12 @@ private func operations() -> fuse_lowlevel_ops {
     ops.read = { req, _, size, offset, fi in
         serve(req) { fs in
             let h = try fileHandle(fi)
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 64)
-            defer { buffer.deallocate() }
-            let n = try fs.read(h, into: buffer, count: size, offset: Int(offset))
-            fuse_reply_buf(req, buffer.assumingMemoryBound(to: CChar.self), n)
+            // Readahead asks for more than a small file holds: a buffer only as large as the answer.
+            let count = max(0, min(size, h.file.size - Int(offset)))
+            try BufferPool.shared.withBuffer(count) { buffer in
+                let n = try fs.read(h, into: buffer, count: count, offset: Int(offset))
+                fuse_reply_buf(req, buffer.assumingMemoryBound(to: CChar.self), n)
+            }
         }
     }
     ops.write = { req, _, buf, size, offset, fi in

@@ -14,9 +14,12 @@ final class Inode: @unchecked Sendable {
     let type: mode_t
 
     /// FUSE node ID: the object's address (kept alive by the table while the kernel knows it); 1 for the root.
-    fileprivate(set) var nodeId: UInt64 = 0
+    var nodeId: UInt64 {
+        isRoot ? InodeTable.rootNodeId : UInt64(UInt(bitPattern: Unmanaged.passUnretained(self).toOpaque()))
+    }
+    fileprivate var isRoot = false
 
-    // Guarded by the table's lock.
+    // Guarded by the table's lock. (Kept small: the table holds one of these per file the kernel knows.)
     fileprivate var lookups: UInt64 = 0
     /// Where the node is: its parent directory and its backing name there (nil parent: the root, or a node
     /// whose last known name is gone, reachable only through its open files).
@@ -26,12 +29,35 @@ final class Inode: @unchecked Sendable {
     fileprivate var otherLinks: [Link]?
     /// Directories: an O_PATH descriptor, while cached (-1 otherwise), and the number of callers using it.
     fileprivate var dirFd: Int32 = -1
-    fileprivate var dirFdUsers = 0
+    fileprivate var dirFdUsers: Int32 = 0
     fileprivate var dirFdReferenced = false
+    /// Looked up since the last sweep (see `InodeTable.sweep`).
+    fileprivate var referenced = true
 
     /// What the header prefix says about the plaintext layout (regular files), learned once: the header
-    /// length of a backing file never changes while it is mounted. Guarded by the table's lock.
-    fileprivate var layoutState: Layout = .unknown
+    /// length of a backing file never changes while it is mounted. Guarded by the table's lock; packed as
+    /// header length and log2(chunk size), 0 while unknown, UInt32.max for a foreign file.
+    fileprivate var packedHeaderLength: UInt32 = 0
+    fileprivate var chunkShift: UInt8 = 0
+
+    fileprivate var layoutState: Layout {
+        get {
+            switch packedHeaderLength {
+            case 0: return .unknown
+            case UInt32.max: return .foreign
+            default: return .known(ChunkLayout(headerLength: Int(packedHeaderLength), chunkSize: 1 << Int(chunkShift)))
+            }
+        }
+        set {
+            switch newValue {
+            case .unknown: packedHeaderLength = 0
+            case .foreign: packedHeaderLength = UInt32.max
+            case .known(let l):
+                packedHeaderLength = UInt32(l.headerLength)
+                chunkShift = UInt8(l.chunkSize.trailingZeroBitCount)
+            }
+        }
+    }
 
     enum Layout {
         case unknown
@@ -77,7 +103,7 @@ final class InodeTable: @unchecked Sendable {
         try syscall { fstat(rootFd, &st) }
         self.rootFd = rootFd
         root = Inode(key: InodeKey(st), type: S_IFDIR, parent: nil, name: "")
-        root.nodeId = InodeTable.rootNodeId
+        root.isRoot = true
         root.dirFd = rootFd
         self.maxCachedDirectories = max(4, maxCachedDirectories)
     }
@@ -100,6 +126,7 @@ final class InodeTable: @unchecked Sendable {
             if key == root.key { return root }
             if let known = byKey[key] {
                 known.lookups += 1
+                known.referenced = true
                 if known.parent == nil {
                     known.parent = parent
                     known.name = name
@@ -113,7 +140,6 @@ final class InodeTable: @unchecked Sendable {
                 return known
             }
             let inode = Inode(key: key, type: st.st_mode & S_IFMT, parent: parent, name: name)
-            inode.nodeId = UInt64(UInt(bitPattern: Unmanaged.passUnretained(inode).toOpaque()))
             inode.lookups = 1
             byKey[key] = inode
             return inode
@@ -131,6 +157,28 @@ final class InodeTable: @unchecked Sendable {
             inode.parent = nil
             inode.otherLinks = nil
             if inode.dirFd >= 0 && inode.dirFdUsers == 0 { dropDirFd(inode) }
+        }
+    }
+
+    /// Inodes the kernel should forget so that the table shrinks back below `limit`: entries not looked up since
+    /// the previous sweep (second chance), least recently used first, as (parent node ID, backing name). The
+    /// caller asks the kernel to drop those entries (outside any lock); their FORGET then frees them.
+    func sweep(limit: Int) -> [(parent: UInt64, inRoot: Bool, name: String, key: InodeKey)] {
+        lock.withLock {
+            guard byKey.count > limit else { return [] }
+            // Down to seven eighths of the limit, so sweeps do not run for every new file.
+            let excess = byKey.count - limit * 7 / 8
+            var victims: [(UInt64, Bool, String, InodeKey)] = []
+            for inode in byKey.values {
+                if inode.referenced {
+                    inode.referenced = false
+                    continue
+                }
+                guard let p = inode.parent, inode.dirFdUsers == 0 else { continue }
+                victims.append((p.nodeId, p === root, inode.name, inode.key))
+                if victims.count >= excess { break }
+            }
+            return victims
         }
     }
 

@@ -52,6 +52,9 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Most KMS requests in flight at once.", valueName: "count"))
     var kmsMaxInflight: Int = KeyService.defaultMaxInFlight
 
+    @Option(name: .long, help: ArgumentHelp("Files the daemon tracks before asking the kernel to forget the least recently used (0: no bound).", valueName: "count"))
+    var maxInodes: Int = EncryptedFilesystem.defaultMaxInodes
+
     @Flag(name: .long, help: "Log every error and debug detail (never key material).")
     var debug = false
 
@@ -68,6 +71,7 @@ struct MountCommand: ParsableCommand {
         guard (keyPool ?? 0) >= 0 && (keyPool ?? 0) <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
         guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
         guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
+        guard maxInodes == 0 || maxInodes >= 64 else { throw ValidationError("--max-inodes must be 0 (no bound) or at least 64") }
     }
 
     func run() throws {
@@ -147,7 +151,8 @@ struct MountCommand: ParsableCommand {
                 readOnly: readOnly, directIO: directIo,
                 keyPool: DataKeyPool.Settings(capacity: keyPool ?? (volume.keyProvider.type == LocalKeyProvider.providerName ? 0 : DataKeyPool.Settings.defaults.capacity),
                                               maxAge: keyPoolAge,
-                                              concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2)))))
+                                              concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
+                maxInodes: maxInodes))
         } catch {
             throw CLIError("cannot open \(cipher): \(error)")
         }
@@ -225,7 +230,7 @@ struct MountCommand: ParsableCommand {
         if let l = logFile { args += ["--log-file", Paths.absolute(l)] }
         if debug { args.append("--debug") }
         if let n = keyPool { args += ["--key-pool", String(n)] }
-        args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight)]
+        args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight), "--max-inodes", String(maxInodes)]
         args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
 
         let pid: pid_t

@@ -160,7 +160,8 @@ struct KMSFailureTests {
         env["AWS_ACCESS_KEY_ID"] = ""
         env["AWS_SECRET_ACCESS_KEY"] = ""
         env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = creds.url + "/creds"
-        let v = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn], environment: env)
+        // Without the key pool, so that each create is a KMS call that needs credentials now.
+        let v = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn], mountArgs: ["--key-pool", "0"], environment: env)
         let initFetches = fetches.load(ordering: .relaxed)
         try P.writeFile(v.path("a"), [1])
         let afterFirst = fetches.load(ordering: .relaxed)

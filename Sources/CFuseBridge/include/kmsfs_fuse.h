@@ -44,6 +44,11 @@ enum kmsfs_fuse_result {
 /// then unmounts and destroys it (which calls ops->destroy).
 int kmsfs_fuse_run(const struct kmsfs_fuse_mount *mount, const struct fuse_lowlevel_ops *ops, void *userdata);
 
+/// Asks the kernel to forget the directory entry `name` of node `parent` (fuse_lowlevel_notify_inval_entry), from
+/// any thread but the loop's workers; -ENOTCONN when no session is being served. Never call it while holding a
+/// lock a request handler may need.
+int kmsfs_fuse_notify_inval_entry(uint64_t parent, const char *name, size_t length);
+
 /// True when the request being processed on this thread asks the filesystem to clear set-user-ID and
 /// set-group-ID bits and file capabilities (FUSE_HANDLE_KILLPRIV_V2: a write or truncation by a process without
 /// CAP_FSETID).
