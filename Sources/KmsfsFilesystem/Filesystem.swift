@@ -28,6 +28,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         public var readOnly: Bool
         /// Bypass the kernel page cache: every read and write reaches kmsfs as the application issued it.
         public var directIO: Bool
+        /// Let the kernel cache writes and send them later, several at a time (FUSE writeback cache): small and
+        /// random writes become much faster, but a write that the disk cannot hold is reported by fsync(2) and
+        /// close(2) instead of write(2), and writes not yet sent are lost if the daemon dies.
+        public var writebackCache: Bool = false
         public var names: NameMapping
         /// Data keys made ahead for new files (`DataKeyPool.Settings.off` to make each at create time).
         public var keyPool: DataKeyPool.Settings
@@ -36,13 +40,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         public var maxInodes: Int
 
         public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, readOnly: Bool, directIO: Bool = false,
-                    names: NameMapping = PlaintextNames(), keyPool: DataKeyPool.Settings = .defaults,
-                    maxInodes: Int = EncryptedFilesystem.defaultMaxInodes) {
+                    writebackCache: Bool = false, names: NameMapping = PlaintextNames(),
+                    keyPool: DataKeyPool.Settings = .defaults, maxInodes: Int = EncryptedFilesystem.defaultMaxInodes) {
             self.cipherDir = cipherDir
             self.volume = volume
             self.keys = keys
             self.readOnly = readOnly
             self.directIO = directIO
+            self.writebackCache = writebackCache
             self.names = names
             self.keyPool = keyPool
             self.maxInodes = maxInodes
@@ -63,6 +68,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let names: NameMapping
     let readOnly: Bool
     let directIO: Bool
+    let writebackCache: Bool
     let inodes: InodeTable
     let table: OpenFileTable
     let pool: DataKeyPool
@@ -85,6 +91,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         names = settings.names
         readOnly = settings.readOnly
         directIO = settings.directIO
+        writebackCache = settings.writebackCache && !settings.directIO
         chownToCaller = geteuid() == 0
         maxInodes = settings.maxInodes
         pool = DataKeyPool(keys: settings.keys, volumeId: settings.volume.volumeId, userContext: settings.volume.encryptionContext,
@@ -114,11 +121,15 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         BackgroundThread.start { [self] in
             while sweeping.withLock({ $0 }) {
                 usleep(500_000)
+                let known = inodes.count
+                var asked = 0
                 for v in inodes.sweep(limit: maxInodes) where table.lookup(v.key) == nil {
                     guard sweeping.withLock({ $0 }) else { return }
                     guard let shown = names.mountName(v.name, inRoot: v.inRoot) else { continue }
                     notify(v.parent, shown)
+                    asked += 1
                 }
+                if asked > 0 { Log.debug("inode table: \(known) files known, asked the kernel to forget \(asked)") }
             }
         }
     }

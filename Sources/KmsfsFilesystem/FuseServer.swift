@@ -132,6 +132,10 @@ private func operations() -> fuse_lowlevel_ops {
         conn.pointee.want &= ~UInt32(FUSE_CAP_HANDLE_KILLPRIV)
         // No readdirplus: listing a directory must not read every file's header.
         conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS)
+        let fs = Unmanaged<EncryptedFilesystem>.fromOpaque(userdata!).takeUnretainedValue()
+        if fs.writebackCache && conn.pointee.capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 {
+            conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
+        }
     }
     ops.destroy = { userdata in
         guard let userdata else { return }

@@ -34,6 +34,9 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .long, help: "Bypass the kernel page cache (every read and write reaches kmsfs as issued; no shared mmap).")
     var directIo = false
 
+    @Flag(name: .long, help: "Let the kernel cache writes and send them in batches: much faster small and random writes; a full disk is then reported by fsync and close rather than write, and writes not yet sent are lost if the daemon dies.")
+    var writebackCache = false
+
     @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
     var keyFile: String?
 
@@ -148,7 +151,7 @@ struct MountCommand: ParsableCommand {
             fs = try EncryptedFilesystem(.init(
                 cipherDir: cipher, volume: volume,
                 keys: keyService,
-                readOnly: readOnly, directIO: directIo,
+                readOnly: readOnly, directIO: directIo, writebackCache: writebackCache,
                 keyPool: DataKeyPool.Settings(capacity: keyPool ?? (volume.keyProvider.type == LocalKeyProvider.providerName ? 0 : DataKeyPool.Settings.defaults.capacity),
                                               maxAge: keyPoolAge,
                                               concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
@@ -224,6 +227,7 @@ struct MountCommand: ParsableCommand {
         var args = ["kmsfs", "mount", "--foreground", "--notify-fd", "3"]
         if readOnly { args.append("--read-only") }
         if directIo { args.append("--direct-io") }
+        if writebackCache { args.append("--writeback-cache") }
         for o in fuseOptions { args += ["-o", o] }
         if let k = keyFile { args += ["--key-file", Paths.absolute(k)] }
         if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }

@@ -251,4 +251,48 @@ struct FailureTests {
         #expect(try v.offlineContents("tail") == appended)
         #expect(try v.offlineContents("after") == [7, 7, 7])
     }
+
+    @Test("With --writeback-cache a full disk is reported by fsync; what fsync confirmed is kept, and nothing else is garbage")
+    func fullDiskWriteback() throws {
+        let outer = try TempDir()
+        let small = outer.path + "/small"
+        try syscall { mkdir(small, 0o755) }
+        let m = try run("mount", ["-t", "tmpfs", "-o", "size=3m", "tmpfs", small])
+        try #require(m.status == 0, "cannot mount a tmpfs: \(m.stderr)")
+        defer { _ = try? run("umount", ["-l", small]) }
+
+        let v = try MountedVolume(chunkSize: 4096, mountArgs: ["--writeback-cache"], cipherParent: small)
+        defer { v.stop() }
+        var rng = SeededRandom(seed: 12)
+        let keep = rng.bytes(512 * 1024)
+        try P.writeFile(v.path("keep"), keep)
+
+        var confirmed = [UInt8]()  // what a successful fsync covered
+        var attempted = [UInt8]()  // everything write(2) accepted
+        var failure: Int32? = nil
+        let fd = try P.open(v.path("fill"), O_WRONLY | O_CREAT)
+        for _ in 0..<200 {
+            let block = rng.bytes(64 * 1024 + 123)
+            let n = block.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, $0.count, off_t(attempted.count)) }
+            if n < 0 {
+                failure = Errno.current.code
+                break
+            }
+            attempted += block[0..<n]
+            if fsync(fd) != 0 {
+                failure = Errno.current.code
+                break
+            }
+            confirmed = attempted
+        }
+        close(fd)
+        #expect(failure == ENOSPC)
+        #expect(confirmed.count > 1024 * 1024)
+        try v.unmount()
+        // On disk: everything fsync confirmed, then at most a prefix of what it did not, and the other file whole.
+        let stored = try #require(try v.offlineContents("fill"))
+        #expect(stored.count >= confirmed.count && stored.count <= attempted.count)
+        #expect(difference(stored, Array(attempted[0..<stored.count])) == nil)
+        #expect(try v.offlineContents("keep") == keep)
+    }
 }

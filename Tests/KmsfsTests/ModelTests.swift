@@ -21,6 +21,8 @@ struct ModelTests {
         Variant(name: "4 KiB chunks, direct I/O", chunkSize: 4096, mountArgs: ["--direct-io"], operations: 2500, maxSpan: 3 * 4096),
         // The page cache in between: the kernel's own request sizes, readahead and cached pages.
         Variant(name: "64 KiB chunks, page cache", chunkSize: 65536, mountArgs: [], operations: 1500, maxSpan: 3 * 65536),
+        // The kernel caches writes and sends them later, in its own batches, and reads pages back around them.
+        Variant(name: "4 KiB chunks, writeback cache", chunkSize: 4096, mountArgs: ["--writeback-cache"], operations: 1500, maxSpan: 5 * 4096),
     ]
 
     @Test("Random operations match the model", arguments: variants)

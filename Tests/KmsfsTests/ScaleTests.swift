@@ -45,4 +45,33 @@ struct ScaleTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount) == [])
         #expect(!v.daemonLogText.contains("Too many open files"))
     }
+
+    @Test("Past --max-inodes the daemon asks the kernel to forget entries not used lately; open files, links and renames keep working")
+    func boundedInodeTable() throws {
+        let v = try MountedVolume(mountArgs: ["--max-inodes", "64", "--debug"])
+        try P.writeFile(v.path("held"), Array("held open".utf8))
+        let held = try P.open(v.path("held"), O_RDWR)
+        defer { close(held) }
+        for d in 0..<5 {
+            try syscall { mkdir(v.path("d\(d)"), 0o755) }
+            for f in 0..<100 { try P.writeFile(v.path("d\(d)/f\(f)"), Array("\(d)/\(f)".utf8)) }
+        }
+        try syscall { link(v.path("d0/f0"), v.path("d4/link")) }
+        #expect(waitFor(seconds: 10) { v.daemonLogText.contains("asked the kernel to forget") })
+        // Everything is still there, through whatever name.
+        try syscall { rename(v.path("d1"), v.path("renamed")) }
+        for d in 0..<5 {
+            for f in 0..<100 {
+                let dir = d == 1 ? "renamed" : "d\(d)"
+                #expect(try P.readFile(v.path("\(dir)/f\(f)")) == Array("\(d)/\(f)".utf8))
+            }
+        }
+        try P.writeFile(v.path("d4/link"), Array("through the link".utf8))
+        #expect(try P.readFile(v.path("d0/f0")) == Array("through the link".utf8))
+        #expect(try P.stat(v.path("d0/f0")).st_ino == (try P.stat(v.path("d4/link")).st_ino))
+        // The file held open the whole time kept its inode, key and contents.
+        try P.pwrite(held, Array(" and written".utf8), 9)
+        #expect(try P.pread(held, 21, 0) == Array("held open and written".utf8))
+        #expect(try P.readFile(v.path("held")) == Array("held open and written".utf8))
+    }
 }

@@ -182,7 +182,15 @@ class Kmsfs(Filesystem):
         return [KMSFS, "mount", "-f"] + self.mount_args + [self.cipher, self.mnt]
 
 
-ALL = [Passthrough, Gocryptfs, Securefs, Kmsfs]
+class KmsfsWriteback(Kmsfs):
+    """kmsfs with its opt-in kernel writeback cache (--writeback-cache)."""
+    name = "kmsfs-wb"
+
+    def command(self):
+        return [KMSFS, "mount", "-f", "--writeback-cache"] + self.mount_args + [self.cipher, self.mnt]
+
+
+ALL = [Passthrough, Gocryptfs, Securefs, Kmsfs, KmsfsWriteback]
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -392,7 +400,7 @@ def matrix_section(a, work, steps, title):
     for cls in ALL:
         if cls.name not in a.fs:
             continue
-        fs = cls(work) if cls is not Kmsfs else Kmsfs(work, init_args=a.kmsfs_init, mount_args=a.kmsfs_mount)
+        fs = cls(work) if not issubclass(cls, Kmsfs) else cls(work, init_args=a.kmsfs_init, mount_args=a.kmsfs_mount)
         fs.create()
         filesystems.append(fs)
     try:
@@ -504,6 +512,7 @@ def wait_port(port, proc):
 def kms_section(a, work):
     moto = Moto(work, a.moto_python, a.moto_server)
     arn = moto.create_key()
+    arn2 = moto.create_key()  # the key rewrap moves files to
     proxies = {ms: LatencyProxy(work, moto.port, ms) for ms in sorted({0, a.kms_latency})}
     rows = []
 
@@ -537,7 +546,7 @@ def kms_section(a, work):
     def readers(n):
         def run(fs):
             fs.mount()
-            helper("create", fs.mnt + "/d", 1000)
+            helper("create-write", fs.mnt + "/d", 1000, 0)
             fs.unmount()
             drop_caches()
             fs.mount()
@@ -547,11 +556,11 @@ def kms_section(a, work):
     def rewrap(jobs):
         def run(fs):
             fs.mount()
-            helper("create", fs.mnt + "/d", 1000)
+            helper("create-write", fs.mnt + "/d", 1000, 0)
             fs.unmount()
             extra = ["--jobs", str(jobs)] if jobs else []
-            return timed(lambda: sh([KMSFS, "rewrap"] + extra + [fs.cipher], env=fs.env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL))
+            return timed(lambda: sh([KMSFS, "rewrap"] + extra + ["--key-id", arn2, fs.cipher], env=fs.env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return run
 
     try:
@@ -635,7 +644,7 @@ def helper_main(args):
             for p in names:
                 os.unlink(p)
         print(json.dumps({"seconds": time.perf_counter() - t}))
-    elif op == "create-open":
+    elif op in ("create-open", "create-write"):
         d, n, start = args[1], int(args[2]), int(args[3])
         os.makedirs(d, exist_ok=True)
         for i in range(start, start + n):
@@ -643,9 +652,10 @@ def helper_main(args):
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, b"x" * 100)
             os.close(fd)
-            fd = os.open(p, os.O_RDONLY)
-            os.read(fd, 100)
-            os.close(fd)
+            if op == "create-open":
+                fd = os.open(p, os.O_RDONLY)
+                os.read(fd, 100)
+                os.close(fd)
         print(json.dumps({}))
     elif op == "hold":
         d, n, pid = args[1], int(args[2]), int(args[3])
@@ -724,7 +734,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sections", default="core,tree,files,memory")
-    p.add_argument("--fs", default="passthrough,gocryptfs,securefs,kmsfs")
+    p.add_argument("--fs", default="passthrough,gocryptfs,securefs,kmsfs",
+                   help="filesystems to compare; kmsfs-wb is kmsfs with --writeback-cache")
     p.add_argument("--steps", default="", help="only the steps whose titles start with these (comma-separated)")
     p.add_argument("--size-mib", type=int, default=1024, help="sequential write/read size")
     p.add_argument("--fio-mib", type=int, default=512, help="total size of the fio files")
