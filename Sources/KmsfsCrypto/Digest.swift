@@ -1,4 +1,5 @@
 import CLibCrypto
+import Glibc
 
 /// SHA-256, HMAC-SHA256 and HKDF-SHA256 (RFC 5869).
 public enum Digest {
@@ -17,18 +18,38 @@ public enum Digest {
         bytes.withUnsafeBytes { sha256($0) }
     }
 
+    /// OpenSSL's HMAC, fetched once (a fetch per call, as the one-shot HMAC() makes, costs more than the MAC).
+    nonisolated(unsafe) private static let hmac: OpaquePointer? = EVP_MAC_fetch(nil, "HMAC", nil)
+    nonisolated(unsafe) private static let digestParam = strdup("digest")!
+    nonisolated(unsafe) private static let sha256Name = strdup("SHA256")!
+
     /// HMAC-SHA256 writing the 32-byte MAC to `out`.
     public static func hmacSHA256(key: UnsafeRawBufferPointer, data: UnsafeRawBufferPointer,
                                   into out: UnsafeMutableRawPointer) throws {
-        var len: UInt32 = 0
-        // HMAC() accepts a NULL data pointer only with length 0; pass a valid address for empty inputs.
+        try hmacSHA256(key: key, parts: [data], into: out)
+    }
+
+    /// HMAC-SHA256 of the concatenation of `parts`, writing the 32-byte MAC to `out`.
+    public static func hmacSHA256(key: UnsafeRawBufferPointer, parts: [UnsafeRawBufferPointer],
+                                  into out: UnsafeMutableRawPointer) throws {
+        guard let mac = hmac, let ctx = EVP_MAC_CTX_new(mac) else { throw CryptoError.openSSL("HMAC-SHA256") }
+        defer { EVP_MAC_CTX_free(ctx) }  // cleanses the keyed state
+        var params = [OSSL_PARAM_construct_utf8_string(digestParam, sha256Name, 0), OSSL_PARAM_construct_end()]
+        // EVP_MAC_init accepts a NULL key only with length 0; pass a valid address for empty keys.
         let dummy: UInt8 = 0
         let ok = withUnsafePointer(to: dummy) { d in
-            HMAC(EVP_sha256(), key.baseAddress ?? UnsafeRawPointer(d), Int32(key.count),
-                 data.baseAddress?.assumingMemoryBound(to: UInt8.self) ?? d, data.count,
-                 out.assumingMemoryBound(to: UInt8.self), &len)
+            EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self) ?? d, key.count, &params) == 1
         }
-        guard ok != nil, len == 32 else { throw CryptoError.openSSL("HMAC-SHA256") }
+        guard ok else { throw CryptoError.openSSL("HMAC-SHA256 key") }
+        for part in parts where part.count > 0 {
+            guard EVP_MAC_update(ctx, part.baseAddress!.assumingMemoryBound(to: UInt8.self), part.count) == 1 else {
+                throw CryptoError.openSSL("HMAC-SHA256 update")
+            }
+        }
+        var length = 0
+        guard EVP_MAC_final(ctx, out.assumingMemoryBound(to: UInt8.self), &length, 32) == 1, length == 32 else {
+            throw CryptoError.openSSL("HMAC-SHA256 final")
+        }
     }
 
     /// HMAC-SHA256 of public data under a public (or already exposed) key, e.g. the SigV4 signing chain.
@@ -45,42 +66,38 @@ public enum Digest {
     /// HKDF-SHA256: derives `length` secret bytes (at most 255 * 32) from `ikm`, `salt` and `info`.
     /// All intermediate values (PRK, T(i)) stay in locked memory and are wiped.
     public static func hkdfSHA256(ikm: SecureBytes, salt: [UInt8], info: [UInt8], length: Int) throws -> SecureBytes {
+        try hkdfSHA256(ikm: ikm, salt: salt, infos: [info], length: length)[0]
+    }
+
+    /// HKDF-SHA256 with one extraction and an expansion per element of `infos`: exactly the outputs of separate
+    /// HKDF calls with the same IKM and salt (HKDF-Extract does not depend on `info`), for less work.
+    public static func hkdfSHA256(ikm: SecureBytes, salt: [UInt8], infos: [[UInt8]], length: Int) throws -> [SecureBytes] {
         precondition(length > 0 && length <= 255 * 32)
         let prk = try SecureBytes(count: 32)
         try ikm.withUnsafeBytes { (i) in
-            try salt.withUnsafeBytes { (s) in
-                try prk.withUnsafeMutableBytes { (p) in
-                    // RFC 5869: an absent salt is HashLen zero bytes.
-                    if s.isEmpty {
-                        let zeros = [UInt8](repeating: 0, count: 32)
-                        try zeros.withUnsafeBytes { z in try hmacSHA256(key: z, data: i, into: p.baseAddress!) }
-                    } else {
-                        try hmacSHA256(key: s, data: i, into: p.baseAddress!)
-                    }
-                }
+            try prk.withUnsafeMutableBytes { (p) in
+                // RFC 5869: an absent salt is HashLen zero bytes.
+                let key = salt.isEmpty ? [UInt8](repeating: 0, count: 32) : salt
+                try key.withUnsafeBytes { k in try hmacSHA256(key: k, data: i, into: p.baseAddress!) }
             }
         }
+        return try infos.map { info in try expand(prk: prk, info: info, length: length) }
+    }
+
+    /// HKDF-Expand: T(i) = HMAC(PRK, T(i-1) || info || i), output the first `length` bytes of T(1) || T(2) ...
+    private static func expand(prk: SecureBytes, info: [UInt8], length: Int) throws -> SecureBytes {
         let output = try SecureBytes(count: length)
-        // Block input: T(i-1) || info || i
-        let block = try SecureBytes(count: 32 + info.count + 1)
         let t = try SecureBytes(count: 32)
         var produced = 0
         var counter: UInt8 = 1
-        var previous = 0
         while produced < length {
-            try block.withUnsafeMutableBytes { (b) in
-                var n = 0
-                if previous > 0 {
-                    t.withUnsafeBytes { b.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: 32) }
-                    n = 32
-                }
-                info.withUnsafeBytes { if !$0.isEmpty { (b.baseAddress! + n).copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
-                n += info.count
-                b[n] = counter
-                n += 1
-                try prk.withUnsafeBytes { (p) in
-                    try t.withUnsafeMutableBytes { (tb) in
-                        try hmacSHA256(key: p, data: UnsafeRawBufferPointer(rebasing: b[0..<n]), into: tb.baseAddress!)
+            try prk.withUnsafeBytes { (p) in
+                try t.withUnsafeMutableBytes { (tb) in
+                    try info.withUnsafeBytes { (i) in
+                        try withUnsafeBytes(of: counter) { (c) in
+                            let previous = UnsafeRawBufferPointer(start: tb.baseAddress!, count: produced > 0 ? 32 : 0)
+                            try hmacSHA256(key: p, parts: [previous, i, c], into: tb.baseAddress!)
+                        }
                     }
                 }
             }
@@ -89,7 +106,6 @@ public enum Digest {
                 output.withUnsafeMutableBytes { o in (o.baseAddress! + produced).copyMemory(from: tb.baseAddress!, byteCount: take) }
             }
             produced += take
-            previous = 32
             counter &+= 1
         }
         return output

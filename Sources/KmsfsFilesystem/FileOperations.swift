@@ -24,7 +24,6 @@ extension EncryptedFilesystem {
             var st = stat()
             try syscall { fstat(fd, &st) }
             guard InodeKey(st) == inode.key else { throw Errno(ESTALE) }
-            let path = mountPath(of: inode)
             var header: FileHeader? = nil
             let layout: ChunkLayout
             if let open = table.lookup(inode.key) {
@@ -37,12 +36,12 @@ extension EncryptedFilesystem {
                     header = h
                     layout = h.layout
                 } catch {
-                    Log.error("cannot open \(path): \(error)")
+                    Log.error("cannot open \(mountPath(of: inode)): \(error)")
                     throw Errno.EIO
                 }
             }
             inodes.setLayout(.known(layout), of: inode)
-            let file = try table.acquire(inode.key, fd: fd, path: path, layout: layout,
+            let file = try table.acquire(inode.key, fd: fd, path: { [unowned self] in mountPath(of: inode) }, layout: layout,
                                          size: { layout.plaintextSize(backingSize: Int(st.st_size)) }, header: header)
             handle = FileHandle(fd: fd, file: file, writable: writable)
         } catch {
@@ -90,7 +89,7 @@ extension EncryptedFilesystem {
                 inodes.setLayout(.known(header.layout), of: inode)
                 let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fresh.fileId, layout: header.layout)
                 do {
-                    let file = try table.acquire(inode.key, fd: fd, path: path, layout: header.layout, size: { 0 }, secrets: secrets)
+                    let file = try table.acquire(inode.key, fd: fd, path: { path }, layout: header.layout, size: { 0 }, secrets: secrets)
                     st.st_size = 0
                     return (inode, st, FileHandle(fd: fd, file: file, writable: true))
                 } catch {

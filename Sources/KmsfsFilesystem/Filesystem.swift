@@ -73,6 +73,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let table: OpenFileTable
     let pool: DataKeyPool
     let maxInodes: Int
+    /// Set once the kernel's INIT request was answered.
+    var initialized: Bool {
+        get { initDone.load(ordering: .acquiring) }
+        set { initDone.store(newValue, ordering: .releasing) }
+    }
+    private let initDone = Atomic(false)
     private let sweeping = Mutex(false)
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool

@@ -31,6 +31,12 @@ public enum FuseServer {
             filesystem.startInodeSweeper { parent, name in
                 _ = name.withCString { kmsfs_fuse_notify_inval_entry(parent, $0, strlen($0)) }
             }
+            // The kernel sets the readahead when it reads the INIT reply, which follows; raise it afterwards.
+            BackgroundThread.start {
+                for _ in 0..<100 where !filesystem.initialized { usleep(10_000) }
+                usleep(20_000)
+                setReadahead(mountpoint: mountpoint, kib: FuseServer.readaheadKiB)
+            }
             onReady()
         }
         var ops = operations()
@@ -54,6 +60,48 @@ public enum FuseServer {
         case KMSFS_FUSE_MOUNT_FAILED.rawValue: return .mountFailed
         default: return .failed
         }
+    }
+
+    /// Sequential reads ask for up to this much at once (the kernel's default for FUSE is 128 KiB): larger
+    /// requests mean fewer round trips and chunks opened on every CPU; 1 MiB matches the largest request.
+    static let readaheadKiB = 1024
+
+    /// Sets the readahead of the mount's backing device info (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb, which
+    /// root may write); without it the kernel's default stays.
+    private static func setReadahead(mountpoint: String, kib: Int) {
+        guard let info = try? FileIO.readFile("/proc/self/mountinfo") else { return }
+        for line in String(decoding: info, as: UTF8.self).split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 4, unescapeMountField(fields[4]) == mountpoint else { continue }
+            let path = "/sys/class/bdi/\(fields[2])/read_ahead_kb"
+            let fd = open(path, O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                Log.debug("cannot set readahead through \(path): \(Errno.current)")
+                return
+            }
+            defer { close(fd) }
+            var text = Array("\(kib)\n".utf8)
+            if text.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) < 0 {
+                Log.debug("cannot set readahead through \(path): \(Errno.current)")
+            }
+        }
+    }
+
+    /// /proc/self/mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
+    private static func unescapeMountField(_ field: Substring) -> String {
+        var out: [UInt8] = []
+        let b = Array(field.utf8)
+        var i = 0
+        while i < b.count {
+            if b[i] == UInt8(ascii: "\\"), i + 3 < b.count, let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+                out.append(v)
+                i += 4
+            } else {
+                out.append(b[i])
+                i += 1
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
     private final class ReadyBox {
@@ -126,6 +174,7 @@ private func operations() -> fuse_lowlevel_ops {
 
     ops.`init` = { userdata, conn in
         guard let conn else { return }
+        defer { Unmanaged<EncryptedFilesystem>.fromOpaque(userdata!).takeUnretainedValue().initialized = true }
         conn.pointee.max_write = 1 << 20
         conn.pointee.max_background = 64
         // The kernel clears set-user-ID bits on write, as for any filesystem.

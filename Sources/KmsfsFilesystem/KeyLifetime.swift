@@ -56,8 +56,18 @@ final class FileSecrets: @unchecked Sendable {
 /// One open backing file (inode), shared by all its FUSE handles.
 final class OpenFile: @unchecked Sendable {
     let inode: InodeKey
-    /// Mount path when first opened, for log lines and the audit log.
-    let path: String
+    /// Mount path, for log lines and the audit log: found when first needed (most opens never need it) and
+    /// kept from then on.
+    var path: String {
+        stateLock.withLock {
+            if let p = foundPath { return p }
+            let p = pathSource()
+            foundPath = p
+            return p
+        }
+    }
+    private let pathSource: @Sendable () -> String
+    private var foundPath: String?
     /// From the header prefix, read at open (no key needed).
     let layout: ChunkLayout
     /// The header as read at the first open, for unwrapping the key when it is first needed (nil for a file
@@ -90,9 +100,9 @@ final class OpenFile: @unchecked Sendable {
     private let reportLock = Lock()
     private var reported = Set<Int>()
 
-    fileprivate init(inode: InodeKey, path: String, layout: ChunkLayout, header: FileHeader?, size: Int) {
+    fileprivate init(inode: InodeKey, path: @escaping @Sendable () -> String, layout: ChunkLayout, header: FileHeader?, size: Int) {
         self.inode = inode
-        self.path = path
+        pathSource = path
         self.layout = layout
         self.header = header
         sizeValue = Atomic(size)
@@ -156,7 +166,7 @@ final class OpenFileTable: @unchecked Sendable {
 
     /// Takes a reference to the entry of `inode` for a handle with backing descriptor `fd`. A new entry gets
     /// `layout`, `size()` and, for a file just created, its `secrets`.
-    func acquire(_ inode: InodeKey, fd: Int32, path: String, layout: ChunkLayout, size: () throws -> Int,
+    func acquire(_ inode: InodeKey, fd: Int32, path: @escaping @Sendable () -> String, layout: ChunkLayout, size: () throws -> Int,
                  header: FileHeader? = nil, secrets: FileSecrets? = nil) throws -> OpenFile {
         if let f = lock.withLock({ () -> OpenFile? in
             guard let f = files[inode] else { return nil }

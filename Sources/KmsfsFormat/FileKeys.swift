@@ -19,8 +19,10 @@ public struct FileKeys: Sendable {
 
     public init(dataKey: SecureBytes, fileId: [UInt8]) throws {
         precondition(dataKey.count == FileHeader.dataKeySize && fileId.count == FileHeader.fileIdSize)
-        chunkKey = try Digest.hkdfSHA256(ikm: dataKey, salt: fileId, info: FileKeys.chunkInfo, length: 32)
-        headerKey = try Digest.hkdfSHA256(ikm: dataKey, salt: fileId, info: FileKeys.headerInfo, length: 32)
-        commitment = try Digest.hkdfSHA256Public(ikm: dataKey, salt: fileId, info: FileKeys.commitmentInfo, length: 32)
+        let keys = try Digest.hkdfSHA256(ikm: dataKey, salt: fileId, infos: [FileKeys.chunkInfo, FileKeys.headerInfo, FileKeys.commitmentInfo],
+                                         length: 32)
+        chunkKey = keys[0]
+        headerKey = keys[1]
+        commitment = keys[2].withUnsafeBytes { Array($0) }
     }
 }

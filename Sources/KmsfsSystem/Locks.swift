@@ -2,7 +2,7 @@ import Glibc
 
 /// A mutual-exclusion lock (pthread mutex on the heap, so its address never moves).
 public final class Lock: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    fileprivate let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
     public init() {
         mutex = .allocate(capacity: 1)
@@ -65,12 +65,10 @@ public final class ReadWriteLock: @unchecked Sendable {
 
 /// A mutex with a condition variable: wait for a state that other threads change under the same lock.
 public final class Condition: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let mutex = Lock()
     private let cond: UnsafeMutablePointer<pthread_cond_t>
 
     public init() {
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
         cond = .allocate(capacity: 1)
         var attr = pthread_condattr_t()
         pthread_condattr_init(&attr)
@@ -81,13 +79,11 @@ public final class Condition: @unchecked Sendable {
 
     deinit {
         pthread_cond_destroy(cond)
-        pthread_mutex_destroy(mutex)
         cond.deallocate()
-        mutex.deallocate()
     }
 
-    public func lock() { pthread_mutex_lock(mutex) }
-    public func unlock() { pthread_mutex_unlock(mutex) }
+    public func lock() { mutex.lock() }
+    public func unlock() { mutex.unlock() }
 
     @inlinable
     public func withLock<R>(_ body: () throws -> R) rethrows -> R {
@@ -99,7 +95,7 @@ public final class Condition: @unchecked Sendable {
     /// Waits (with the lock held) until signalled, or at most `seconds` when given.
     public func wait(seconds: Double? = nil) {
         guard let seconds else {
-            pthread_cond_wait(cond, mutex)
+            pthread_cond_wait(cond, mutex.mutex)
             return
         }
         var ts = timespec()
@@ -107,7 +103,7 @@ public final class Condition: @unchecked Sendable {
         let total = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 + max(0, seconds)
         ts.tv_sec = Int(total)
         ts.tv_nsec = Int((total - Double(Int(total))) * 1e9)
-        pthread_cond_timedwait(cond, mutex, &ts)
+        pthread_cond_timedwait(cond, mutex.mutex, &ts)
     }
 
     public func signal() { pthread_cond_signal(cond) }

@@ -175,12 +175,9 @@ struct FailureTests {
 
     @Test("A full disk gives ENOSPC and loses nothing already written")
     func fullDisk() throws {
-        let outer = try TempDir()
-        let small = outer.path + "/small"
-        try syscall { mkdir(small, 0o755) }
-        let m = try run("mount", ["-t", "tmpfs", "-o", "size=3m", "tmpfs", small])
-        try #require(m.status == 0, "cannot mount a tmpfs: \(m.stderr)")
-        defer { _ = try? run("umount", ["-l", small]) }
+        let disk = try SmallDisk(megabytes: 3)
+        defer { withExtendedLifetime(disk) {} }  // mounted until the volume on it is stopped
+        let small = disk.path
 
         let v = try MountedVolume(chunkSize: 4096, cipherParent: small)
         defer { v.stop() }
@@ -254,12 +251,9 @@ struct FailureTests {
 
     @Test("With --writeback-cache a full disk is reported by fsync; what fsync confirmed is kept, and nothing else is garbage")
     func fullDiskWriteback() throws {
-        let outer = try TempDir()
-        let small = outer.path + "/small"
-        try syscall { mkdir(small, 0o755) }
-        let m = try run("mount", ["-t", "tmpfs", "-o", "size=3m", "tmpfs", small])
-        try #require(m.status == 0, "cannot mount a tmpfs: \(m.stderr)")
-        defer { _ = try? run("umount", ["-l", small]) }
+        let disk = try SmallDisk(megabytes: 3)
+        defer { withExtendedLifetime(disk) {} }  // mounted until the volume on it is stopped
+        let small = disk.path
 
         let v = try MountedVolume(chunkSize: 4096, mountArgs: ["--writeback-cache"], cipherParent: small)
         defer { v.stop() }
@@ -295,4 +289,20 @@ struct FailureTests {
         #expect(difference(stored, Array(attempted[0..<stored.count])) == nil)
         #expect(try v.offlineContents("keep") == keep)
     }
+}
+
+/// A 3 MiB tmpfs of its own, to fill up; unmounted when released.
+final class SmallDisk {
+    let dir: TempDir
+    let path: String
+
+    init(megabytes: Int) throws {
+        dir = try TempDir()
+        path = dir.path + "/small"
+        try syscall { mkdir(path, 0o755) }
+        let m = try run("mount", ["-t", "tmpfs", "-o", "size=\(megabytes)m", "tmpfs", path])
+        guard m.status == 0 else { throw TestFailure("cannot mount a tmpfs: \(m.stderr)") }
+    }
+
+    deinit { _ = try? run("umount", ["-l", path]) }
 }

@@ -4,11 +4,21 @@ import KmsfsFormat
 import KmsfsSystem
 
 /// A 256-bit master key held by the local key provider, in locked memory.
-public final class LocalMasterKey: Sendable {
+public final class LocalMasterKey: @unchecked Sendable {
     /// "local:" and 16 hex digits of HMAC-SHA256(master key, "kmsfs local key id"): names the key without revealing it.
     public let keyId: String
     /// HKDF-SHA256(master key, info "kmsfs local wrap key"): the AES-256-GCM key that wraps data keys.
     let wrappingKey: SecureBytes
+    /// Ciphers keyed with the wrapping key, reused (keying AES costs more than wrapping one data key).
+    private let ciphersLock = Lock()
+    private var ciphers: [AESGCM] = []
+
+    /// Runs `body` with a cipher keyed with the wrapping key.
+    func withCipher<R>(_ body: (AESGCM) throws -> R) throws -> R {
+        let c = try ciphersLock.withLock { ciphers.popLast() } ?? AESGCM(key: wrappingKey)
+        defer { ciphersLock.withLock { if ciphers.count < 4 { ciphers.append(c) } } }
+        return try body(c)
+    }
 
     public init(_ master: SecureBytes) throws {
         precondition(master.count == 32)
@@ -181,12 +191,13 @@ public final class LocalKeyProvider: KeyProvider {
         var blob = [UInt8](repeating: 0, count: 1 + 12 + 32 + 16)
         blob[0] = 1
         let aad = LocalKeyProvider.aad(keyId: keyId, context: context)
-        let aead = try AESGCM(key: key.wrappingKey)
-        try blob.withUnsafeMutableBytes { b in
-            try SecureRandom.fill(UnsafeMutableRawBufferPointer(rebasing: b[1..<13]))
-            try aad.withUnsafeBytes { a in
-                try dataKey.withUnsafeBytes { d in
-                    try aead.seal(nonce: b.baseAddress! + 1, aad: a, plaintext: d, ciphertext: b.baseAddress! + 13, tag: b.baseAddress! + 45)
+        try key.withCipher { aead in
+            try blob.withUnsafeMutableBytes { b in
+                try SecureRandom.fill(UnsafeMutableRawBufferPointer(rebasing: b[1..<13]))
+                try aad.withUnsafeBytes { a in
+                    try dataKey.withUnsafeBytes { d in
+                        try aead.seal(nonce: b.baseAddress! + 1, aad: a, plaintext: d, ciphertext: b.baseAddress! + 13, tag: b.baseAddress! + 45)
+                    }
                 }
             }
         }
@@ -199,13 +210,14 @@ public final class LocalKeyProvider: KeyProvider {
             throw KeyError(.invalidCiphertext, errorType: "InvalidCiphertextException", keyId: wrapped.keyId, message: "")
         }
         let aad = LocalKeyProvider.aad(keyId: wrapped.keyId, context: context)
-        let aead = try AESGCM(key: key.wrappingKey)
         let out = try SecureBytes(count: FileHeader.dataKeySize)
-        let ok = wrapped.blob.withUnsafeBytes { b in
-            aad.withUnsafeBytes { a in
-                out.withUnsafeMutableBytes { o in
-                    aead.open(nonce: b.baseAddress! + 1, aad: a, ciphertext: UnsafeRawBufferPointer(rebasing: b[13..<45]),
-                              tag: b.baseAddress! + 45, plaintext: o.baseAddress!)
+        let ok = try key.withCipher { aead in
+            wrapped.blob.withUnsafeBytes { b in
+                aad.withUnsafeBytes { a in
+                    out.withUnsafeMutableBytes { o in
+                        aead.open(nonce: b.baseAddress! + 1, aad: a, ciphertext: UnsafeRawBufferPointer(rebasing: b[13..<45]),
+                                  tag: b.baseAddress! + 45, plaintext: o.baseAddress!)
+                    }
                 }
             }
         }
