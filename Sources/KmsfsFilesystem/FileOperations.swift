@@ -33,6 +33,9 @@ extension EncryptedFilesystem {
                 do {
                     let h = try FileOpener.readHeader(fd: fd)
                     try h.checkContext(volumeId: volume.volumeId)
+                    if let u = uniformLayout, h.headerLength != u.headerLength {
+                        throw FormatError.malformedHeader("header length \(h.headerLength) differs from the volume's \(u.headerLength)")
+                    }
                     header = h
                     layout = h.layout
                 } catch {
@@ -74,8 +77,15 @@ extension EncryptedFilesystem {
             throw error
         }
         fresh.dataKey.wipe()
-        let header = try FileHeader(fileId: fresh.fileId, chunkSize: volume.chunkSize, context: fresh.context,
+        let header: FileHeader
+        do {
+            header = try FileHeader(fileId: fresh.fileId, chunkSize: volume.chunkSize, context: fresh.context,
+                                    wrappedKeys: fresh.wrapped, keys: fileKeys, length: uniformLayout?.headerLength)
+        } catch FormatError.headerTooLong(let needed, let length) {
+            giveUpUniformHeaderLength(because: "the header of \(path) needs \(needed) bytes, more than the volume's uniform \(length)")
+            header = try FileHeader(fileId: fresh.fileId, chunkSize: volume.chunkSize, context: fresh.context,
                                     wrappedKeys: fresh.wrapped, keys: fileKeys)
+        }
         let bytes = header.encoded()
 
         let created: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in

@@ -73,6 +73,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let table: OpenFileTable
     let pool: DataKeyPool
     let maxInodes: Int
+    /// Format 2: every file's layout (uniform header length), so sizes need no header read; nil when each file's
+    /// header says (format 1, or a format 2 volume with mixed lengths).
+    var uniformLayout: ChunkLayout? { uniform.withLock { $0 } }
+    private let uniform: Mutex<ChunkLayout?>
     /// Set once the kernel's INIT request was answered.
     var initialized: Bool {
         get { initDone.load(ordering: .acquiring) }
@@ -100,6 +104,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         writebackCache = settings.writebackCache && !settings.directIO
         chownToCaller = geteuid() == 0
         maxInodes = settings.maxInodes
+        uniform = Mutex(settings.volume.uniformLayout)
         pool = DataKeyPool(keys: settings.keys, volumeId: settings.volume.volumeId, userContext: settings.volume.encryptionContext,
                            settings: settings.readOnly ? .off : settings.keyPool)
         let keyService = settings.keys
@@ -204,12 +209,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func plaintextSize(_ inode: Inode, backingSize: Int, dfd: Int32, name: String) -> Int {
         guard inode.type == S_IFREG else { return backingSize }
         if let open = table.lookup(inode.key) { return open.size }
+        if let u = uniformLayout { return u.plaintextSize(backingSize: backingSize) }
         switch inodes.layout(of: inode) {
         case .known(let l): return l.plaintextSize(backingSize: backingSize)
         case .foreign: return 0
         case .unknown: break
         }
         guard backingSize >= FileHeader.prefixSize else { return 0 }
+        Log.debug("reading the header prefix of backing file \(name) for its size")
         var fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | kmsfs_o_noatime())
         if fd < 0 { fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
         guard fd >= 0 else { return backingSize }
@@ -447,7 +454,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             close(fd)
             throw e
         }
-        return DirHandle(stream: stream, inRoot: inode === inodes.root)
+        return DirHandle(stream: stream, inode: inode, inRoot: inode === inodes.root)
     }
 
     /// Lists entries from `offset` (0 or a value passed to `fill` earlier); `fill` returns false when the
@@ -472,6 +479,62 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 seekdir(handle.stream, here)
                 return
             }
+        }
+    }
+
+    /// Lists entries with their attributes from `offset`, recording a kernel reference to each (but "." and
+    /// ".."); `fill` returns false when the reply is full, and that entry's reference is dropped again.
+    /// Only offered when sizes need no header read (a uniform header length): listing reads no file header.
+    func readdirplus(_ handle: DirHandle, _ offset: Int, _ fill: (String, Inode?, stat, Int) -> Bool) throws {
+        if telldir(handle.stream) != offset { seekdir(handle.stream, offset) }
+        let dfd = dirfd(handle.stream)
+        while true {
+            let here = telldir(handle.stream)
+            errno = 0
+            guard let entry = Glibc.readdir(handle.stream) else {
+                if errno != 0 { throw Errno.current }
+                return
+            }
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            guard let shown = names.mountName(name, inRoot: handle.inRoot) else { continue }
+            var st = stat()
+            var inode: Inode? = nil
+            if name == "." || name == ".." {
+                st.st_ino = entry.pointee.d_ino
+                st.st_mode = mode_t(entry.pointee.d_type) << 12
+            } else {
+                // Gone since the directory was read: leave it out, as a later readdir would.
+                guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { continue }
+                let i = inodes.remember(parent: handle.inode, name: name, st: st)
+                st.st_size = off_t(plaintextSize(i, backingSize: Int(st.st_size), dfd: dfd, name: name))
+                inode = i
+            }
+            if !fill(shown, inode, st, telldir(handle.stream)) {
+                if let i = inode { forget(i.nodeId, count: 1) }
+                seekdir(handle.stream, here)
+                return
+            }
+        }
+    }
+
+    /// Every file of the volume keeps its own header length from now on (a new file's keys did not fit the
+    /// uniform length): the config says so, and sizes are read from headers again.
+    func giveUpUniformHeaderLength(because why: String) {
+        let changed: Bool = uniform.withLock {
+            guard $0 != nil else { return false }
+            $0 = nil
+            return true
+        }
+        guard changed else { return }
+        var v = volume
+        v.headerLength = nil
+        do {
+            try FileIO.writeFileAtomically(VolumeConfig.path(in: cipherDir), contents: try v.encoded(), mode: 0o644)
+            Log.warning("\(why): files of this volume have different header lengths from now on, and sizes are read from headers; kmsfs rewrap makes them uniform again")
+        } catch {
+            Log.error("\(why), and the volume config could not be updated (\(error)): sizes are read from headers in this mount only")
         }
     }
 

@@ -179,9 +179,12 @@ private func operations() -> fuse_lowlevel_ops {
         conn.pointee.max_background = 64
         // The kernel clears set-user-ID bits on write, as for any filesystem.
         conn.pointee.want &= ~UInt32(FUSE_CAP_HANDLE_KILLPRIV)
-        // No readdirplus: listing a directory must not read every file's header.
-        conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS)
         let fs = Unmanaged<EncryptedFilesystem>.fromOpaque(userdata!).takeUnretainedValue()
+        // Listing with attributes (readdirplus, when the kernel sees it pays off) only where sizes need no
+        // header read: a listing must never read file headers.
+        if fs.uniformLayout == nil {
+            conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO)
+        }
         if fs.writebackCache && conn.pointee.capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 {
             conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
         }
@@ -405,6 +408,34 @@ private func operations() -> fuse_lowlevel_ops {
                 if n > size - used { return false }
                 used += n
                 return true
+            }
+            fuse_reply_buf(req, buffer, used)
+        }
+    }
+    ops.readdirplus = { req, _, size, offset, fi in
+        serve(req) { fs in
+            let d = try dirHandle(fi)
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+            defer { buffer.deallocate() }
+            var used = 0
+            // Entries already in the buffer hold kernel references: once there are some, an error ends the
+            // listing early instead of failing it.
+            do {
+                try fs.readdirplus(d, Int(offset)) { entryName, inode, st, next in
+                var e = fuse_entry_param()
+                e.attr = st
+                if let inode {
+                    e.ino = fuse_ino_t(inode.nodeId)
+                    e.attr_timeout = EncryptedFilesystem.cacheTimeout
+                    e.entry_timeout = EncryptedFilesystem.cacheTimeout
+                }
+                let n = fuse_add_direntry_plus(req, buffer + used, size - used, entryName, &e, off_t(next))
+                if n > size - used { return false }
+                used += n
+                return true
+                }
+            } catch {
+                if used == 0 { throw error }
             }
             fuse_reply_buf(req, buffer, used)
         }

@@ -37,10 +37,13 @@ final class FileHandle: Handle, @unchecked Sendable {
 /// An open directory stream.
 final class DirHandle: Handle, @unchecked Sendable {
     let stream: OpaquePointer
+    /// The directory listed (kept alive with the handle).
+    let inode: Inode
     let inRoot: Bool
 
-    init(stream: OpaquePointer, inRoot: Bool) {
+    init(stream: OpaquePointer, inode: Inode, inRoot: Bool) {
         self.stream = stream
+        self.inode = inode
         self.inRoot = inRoot
     }
 

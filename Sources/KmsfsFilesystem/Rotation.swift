@@ -107,18 +107,24 @@ public final class VolumeRewrapper: @unchecked Sendable {
         public var rewrapped = 0
         public var unchanged = 0
         public var failed: [(path: String, reason: String)] = []
+        /// Files whose new header did not fit `headerLength` and got a longer one.
+        public var longer = 0
     }
 
     let cipherDir: String
     let volume: VolumeConfig
     let keys: KeyService
     let targets: [String]
+    /// The header length every rewritten file gets (a format 2 volume's uniform length), or nil to keep each
+    /// file's own length where the new keys fit.
+    let headerLength: Int?
 
-    public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, targets: [String]) {
+    public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, targets: [String], headerLength: Int? = nil) {
         self.cipherDir = cipherDir
         self.volume = volume
         self.keys = keys
         self.targets = targets
+        self.headerLength = headerLength
     }
 
     /// Rewraps every regular file; `progress(done, total)` is called after each one.
@@ -160,6 +166,7 @@ public final class VolumeRewrapper: @unchecked Sendable {
                 if let p = try prepared.get() {
                     try apply(p)
                     summary.rewrapped += 1
+                    if let h = headerLength, p.updated.headerLength != h { summary.longer += 1 }
                 } else {
                     summary.unchanged += 1
                 }
@@ -198,10 +205,13 @@ public final class VolumeRewrapper: @unchecked Sendable {
         defer { close(fd) }
         let header = try FileOpener.readHeader(fd: fd)
         try header.checkContext(volumeId: volume.volumeId)
-        if header.wrappedKeys.map(\.keyId) == targets { return nil }
-        let wrapped = try keys.rewrap(header.wrappedKeys, to: targets, context: header.context,
-                                      subject: KeySubject(path: "/" + rel, fileId: header.fileId))
-        return Prepared(rel: rel, old: header, updated: try header.replacingWrappedKeys(wrapped))
+        let underTargets = header.wrappedKeys.map(\.keyId) == targets
+        if underTargets && (headerLength == nil || header.headerLength == headerLength) { return nil }
+        // Already under the new keys but of another length: only the layout changes, no key service call.
+        let wrapped = underTargets ? header.wrappedKeys
+            : try keys.rewrap(header.wrappedKeys, to: targets, context: header.context,
+                              subject: KeySubject(path: "/" + rel, fileId: header.fileId))
+        return Prepared(rel: rel, old: header, updated: try header.replacingWrappedKeys(wrapped, length: headerLength))
     }
 
     /// Rewraps one file; false if it was already wrapped exactly under the targets.

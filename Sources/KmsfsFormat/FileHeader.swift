@@ -91,9 +91,11 @@ public struct FileHeader: Equatable, Sendable {
 
     public var layout: ChunkLayout { ChunkLayout(headerLength: headerLength, chunkSize: chunkSize) }
 
-    /// A new, authenticated header for a file whose data key is `dataKey` (the keys derived from it are passed in).
+    /// A new, authenticated header for a file whose data key is `dataKey` (the keys derived from it are passed in),
+    /// `length` bytes long (a volume's uniform header length), or as short as it can be when nil.
+    /// Throws `headerTooLong` when the header does not fit in `length`.
     public init(fileId: [UInt8], chunkSize: Int, context: EncryptionContext, wrappedKeys: [WrappedKey],
-                keys: FileKeys) throws {
+                keys: FileKeys, length: Int? = nil) throws {
         precondition(fileId.count == FileHeader.fileIdSize && ChunkLayout.isValidChunkSize(chunkSize))
         self.fileId = fileId
         self.chunkSize = chunkSize
@@ -104,6 +106,10 @@ public struct FileHeader: Equatable, Sendable {
         self.headerLength = 0
         try validateWrappedKeys(wrappedKeys)
         headerLength = FileHeader.roundedLength(encodedLengthWithoutPadding)
+        if let length {
+            guard encodedLengthWithoutPadding <= length else { throw FormatError.headerTooLong(needed: encodedLengthWithoutPadding, length: length) }
+            headerLength = length
+        }
         mac = try computeMAC(headerKey: keys.headerKey)
     }
 
@@ -169,15 +175,28 @@ public struct FileHeader: Equatable, Sendable {
         return w.bytes
     }
 
-    /// The same header with another set of wrapped keys (key rotation). The length is kept when the new keys
-    /// fit, so the body need not move; otherwise it grows to the next granule.
-    public func replacingWrappedKeys(_ keys: [WrappedKey]) throws -> FileHeader {
+    /// The same header with another set of wrapped keys (key rotation), `length` bytes long when given (a
+    /// volume's new uniform length; at least what the keys need). Otherwise the length is kept when the new keys
+    /// fit, so the body need not move, or grows to the next granule.
+    public func replacingWrappedKeys(_ keys: [WrappedKey], length: Int? = nil) throws -> FileHeader {
         var h = self
         try validateWrappedKeys(keys)
         h.wrappedKeys = keys
         let needed = h.encodedLengthWithoutPadding
-        if needed > headerLength { h.headerLength = FileHeader.roundedLength(needed) }
+        if let length, length >= needed {
+            h.headerLength = length
+        } else if needed > headerLength {
+            h.headerLength = FileHeader.roundedLength(needed)
+        }
         return h
+    }
+
+    /// Bytes a header needs, before padding, for `context` and wrapped keys of these sizes: what a volume's
+    /// uniform header length must hold.
+    public static func requiredLength(context: EncryptionContext, wrappedKeys: [(provider: String, keyId: String, blobSize: Int)]) -> Int {
+        var n = 64 + context.canonicalBytes.count + macSize + 1
+        for k in wrappedKeys { n += 1 + k.provider.utf8.count + 2 + k.keyId.utf8.count + 2 + k.blobSize }
+        return n
     }
 
     // MARK: - internals
@@ -188,7 +207,8 @@ public struct FileHeader: Equatable, Sendable {
         return n
     }
 
-    private static func roundedLength(_ n: Int) -> Int { (n + lengthGranule - 1) / lengthGranule * lengthGranule }
+    /// `n` rounded up to the header length granule (512).
+    public static func roundedLength(_ n: Int) -> Int { (n + lengthGranule - 1) / lengthGranule * lengthGranule }
 
     private func validateWrappedKeys(_ keys: [WrappedKey]) throws {
         guard (1...255).contains(keys.count) else { throw FormatError.malformedHeader("1 to 255 wrapped keys needed") }

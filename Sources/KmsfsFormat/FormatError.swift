@@ -7,6 +7,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
     case headerAuthenticationFailed
     case keyCommitmentMismatch
     case invalidConfig(String)
+    /// A new header does not fit the volume's uniform header length.
+    case headerTooLong(needed: Int, length: Int)
 
     public var description: String {
         switch self {
@@ -17,6 +19,7 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
         case .headerAuthenticationFailed: return "header authentication failed (header was modified)"
         case .keyCommitmentMismatch: return "the unwrapped data key does not match the header's key commitment"
         case .invalidConfig(let why): return "invalid volume config: \(why)"
+        case .headerTooLong(let needed, let length): return "the header needs \(needed) bytes, more than the volume's \(length)"
         }
     }
 }

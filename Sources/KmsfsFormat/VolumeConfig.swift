@@ -28,7 +28,10 @@ public struct KeyProviderConfig: Codable, Equatable, Sendable {
 /// The volume config, `kmsfs.conf` at the top of the encrypted directory (JSON).
 public struct VolumeConfig: Codable, Equatable, Sendable {
     public static let fileName = "kmsfs.conf"
-    public static let currentFormatVersion = 1
+    /// 2: every file has the same header length (`headerLength`), so sizes follow from the backing size alone.
+    /// 1: each file's header length is read from its header.
+    public static let currentFormatVersion = 2
+    public static let supportedFormatVersions = 1...2
 
     public var formatVersion: Int
     /// 128-bit random volume ID, lower-case hex.
@@ -38,13 +41,34 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     /// User encryption context pairs added to every file's context.
     public var encryptionContext: [String: String]
     public var keyProvider: KeyProviderConfig
+    /// Format 2: the header length of every file of the volume (a multiple of 512). Absent in format 1, and in a
+    /// format 2 volume whose files have different header lengths for a while (a key rotation that had to grow
+    /// the headers was interrupted, or a new file's keys did not fit): then each file's own length counts.
+    public var headerLength: Int?
 
-    public init(volumeId: String, chunkSize: Int, encryptionContext: [String: String], keyProvider: KeyProviderConfig) {
+    public init(volumeId: String, chunkSize: Int, encryptionContext: [String: String], keyProvider: KeyProviderConfig,
+                headerLength: Int? = nil) {
         formatVersion = VolumeConfig.currentFormatVersion
         self.volumeId = volumeId
         self.chunkSize = chunkSize
         self.encryptionContext = encryptionContext
         self.keyProvider = keyProvider
+        self.headerLength = headerLength
+    }
+
+    /// The uniform header length for new volumes: room for the kmsfs context pairs, the user's pairs, and one
+    /// wrapped key per configured key of at most `wrappedKeySize` bytes, rounded up to 512.
+    public static func uniformHeaderLength(volumeId: String, userContext: [String: String], provider: String,
+                                           keyIds: [String], wrappedKeySize: Int) -> Int {
+        let context = EncryptionContext.forFile(volumeId: volumeId, fileId: [UInt8](repeating: 0, count: FileHeader.fileIdSize),
+                                                user: userContext)
+        let needed = FileHeader.requiredLength(context: context, wrappedKeys: keyIds.map { (provider, $0, wrappedKeySize) })
+        return FileHeader.roundedLength(needed)
+    }
+
+    /// The layout every file of the volume has, when the header length is uniform.
+    public var uniformLayout: ChunkLayout? {
+        headerLength.map { ChunkLayout(headerLength: $0, chunkSize: chunkSize) }
     }
 
     /// A new random volume ID.
@@ -73,8 +97,14 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     }
 
     public func validate() throws {
-        guard formatVersion == VolumeConfig.currentFormatVersion else {
-            throw FormatError.invalidConfig("format version \(formatVersion) is not supported (this kmsfs reads version \(VolumeConfig.currentFormatVersion))")
+        guard VolumeConfig.supportedFormatVersions.contains(formatVersion) else {
+            throw FormatError.invalidConfig("format version \(formatVersion) is not supported (this kmsfs reads versions 1 and 2)")
+        }
+        if let h = headerLength {
+            guard formatVersion >= 2 else { throw FormatError.invalidConfig("headerLength needs format version 2") }
+            guard h % FileHeader.lengthGranule == 0, h >= FileHeader.minimumLength, h <= FileHeader.maximumLength else {
+                throw FormatError.invalidConfig("headerLength must be a multiple of 512 from 512 to 1048576")
+            }
         }
         guard let id = Hex.decode(volumeId), id.count == 16 else {
             throw FormatError.invalidConfig("volumeId must be 32 hex digits")

@@ -43,6 +43,10 @@ public protocol KeyProvider: Sendable {
     /// The provider name written into headers ("local", "aws-kms").
     var name: String { get }
 
+    /// The most bytes a wrapped data key of this provider takes: new volumes size their uniform header length
+    /// for it (see kmsfs-format(5)).
+    var wrappedKeySizeBound: Int { get }
+
     /// A new 256-bit data key: its plaintext and its wrapping under `keyId` (KMS GenerateDataKey).
     func generateDataKey(keyId: String, context: EncryptionContext) throws -> (plaintext: SecureBytes, wrapped: WrappedKey)
 

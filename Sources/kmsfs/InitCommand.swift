@@ -94,9 +94,12 @@ struct InitCommand: ParsableCommand {
     }
 
     private func initAWS(dir: String, volumeId: String, pairs: [String: String], settings: AWSSettings, arns: [String]) throws {
+        let headerLength = VolumeConfig.uniformHeaderLength(volumeId: volumeId, userContext: pairs, provider: AWSKMSProvider.providerName,
+                                                            keyIds: arns, wrappedKeySize: AWSKMSProvider(settings: settings).wrappedKeySizeBound)
         let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
                                   keyProvider: KeyProviderConfig(type: AWSKMSProvider.providerName, keyIds: arns,
-                                                                 region: settings.region, profile: profile, endpoint: endpoint))
+                                                                 region: settings.region, profile: profile, endpoint: endpoint),
+                                  headerLength: headerLength)
         do {
             try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
         } catch {
@@ -124,9 +127,12 @@ struct InitCommand: ParsableCommand {
         } catch let e as KeyError {
             throw CLIError(e.message)
         }
+        let headerLength = VolumeConfig.uniformHeaderLength(volumeId: volumeId, userContext: pairs, provider: LocalKeyProvider.providerName,
+                                                            keyIds: [keyId], wrappedKeySize: LocalKeyProvider(keys: []).wrappedKeySizeBound)
         let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
                                   keyProvider: KeyProviderConfig(type: LocalKeyProvider.providerName, keyIds: [keyId],
-                                                                 keyFile: keyFile == nil ? nil : path))
+                                                                 keyFile: keyFile == nil ? nil : path),
+                                  headerLength: headerLength)
         do {
             try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
         } catch {

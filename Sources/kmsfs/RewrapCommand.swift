@@ -117,26 +117,53 @@ struct RewrapCommand: ParsableCommand {
         if volume.keyProvider.type == LocalKeyProvider.providerName, let old = originalKeyIds.first, old != targets[0] {
             passes = [[targets[0], old], targets]
         }
-        for (n, pass) in passes.enumerated() {
-            let summary = try rewrap(cipher: cipher, volume: volume, provider: provider, targets: pass)
-            if n == 0 {
-                do {
-                    try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try volume.encoded(), mode: 0o644)
-                } catch {
-                    throw CLIError("cannot update \(VolumeConfig.path(in: cipher)): \(error)")
-                }
+        // Format 2: every file gets one header length, enough for every pass's keys (never shorter than now, so
+        // bodies move only when the keys need more room). While lengths may differ, the config says so first.
+        var uniformLength: Int? = nil
+        if volume.formatVersion >= 2 {
+            let needed = passes.map {
+                VolumeConfig.uniformHeaderLength(volumeId: volume.volumeId, userContext: volume.encryptionContext,
+                                                 provider: provider.name, keyIds: $0, wrappedKeySize: provider.wrappedKeySizeBound)
+            }.max()!
+            uniformLength = max(needed, volume.headerLength ?? 0)
+            if volume.headerLength != uniformLength {
+                volume.headerLength = nil
+                try writeConfig(volume, cipher)
             }
+        }
+        var allUniform = true
+        for (n, pass) in passes.enumerated() {
+            let summary = try rewrap(cipher: cipher, volume: volume, provider: provider, targets: pass, headerLength: uniformLength)
+            if summary.longer > 0 { allUniform = false }
+            if n == 0 { try writeConfig(volume, cipher) }
             if n == passes.count - 1 {
                 print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, 0 failed")
+            }
+        }
+        if let h = uniformLength, volume.headerLength != h {
+            if allUniform {
+                volume.headerLength = h
+                try writeConfig(volume, cipher)
+            } else {
+                printError("some files needed headers longer than \(h) bytes: sizes in this volume are read from each file's header")
             }
         }
         print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
     }
 
+    private func writeConfig(_ volume: VolumeConfig, _ cipher: String) throws {
+        do {
+            try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try volume.encoded(), mode: 0o644)
+        } catch {
+            throw CLIError("cannot update \(VolumeConfig.path(in: cipher)): \(error)")
+        }
+    }
+
     /// One pass over every file; throws (leaving the config alone) if any file failed.
-    private func rewrap(cipher: String, volume: VolumeConfig, provider: KeyProvider, targets: [String]) throws -> VolumeRewrapper.Summary {
+    private func rewrap(cipher: String, volume: VolumeConfig, provider: KeyProvider, targets: [String],
+                        headerLength: Int?) throws -> VolumeRewrapper.Summary {
         let keys = KeyService(provider: provider, keyIds: targets, audit: nil, maxInFlight: jobs)
-        let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets)
+        let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets, headerLength: headerLength)
         var lastReport = time(nil)
         let summary = try rewrapper.run(jobs: jobs) { done, total in
             if done == total || time(nil) > lastReport {

@@ -248,6 +248,36 @@ struct AWSKMSTests {
         #expect(!v.auditLines().contains { $0["op"] as? String == "Decrypt" && $0["keyId"] as? String == old })
     }
 
+    @Test("rewrap to more keys than the headers hold moves every file to one longer header length, and the config says so last")
+    func rewrapGrowsUniformHeaders() throws {
+        let k1 = try moto.createKey(), k2 = try moto.createKey(), k3 = try moto.createKey()
+        let proxy = try KMSProxy(upstream: moto)
+        let v = try volume(keys: [k1], proxy: proxy)
+        var rng = SeededRandom(seed: 31)
+        var files: [String: [UInt8]] = [:]
+        for i in 0..<5 {
+            files["f\(i)"] = rng.bytes(i * 5000 + 1)
+            try P.writeFile(v.path("f\(i)"), files["f\(i)"]!)
+        }
+        try v.unmount()
+        let before = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        let r = try run(kmsfsBinary, ["rewrap", "--key-id", k1, "--key-id", k2, "--key-id", k3, v.cipher], environment: v.environment)
+        #expect(r.status == 0, "\(r.stderr)")
+        let after = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        let h = try #require(after.headerLength)
+        #expect(h > before.headerLength!)
+        for (name, data) in files {
+            let header = try FileHeader(decoding: try P.readFile(v.backing(name)))
+            #expect(header.headerLength == h && header.wrappedKeys.map(\.keyId) == [k1, k2, k3])
+            #expect(try v.offlineContents(name) == data)
+        }
+        try v.start(["--key-pool", "0"])
+        for (name, data) in files {
+            #expect(try P.stat(v.path(name)).st_size == off_t(data.count))
+            #expect(try P.readFile(v.path(name)) == data)
+        }
+    }
+
     @Test("rewrap stopped at any point leaves every file readable, and the next run finishes", arguments: [
         ("rewrap-after-journal", 1), ("rewrap-mid-header", 1), ("rewrap-before-clear", 1),
         ("rewrap-after-journal", 3), ("rewrap-before-clear", 3),

@@ -16,6 +16,8 @@ struct CLITests {
         #expect(config.keyProvider.type == "local" && config.keyProvider.keyFile == nil)
         #expect(config.encryptionContext == ["team": "storage", "env": "test"])
         #expect(config.chunkSize == 4096)
+        // Format 2: one header length for every file, enough for the context and the key.
+        #expect(config.formatVersion == 2 && config.headerLength == 512)
         let keyPath = dir.path + "/cfg/kmsfs/keys/\(config.volumeId).key"
         #expect(r.stdout.contains(keyPath) && r.stdout.contains("Back this key file up"))
         var st = stat()

@@ -8,6 +8,8 @@ import KmsfsSystem
 public final class AWSKMSProvider: KeyProvider {
     public static let providerName = "aws-kms"
     public let name = AWSKMSProvider.providerName
+    /// AWS KMS's CiphertextBlob of a 256-bit data key under a symmetric key is 184 bytes; room is left for more.
+    public let wrappedKeySizeBound = 256
     public let client: KMSClient
 
     public init(settings: AWSSettings) {

@@ -165,6 +165,8 @@ public enum LocalKeyFile {
 public final class LocalKeyProvider: KeyProvider {
     public static let providerName = "local"
     public let name = LocalKeyProvider.providerName
+    /// Version byte, nonce, encrypted key, tag.
+    public let wrappedKeySizeBound = 61
     private let keys: [String: LocalMasterKey]
 
     public init(keys: [LocalMasterKey]) {
