@@ -81,7 +81,7 @@ struct CLITests {
             #expect(r.status == 0 && r.stdout.contains("USAGE:"), "\(command)")
         }
         let v = try run(kmsfsBinary, ["--version"])
-        #expect(v.status == 0 && v.stdout.contains("on-disk format 1"))
+        #expect(v.status == 0 && v.stdout.contains("on-disk format 2; reads 1 and 2"))
         let dir = try TempDir()
         let u = try run(kmsfsBinary, ["unmount", dir.path])
         #expect(u.status != 0 && u.stderr.contains("is not a kmsfs mount"))
