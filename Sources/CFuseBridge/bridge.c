@@ -1,6 +1,7 @@
 #include "kmsfs_fuse.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/capability.h>
 #include <pthread.h>
 #include <linux/fuse.h>
@@ -85,8 +86,20 @@ static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata) {
     return n;
 }
 
+/* The mount's readahead (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb) to set once the kernel has taken the INIT
+ * reply, which sets it to at most the 128 KiB the kernel offered: set at once, before any file can be opened
+ * (a file keeps the readahead it was opened with). */
+static char readahead_path[128];
+static char readahead_value[16];
+
+void kmsfs_fuse_set_readahead(const char *bdi_path, int kib) {
+    snprintf(readahead_path, sizeof readahead_path, "%s", bdi_path);
+    snprintf(readahead_value, sizeof readahead_value, "%d\n", kib);
+}
+
 static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata) {
     (void)userdata;
+    int init_reply = 0;
     if (count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header) &&
         iov[1].iov_len >= offsetof(struct fuse_init_out, flags) + sizeof(uint32_t)) {
         struct fuse_out_header *out = iov[0].iov_base;
@@ -94,9 +107,18 @@ static ssize_t hook_writev(int fd, struct iovec *iov, int count, void *userdata)
             struct fuse_init_out *init = iov[1].iov_base;
             if (killpriv_v2_wanted && atomic_load(&killpriv_v2_offered)) init->flags |= FUSE_HANDLE_KILLPRIV_V2;
             atomic_store(&init_unique, UINT64_MAX);
+            init_reply = 1;
         }
     }
-    return writev(fd, iov, count);
+    ssize_t n = writev(fd, iov, count);
+    if (init_reply && n >= 0 && readahead_path[0] != '\0') {
+        int r = open(readahead_path, O_WRONLY | O_CLOEXEC);
+        if (r >= 0) {
+            (void)!write(r, readahead_value, strlen(readahead_value));
+            close(r);
+        }
+    }
+    return n;
 }
 
 int kmsfs_fuse_request_kills_suidgid(void) { return request_kills_suidgid; }

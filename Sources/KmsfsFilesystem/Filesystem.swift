@@ -77,12 +77,6 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// header says (format 1, or a format 2 volume with mixed lengths).
     var uniformLayout: ChunkLayout? { uniform.withLock { $0 } }
     private let uniform: Mutex<ChunkLayout?>
-    /// Set once the kernel's INIT request was answered.
-    var initialized: Bool {
-        get { initDone.load(ordering: .acquiring) }
-        set { initDone.store(newValue, ordering: .releasing) }
-    }
-    private let initDone = Atomic(false)
     private let sweeping = Mutex(false)
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool

@@ -31,12 +31,8 @@ public enum FuseServer {
             filesystem.startInodeSweeper { parent, name in
                 _ = name.withCString { kmsfs_fuse_notify_inval_entry(parent, $0, strlen($0)) }
             }
-            // The kernel sets the readahead when it reads the INIT reply, which follows; raise it afterwards.
-            BackgroundThread.start {
-                for _ in 0..<100 where !filesystem.initialized { usleep(10_000) }
-                usleep(20_000)
-                setReadahead(mountpoint: mountpoint, kib: FuseServer.readaheadKiB)
-            }
+            // The kernel sets the readahead when it takes the INIT reply, which follows: raised right after it.
+            if let path = readaheadPath(mountpoint: mountpoint) { kmsfs_fuse_set_readahead(path, Int32(FuseServer.readaheadKiB)) }
             onReady()
         }
         var ops = operations()
@@ -66,25 +62,15 @@ public enum FuseServer {
     /// requests mean fewer round trips and chunks opened on every CPU; 1 MiB matches the largest request.
     static let readaheadKiB = 1024
 
-    /// Sets the readahead of the mount's backing device info (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb, which
-    /// root may write); without it the kernel's default stays.
-    private static func setReadahead(mountpoint: String, kib: Int) {
-        guard let info = try? FileIO.readFile("/proc/self/mountinfo") else { return }
+    /// The file that sets the mount's readahead: /sys/class/bdi/MAJOR:MINOR/read_ahead_kb of its device, which
+    /// root may write (for others the kernel's default stays).
+    private static func readaheadPath(mountpoint: String) -> String? {
+        guard let info = try? FileIO.readFile("/proc/self/mountinfo") else { return nil }
         for line in String(decoding: info, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
-            guard fields.count > 4, unescapeMountField(fields[4]) == mountpoint else { continue }
-            let path = "/sys/class/bdi/\(fields[2])/read_ahead_kb"
-            let fd = open(path, O_WRONLY | O_CLOEXEC)
-            guard fd >= 0 else {
-                Log.debug("cannot set readahead through \(path): \(Errno.current)")
-                return
-            }
-            defer { close(fd) }
-            var text = Array("\(kib)\n".utf8)
-            if text.withUnsafeMutableBytes({ write(fd, $0.baseAddress, $0.count) }) < 0 {
-                Log.debug("cannot set readahead through \(path): \(Errno.current)")
-            }
+            if fields.count > 4, unescapeMountField(fields[4]) == mountpoint { return "/sys/class/bdi/\(fields[2])/read_ahead_kb" }
         }
+        return nil
     }
 
     /// /proc/self/mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
@@ -174,7 +160,6 @@ private func operations() -> fuse_lowlevel_ops {
 
     ops.`init` = { userdata, conn in
         guard let conn else { return }
-        defer { Unmanaged<EncryptedFilesystem>.fromOpaque(userdata!).takeUnretainedValue().initialized = true }
         conn.pointee.max_write = 1 << 20
         conn.pointee.max_background = 64
         // The kernel clears set-user-ID bits on write, as for any filesystem.

@@ -54,6 +54,9 @@ int kmsfs_fuse_notify_inval_entry(uint64_t parent, const char *name, size_t leng
 /// CAP_FSETID).
 int kmsfs_fuse_request_kills_suidgid(void);
 
+/// Sets the mount's readahead through `bdi_path` (its read_ahead_kb) right after the INIT reply.
+void kmsfs_fuse_set_readahead(const char *bdi_path, int kib);
+
 /// True when FUSE_HANDLE_KILLPRIV_V2 is in effect for the mount.
 int kmsfs_fuse_killpriv_v2_active(void);
 
