@@ -117,15 +117,16 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         pool.shutdown()
     }
 
-    /// Starts the thread that keeps the inode table within `maxInodes` once the mount is live: twice a second,
-    /// if the kernel knows more files than that, it asks the kernel to forget the least recently looked-up
-    /// entries (files with open handles are kept). The kernel drops them when unused and sends FORGET.
+    /// Starts the thread that keeps the inode table within `maxInodes` once the mount is live: twice a second, or
+    /// as soon as the table is a quarter over, if the kernel knows more files than that, it asks the kernel to
+    /// forget the least recently looked-up entries (files with open handles are kept). The kernel drops them
+    /// when unused and sends FORGET.
     func startInodeSweeper(notify: @escaping @Sendable (UInt64, String) -> Void) {
         guard maxInodes > 0 else { return }
         sweeping.withLock { $0 = true }
         BackgroundThread.start { [self] in
             while sweeping.withLock({ $0 }) {
-                usleep(500_000)
+                inodes.waitForPressure(seconds: 0.5)
                 let known = inodes.count
                 var asked = 0
                 for v in inodes.sweep(limit: maxInodes) where table.lookup(v.key) == nil {

@@ -96,6 +96,10 @@ final class InodeTable: @unchecked Sendable {
     /// Directories whose descriptor is cached, swept by a clock hand for eviction.
     private var cached: [Inode] = []
     private var hand = 0
+    /// Signalled when the table grows well past the sweep limit (see `waitForPressure`).
+    private let pressure = Condition()
+    /// A quarter over the sweep limit (unknown until the first sweep).
+    private var pressureThreshold = Int.max
 
     /// `rootFd`: an O_PATH descriptor of the backing directory, which the table takes over.
     init(rootFd: Int32, maxCachedDirectories: Int) throws {
@@ -142,6 +146,7 @@ final class InodeTable: @unchecked Sendable {
             let inode = Inode(key: key, type: st.st_mode & S_IFMT, parent: parent, name: name)
             inode.lookups = 1
             byKey[key] = inode
+            if byKey.count > pressureThreshold { pressure.signal() }
             return inode
         }
     }
@@ -165,6 +170,14 @@ final class InodeTable: @unchecked Sendable {
     /// caller asks the kernel to drop those entries (outside any lock); their FORGET then frees them.
     func sweep(limit: Int) -> [(parent: UInt64, inRoot: Bool, name: String, key: InodeKey)] {
         lock.withLock {
+            pressureThreshold = limit + limit / 4
+            // A dictionary keeps the capacity of its largest size: after a burst has been forgotten, copy it
+            // into one sized for what is left.
+            if byKey.count < byKey.capacity / 4 && byKey.capacity > 4 * limit {
+                var compact = [InodeKey: Inode](minimumCapacity: byKey.count * 2)
+                for (k, v) in byKey { compact[k] = v }
+                byKey = compact
+            }
             guard byKey.count > limit else { return [] }
             // Down to seven eighths of the limit, so sweeps do not run for every new file.
             let excess = byKey.count - limit * 7 / 8
@@ -180,6 +193,11 @@ final class InodeTable: @unchecked Sendable {
             }
             return victims
         }
+    }
+
+    /// Waits until the table has grown well past the sweep limit, or `seconds` have passed.
+    func waitForPressure(seconds: Double) {
+        pressure.withLock { pressure.wait(seconds: seconds) }
     }
 
     /// The inode behind a backing identity, if the kernel knows it.
