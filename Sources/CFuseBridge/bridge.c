@@ -80,6 +80,10 @@ static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata) {
         if (argLen >= sizeof(struct fuse_open_in))
             request_kills_suidgid = (((const struct fuse_open_in *)(const void *)arg)->open_flags & FUSE_OPEN_KILL_SUIDGID) != 0;
         break;
+    case FUSE_CREATE: /* an existing file opened with O_TRUNC, when another creator won the race */
+        if (argLen >= sizeof(struct fuse_create_in))
+            request_kills_suidgid = (((const struct fuse_create_in *)(const void *)arg)->open_flags & FUSE_OPEN_KILL_SUIDGID) != 0;
+        break;
     default:
         break;
     }

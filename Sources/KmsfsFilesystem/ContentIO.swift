@@ -70,6 +70,7 @@ struct ContentIO {
     /// which the write overwrote in place hold either their old or their new contents, as with any filesystem.
     func write(_ secrets: FileSecrets, from data: UnsafeRawPointer, count: Int, offset: Int) throws {
         guard count > 0 else { return }
+        guard offset >= 0, offset <= layout.maximumPlaintextSize - count else { throw Errno.EFBIG }
         let plan = WritePlan(chunkSize: layout.chunkSize, oldSize: file.size, offset: offset, count: count)
         let C = layout.chunkSize
 
@@ -151,6 +152,7 @@ struct ContentIO {
 
     /// Sets the plaintext size, resealing the chunk that becomes the last one. Growing leaves a hole.
     func truncate(_ secrets: FileSecrets, to newSize: Int) throws {
+        guard newSize <= layout.maximumPlaintextSize else { throw Errno.EFBIG }
         let oldSize = file.size
         if newSize == oldSize { return }
         if newSize == 0 { return try truncateToZero() }
@@ -177,9 +179,15 @@ struct ContentIO {
                 reportCorrupt(chunk: newLast)
                 throw Errno.EIO
             }
-            // Overwrite in place (no new blocks, so no ENOSPC), then cut the file after it.
+            // Overwrite in place (no new blocks, so no ENOSPC), then cut the file after it. If the cut fails, the
+            // chunk goes back as it was: the file keeps its old size and its old sealed data.
             try region.write(fd)
-            try syscall { ftruncate(fd, off_t(layout.backingSize(plaintextSize: newSize))) }
+            do {
+                try syscall { ftruncate(fd, off_t(layout.backingSize(plaintextSize: newSize))) }
+            } catch {
+                try? FileIO.pwrite(fd, stored.bytes.baseAddress!, count: stored.bytes.count, offset: stored.offset)
+                throw error
+            }
             file.size = newSize
             return
         }
@@ -230,6 +238,7 @@ struct ContentIO {
         let keepSize = kmsfs_falloc_keep_size()
         guard mode == 0 || mode == keepSize else { throw Errno.ENOTSUP }
         guard offset >= 0, length > 0 else { throw Errno.EINVAL }
+        guard offset <= layout.maximumPlaintextSize - length else { throw Errno.EFBIG }
         if mode == 0 && offset + length > file.size { try truncate(try secrets(), to: offset + length) }
         let start = layout.backingOffset(ofChunk: offset / layout.chunkSize)
         let end = layout.backingSize(plaintextSize: offset + length)

@@ -45,7 +45,7 @@ extension EncryptedFilesystem {
             }
             inodes.setLayout(.known(layout), of: inode)
             let file = try table.acquire(inode.key, fd: fd, path: { [unowned self] in mountPath(of: inode) }, layout: layout,
-                                         size: { layout.plaintextSize(backingSize: Int(st.st_size)) }, header: header)
+                                         size: { layout.plaintextSize(backingSize: try FileIO.size(fd)) }, header: header)
             handle = FileHandle(fd: fd, file: file, writable: writable)
         } catch {
             close(fd)
@@ -69,6 +69,11 @@ extension EncryptedFilesystem {
         let n = try backingName(parent, name, creating: true)
         let path = mountPath(of: parent, name)
         let fresh = try pool.take(path: path)
+        var created = false
+        defer {
+            // A key made for a file that was not created after all: its wipe is audited like any other.
+            if !created { keys.recordDiscard(subject: KeySubject(path: path, fileId: fresh.fileId)) }
+        }
         let fileKeys: FileKeys
         do {
             fileKeys = try FileKeys(dataKey: fresh.dataKey, fileId: fresh.fileId)
@@ -88,7 +93,7 @@ extension EncryptedFilesystem {
         }
         let bytes = header.encoded()
 
-        let created: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in
+        let createdFile: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in
             guard let fd = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
                 try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
             }) else { return nil }
@@ -111,7 +116,10 @@ extension EncryptedFilesystem {
                 throw error
             }
         }
-        if let c = created { return c }
+        if let c = createdFile {
+            created = true
+            return c
+        }
         // Another creator won the race and the caller did not ask for O_EXCL: open that file instead.
         fileKeys.chunkKey.wipe()
         let (inode, _) = try lookup(parent, name)

@@ -281,7 +281,7 @@ private func operations() -> fuse_lowlevel_ops {
     }
     ops.create = { req, parent, n, mode, fi in
         serve(req) { fs in
-            let (inode, st, h) = try fs.create(fs.inodes.get(parent), name(n), mode & 0o7777, fi!.pointee.flags, caller(req))
+            let (inode, st, h) = try killingPrivileges { try fs.create(fs.inodes.get(parent), name(n), mode & 0o7777, fi!.pointee.flags, caller(req)) }
             fi!.pointee.fh = h.retainedValue()
             if fs.directIO { fi!.pointee.direct_io = 1 }
             fi!.pointee.noflush = 1
@@ -403,6 +403,7 @@ private func operations() -> fuse_lowlevel_ops {
             let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
             defer { buffer.deallocate() }
             var used = 0
+            var added: [Inode] = []
             // Entries already in the buffer hold kernel references: once there are some, an error ends the
             // listing early instead of failing it.
             do {
@@ -417,12 +418,16 @@ private func operations() -> fuse_lowlevel_ops {
                 let n = fuse_add_direntry_plus(req, buffer + used, size - used, entryName, &e, off_t(next))
                 if n > size - used { return false }
                 used += n
+                if let inode { added.append(inode) }
                 return true
                 }
             } catch {
                 if used == 0 { throw error }
             }
-            fuse_reply_buf(req, buffer, used)
+            // A reply the kernel did not take (an interrupted request) takes no references either.
+            if fuse_reply_buf(req, buffer, used) != 0 {
+                for inode in added { fs.forget(inode.nodeId, count: 1) }
+            }
         }
     }
     ops.releasedir = { req, _, fi in

@@ -131,7 +131,9 @@ final class InodeTable: @unchecked Sendable {
             if let known = byKey[key] {
                 known.lookups += 1
                 known.referenced = true
-                if known.parent == nil {
+                if known.parent == nil || !isLive(known.parent!) {
+                    // No name left, or the directory it was found in has been forgotten since (a hard link
+                    // reached through another directory): this name is where it is now.
                     known.parent = parent
                     known.name = name
                 } else if !(known.parent === parent && known.name == name) && st.st_nlink > 1 {
@@ -170,7 +172,7 @@ final class InodeTable: @unchecked Sendable {
     /// caller asks the kernel to drop those entries (outside any lock); their FORGET then frees them.
     func sweep(limit: Int) -> [(parent: UInt64, inRoot: Bool, name: String, key: InodeKey)] {
         lock.withLock {
-            pressureThreshold = limit + limit / 4
+            pressureThreshold = limit > Int.max / 2 ? Int.max : limit + limit / 4
             // A dictionary keeps the capacity of its largest size: after a burst has been forgotten, copy it
             // into one sized for what is left.
             if byKey.count < byKey.capacity / 4 && byKey.capacity > 4 * limit {
@@ -212,7 +214,26 @@ final class InodeTable: @unchecked Sendable {
 
     /// The parent and backing name through which `inode` is reached, or nil if it has no known name left.
     func location(of inode: Inode) -> (parent: Inode, name: String)? {
-        lock.withLock { inode.parent.map { ($0, inode.name) } }
+        lock.withLock { liveLocation(inode) }
+    }
+
+    /// True while the kernel knows `dir` (its inode is the table's for its identity). Called with the lock held.
+    private func isLive(_ dir: Inode) -> Bool {
+        dir === root || (dir.lookups > 0 && byKey[dir.key] === dir)
+    }
+
+    /// The inode's location in a directory the kernel still knows: its recorded one, else another name of a
+    /// hard-linked file, which then becomes its recorded one. Called with the lock held.
+    private func liveLocation(_ inode: Inode) -> (parent: Inode, name: String)? {
+        if let p = inode.parent, isLive(p) { return (p, inode.name) }
+        if let i = inode.otherLinks?.firstIndex(where: { isLive($0.parent) }) {
+            let link = inode.otherLinks!.remove(at: i)
+            if inode.otherLinks!.isEmpty { inode.otherLinks = nil }
+            inode.parent = link.parent
+            inode.name = link.name
+            return (link.parent, link.name)
+        }
+        return inode.parent.map { ($0, inode.name) }
     }
 
     /// The backing path of `inode` relative to the backing root ("a/b/c"; "" for the root), if it has one.
@@ -221,8 +242,8 @@ final class InodeTable: @unchecked Sendable {
             var parts: [String] = []
             var node = inode
             while node !== root {
-                guard let p = node.parent else { return nil }
-                parts.append(node.name)
+                guard let (p, name) = liveLocation(node) else { return nil }
+                parts.append(name)
                 node = p
             }
             return parts.reversed().joined(separator: "/")
@@ -301,6 +322,13 @@ final class InodeTable: @unchecked Sendable {
         guard let (parent, name) = location(of: dir) else { throw Errno.ENOENT }
         let fd = try withDirectory(parent) { pfd in
             try syscall { openat(pfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        }
+        // The name may have been given to another directory since the location was read (renamed away, and
+        // a new one made in its place): only this directory's own descriptor may be cached for it.
+        var st = stat()
+        guard fstat(fd, &st) == 0, InodeKey(st) == dir.key else {
+            close(fd)
+            throw Errno(ESTALE)
         }
         return lock.withLock {
             dir.dirFdUsers += 1

@@ -174,15 +174,20 @@ final class OpenFileTable: @unchecked Sendable {
             f.descriptors.append(fd)
             return f
         }) { return f }
-        // A new entry: its size comes from the backing file, read outside the lock.
-        let f = OpenFile(inode: inode, path: path, layout: layout, header: header, size: try size())
-        if let s = secrets { f.install(s) }
-        return lock.withLock {
-            let winner = files[inode] ?? f
-            files[inode] = winner
-            winner.references += 1
-            winner.descriptors.append(fd)
-            return winner
+        // A new entry: its size is read from the backing file under the lock, so that no other handle can change
+        // the file between that read and the entry becoming the one every handle uses.
+        return try lock.withLock {
+            if let f = files[inode] {
+                f.references += 1
+                f.descriptors.append(fd)
+                return f
+            }
+            let f = OpenFile(inode: inode, path: path, layout: layout, header: header, size: try size())
+            if let s = secrets { f.install(s) }
+            files[inode] = f
+            f.references = 1
+            f.descriptors.append(fd)
+            return f
         }
     }
 

@@ -33,6 +33,20 @@ public enum RewrapJournal {
         var header: String?
     }
 
+    /// A rotation step failed after its journal was written: the run stops, leaving the journal to redo.
+    public struct Interrupted: Error, CustomStringConvertible {
+        public let path: String
+        public let reason: String
+        public var description: String {
+            "rewrapping /\(path) failed after its journal was written (\(reason)); the next kmsfs rewrap or mount finishes it"
+        }
+    }
+
+    /// True when a rotation step's journal is waiting to be redone.
+    public static func isPending(cipherDir: String) -> Bool {
+        access(cipherDir + "/" + name, F_OK) == 0
+    }
+
     /// Finishes an interrupted rotation step, if any. Returns the path it repaired.
     @discardableResult
     public static func recover(cipherDir: String) throws -> String? {
@@ -172,6 +186,12 @@ public final class VolumeRewrapper: @unchecked Sendable {
                 }
             } catch {
                 summary.failed.append((rel, "\(error)"))
+                // A step that failed after its journal was written must be redone before any other file is
+                // touched (the next step would replace its journal): stop here; the next rewrap or mount redoes it.
+                if RewrapJournal.isPending(cipherDir: cipherDir) {
+                    queue.cancel()
+                    throw RewrapJournal.Interrupted(path: rel, reason: "\(error)")
+                }
             }
             progress(done, summary.total)
         }

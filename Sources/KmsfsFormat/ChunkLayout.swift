@@ -26,6 +26,12 @@ public struct ChunkLayout: Equatable, Sendable {
     /// Bytes a full chunk takes on disk.
     public var storedChunkSize: Int { chunkSize + ChunkLayout.overhead }
 
+    /// The largest plaintext size whose backing size (and every offset computed on the way) fits in an Int:
+    /// writes, truncations and allocations past it fail with EFBIG instead of overflowing.
+    public var maximumPlaintextSize: Int {
+        ((Int.max - headerLength) / storedChunkSize - 2) * chunkSize
+    }
+
     /// The exact plaintext size of a backing file of `backingSize` bytes. A backing file shorter than its
     /// header, or whose last chunk has no room for any data, reports the size of its complete part; reading
     /// such a file's damaged tail fails authentication.

@@ -74,7 +74,9 @@ struct MountCommand: ParsableCommand {
         guard (keyPool ?? 0) >= 0 && (keyPool ?? 0) <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
         guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
         guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
-        guard maxInodes == 0 || maxInodes >= 64 else { throw ValidationError("--max-inodes must be 0 (no bound) or at least 64") }
+        guard maxInodes == 0 || (maxInodes >= 64 && maxInodes <= 100_000_000) else {
+            throw ValidationError("--max-inodes must be 0 (no bound) or from 64 to 100000000")
+        }
     }
 
     func run() throws {

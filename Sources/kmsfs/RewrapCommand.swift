@@ -165,11 +165,16 @@ struct RewrapCommand: ParsableCommand {
         let keys = KeyService(provider: provider, keyIds: targets, audit: nil, maxInFlight: jobs)
         let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets, headerLength: headerLength)
         var lastReport = time(nil)
-        let summary = try rewrapper.run(jobs: jobs) { done, total in
-            if done == total || time(nil) > lastReport {
-                printError("rewrapped \(done)/\(total) files")
-                lastReport = time(nil)
+        let summary: VolumeRewrapper.Summary
+        do {
+            summary = try rewrapper.run(jobs: jobs) { done, total in
+                if done == total || time(nil) > lastReport {
+                    printError("rewrapped \(done)/\(total) files")
+                    lastReport = time(nil)
+                }
             }
+        } catch let e as RewrapJournal.Interrupted {
+            throw CLIError(e.description)
         }
         for f in summary.failed { printError("/\(f.path): \(f.reason)") }
         guard summary.failed.isEmpty else {

@@ -1,3 +1,4 @@
+import CSystem
 import Foundation
 import Glibc
 import KmsfsFormat
@@ -112,6 +113,22 @@ struct FailureTests {
         let y = try P.open(v.path("y"), O_RDONLY)
         defer { close(y) }
         #expect(P.errno { try P.pread(y, 100, 0) } == EIO)
+    }
+
+    @Test("Sizes and offsets past what the format can address fail with EFBIG, and the mount stays up")
+    func hugeOffsets() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("f"), [1, 2, 3])
+        let huge: off_t = 9_200_000_000_000_000_000
+        #expect(P.errno { try syscall { truncate(v.path("f"), huge) } } == EFBIG)
+        let fd = try P.open(v.path("f"), O_RDWR)
+        defer { close(fd) }
+        #expect(P.errno { try P.pwrite(fd, [9], Int(huge)) } == EFBIG)
+        #expect(kmsfs_fallocate(fd, 0, huge, 4096) == -1 && errno == EFBIG)
+        // Nothing changed, and the daemon still serves.
+        #expect(try P.readFile(v.path("f")) == [1, 2, 3])
+        try P.writeFile(v.path("g"), [4])
+        #expect(try P.readFile(v.path("g")) == [4])
     }
 
     /// Runs `kmsfs mount` (in the background, as a user would) and returns its status and output.
