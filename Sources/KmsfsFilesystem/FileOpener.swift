@@ -22,7 +22,9 @@ public enum FileOpener {
         public var description: String {
             switch self {
             case .header(let e): return "\(e)"
-            case .key(let e): return "cannot unwrap the data key with key \(e.keyId): \(e.errorType)\(e.message.isEmpty ? "" : " (\(e.message))")"
+            case .key(let e):
+                let detail = [e.message, e.outcome].filter { !$0.isEmpty }.joined(separator: "; ")
+                return "cannot unwrap the data key with key \(e.keyId): \(e.errorType)\(detail.isEmpty ? "" : " (\(detail))")"
             }
         }
     }

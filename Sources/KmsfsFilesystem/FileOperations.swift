@@ -68,7 +68,16 @@ extension EncryptedFilesystem {
         if readOnly { throw Errno.EROFS }
         let n = try backingName(parent, name, creating: true)
         let path = mountPath(of: parent, name)
-        let fresh = try pool.take(path: path)
+        let fresh: FreshFileKey
+        do {
+            fresh = try pool.take(path: path)
+        } catch let e as KeyError {
+            // One line per failed create (rate-limited when the same failure repeats), naming key, error and outcome.
+            let detail = [e.message, e.outcome].filter { !$0.isEmpty }.joined(separator: "; ")
+            FailureLog.shared.log(.error, kind: "create-\(e.keyId)-\(e.errorType)",
+                                  "cannot create \(path): no data key from key \(e.keyId): \(e.errorType)\(detail.isEmpty ? "" : " (\(detail))")")
+            throw e.kind == .accessDenied ? Errno.EACCES : Errno.EIO
+        }
         var created = false
         defer {
             // A key made for a file that was not created after all: its wipe is audited like any other.
@@ -189,7 +198,11 @@ extension EncryptedFilesystem {
                 let opened = try FileOpener.open(header: header, volumeId: volume.volumeId, keys: keys, path: file.path)
                 return FileSecrets(chunkKey: opened.keys.chunkKey, fileId: header.fileId, layout: file.layout)
             } catch {
-                Log.error("cannot open \(file.path): \(error)")
+                if case .key(let e) = error {
+                    FailureLog.shared.log(.error, kind: "open-\(e.keyId)-\(e.errorType)", "cannot open \(file.path): \(error)")
+                } else {
+                    Log.error("cannot open \(file.path): \(error)")
+                }
                 if case .key(let e) = error, e.kind == .accessDenied { throw Errno.EACCES }
                 throw Errno.EIO
             }

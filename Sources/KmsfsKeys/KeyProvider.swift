@@ -22,6 +22,15 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
     public var errorType: String
     public var keyId: String
     public var message: String
+    /// Calls made before giving up (retries included), and the seconds they took.
+    public var attempts = 1
+    public var elapsed: Double = 0
+    /// True when the call gave up because its deadline came.
+    public var gaveUpAtDeadline = false
+    /// Set when no call was made: this is the failure the key (or its endpoint) had this many seconds ago, and
+    /// the next probe comes in `retryIn` seconds.
+    public var remembered: Double? = nil
+    public var retryIn: Double = 0
 
     public init(_ kind: KeyErrorKind, errorType: String, keyId: String, message: String) {
         self.kind = kind
@@ -30,8 +39,31 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
         self.message = message
     }
 
+    /// The KMS asked kmsfs to slow down.
+    public var isThrottling: Bool {
+        ["ThrottlingException", "Throttling", "ThrottledException", "RequestLimitExceeded", "TooManyRequestsException",
+         "LimitExceededException", "RateLimited"].contains(errorType)
+    }
+
+    /// What kmsfs did about it: "not tried: ...", "gave up after 4 attempts in 5.0 s at the deadline", ...
+    public var outcome: String {
+        if let ago = remembered {
+            return "not asked: it failed so \(KeyError.seconds(ago)) ago; next try in \(KeyError.seconds(retryIn))"
+        }
+        if gaveUpAtDeadline { return "gave up at the deadline after \(attempts) attempt\(attempts == 1 ? "" : "s") in \(KeyError.seconds(elapsed))" }
+        if attempts > 1 { return "gave up after \(attempts) attempts in \(KeyError.seconds(elapsed))" }
+        return ""
+    }
+
+    static func seconds(_ s: Double) -> String {
+        let tenths = Int((max(0, s) * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10) s"
+    }
+
     public var description: String {
-        message.isEmpty ? "\(errorType) for key \(keyId)" : "\(errorType) for key \(keyId): \(message)"
+        var d = message.isEmpty ? "\(errorType) for key \(keyId)" : "\(errorType) for key \(keyId): \(message)"
+        if !outcome.isEmpty { d += " (\(outcome))" }
+        return d
     }
 }
 
@@ -61,4 +93,7 @@ public protocol KeyProvider: Sendable {
 
     /// Checks that `keyId` exists and is usable, returning its canonical ID (KMS DescribeKey).
     func describeKey(_ keyId: String) throws -> String
+
+    /// Where calls for `keyId` go (an endpoint): failures to reach it are remembered for every key behind it.
+    func route(forKeyId keyId: String) -> String
 }

@@ -33,32 +33,67 @@ public final class KeyService: Sendable {
     private let audit: AuditLog?
     /// Bounds the provider calls in flight at once (KMS requests), whoever makes them.
     private let inFlight: KmsfsSystem.Semaphore
+    public let policy: KMSPolicy
+    /// Keys that refused and endpoints that failed lately (calls to them fail at once until the next probe).
+    public let health: KeyHealth
 
     public static let defaultMaxInFlight = 16
 
-    public init(provider: KeyProvider, keyIds: [String], audit: AuditLog?, maxInFlight: Int = KeyService.defaultMaxInFlight) {
+    public init(provider: KeyProvider, keyIds: [String], audit: AuditLog?, maxInFlight: Int = KeyService.defaultMaxInFlight,
+                policy: KMSPolicy = .defaults) {
         precondition(!keyIds.isEmpty)
         self.provider = provider
         self.keyIds = keyIds
         self.audit = audit
+        self.policy = policy
+        health = KeyHealth(probeInterval: policy.probeInterval)
         inFlight = KmsfsSystem.Semaphore(max(1, maxInFlight))
     }
 
     /// The most provider calls in flight at once.
     public var maxInFlight: Int { inFlight.limit }
 
-    /// A new data key for a file, wrapped under every configured key (GenerateDataKey, then Encrypt).
+    /// A new data key for a file, wrapped under every configured key that answers: GenerateDataKey asked of the
+    /// first key that answers, then Encrypt under each of the others. Keys that refuse or cannot be reached are
+    /// left out, with one warning naming them (rate-limited), unless the policy requires all keys; at least one
+    /// key must answer. `kmsfs rewrap` adds the missing wrapped keys later.
     public func newDataKey(context: EncryptionContext, subject: KeySubject) throws -> (plaintext: SecureBytes, wrapped: [WrappedKey]) {
-        let (dataKey, first) = try audited("GenerateDataKey", keyId: keyIds[0], subject: subject) {
-            try provider.generateDataKey(keyId: keyIds[0], context: context)
+        var dataKey: SecureBytes?
+        var wrapped: [WrappedKey] = []
+        var missing: [KeyError] = []
+        for keyId in keyIds {
+            do {
+                if let key = dataKey {
+                    wrapped.append(try audited("Encrypt", keyId: keyId, subject: subject) {
+                        try provider.encrypt(dataKey: key, keyId: keyId, context: context)
+                    })
+                } else {
+                    let (key, first) = try audited("GenerateDataKey", keyId: keyId, subject: subject) {
+                        try provider.generateDataKey(keyId: keyId, context: context)
+                    }
+                    dataKey = key
+                    wrapped.append(first)
+                }
+            } catch let e as KeyError {
+                missing.append(e)
+                if policy.requireAllKeys { break }
+            }
         }
-        var wrapped = [first]
-        for keyId in keyIds.dropFirst() {
-            wrapped.append(try audited("Encrypt", keyId: keyId, subject: subject) {
-                try provider.encrypt(dataKey: dataKey, keyId: keyId, context: context)
-            })
+        guard let key = dataKey, !(policy.requireAllKeys && !missing.isEmpty) else {
+            dataKey?.wipe()
+            var e = KeyService.mostTelling(missing)
+            if policy.requireAllKeys && dataKey != nil {
+                e.message += e.message.isEmpty ? "every configured key must wrap new files (--require-all-keys)"
+                                               : "; every configured key must wrap new files (--require-all-keys)"
+            }
+            throw e
         }
-        return (dataKey, wrapped)
+        if !missing.isEmpty {
+            let names = missing.map { "\($0.keyId): \($0.errorType)\($0.outcome.isEmpty ? "" : " (\($0.outcome))")" }
+            FailureLog.shared.log(.warning, kind: "create-missing-" + missing.map(\.keyId).joined(separator: ","),
+                                  "new file \(subject.path.isEmpty ? "(made ahead)" : subject.path) wrapped without \(names.joined(separator: "; ")); kmsfs rewrap adds the missing keys later")
+        }
+        return (key, wrapped)
     }
 
     /// A data key for a new file of volume `volumeId`: a fresh random file ID, its encryption context, and a
@@ -86,7 +121,14 @@ public final class KeyService: Sendable {
                 let key = try audited("Decrypt", keyId: candidate.keyId, subject: subject) {
                     try provider.decrypt(candidate, context: context)
                 }
-                if accept(key) { return key }
+                if accept(key) {
+                    if !failures.isEmpty {
+                        let skipped = failures.map { "\($0.keyId): \($0.errorType)\($0.outcome.isEmpty ? "" : " (\($0.outcome))")" }
+                        FailureLog.shared.log(.warning, kind: "unwrap-fallback-" + failures.map(\.keyId).joined(separator: ","),
+                                              "\(subject.path): unwrapped with key \(candidate.keyId) after \(skipped.joined(separator: "; "))")
+                    }
+                    return key
+                }
                 key.wipe()
                 failures.append(KeyError(.invalidCiphertext, errorType: "KeyCommitmentMismatch", keyId: candidate.keyId,
                                          message: "the unwrapped key does not match the header's commitment"))
@@ -94,7 +136,13 @@ public final class KeyService: Sendable {
                 failures.append(e)
             }
         }
-        throw KeyService.mostTelling(failures)
+        var worst = KeyService.mostTelling(failures)
+        let others = failures.filter { $0.keyId != worst.keyId || $0.errorType != worst.errorType }
+        if !others.isEmpty {
+            let text = others.map { "key \($0.keyId): \($0.errorType)\($0.outcome.isEmpty ? "" : " (\($0.outcome))")" }
+            worst.message += (worst.message.isEmpty ? "" : "; ") + "also tried " + text.joined(separator: "; ")
+        }
+        throw worst
     }
 
     /// Re-wraps a file's data key under `keyIds` (key rotation), without the plaintext key leaving the provider
@@ -149,24 +197,38 @@ public final class KeyService: Sendable {
         return ordered
     }
 
+    /// One provider call: refused at once if the key or its endpoint failed lately (see `KeyHealth`), else made
+    /// within the in-flight bound, audited, and its outcome remembered.
     private func audited<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
-        try inFlight.withPermit { try auditedCall(op, keyId: keyId, subject: subject, body) }
+        let route = provider.route(forKeyId: keyId)
+        if let remembered = health.admit(op: op, keyId: keyId, route: route) { throw remembered }
+        do {
+            let r = try inFlight.withPermit { try auditedCall(op, keyId: keyId, subject: subject, body) }
+            health.succeeded(op: op, keyId: keyId, route: route)
+            return r
+        } catch let e as KeyError {
+            health.failed(op: op, keyId: keyId, route: route, error: e)
+            throw e
+        }
     }
 
     private func auditedCall<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
         let start = KeyService.now()
+        let tries = CallAttempts.current
+        tries.reset()
+        func record(_ result: String) {
+            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: result,
+                          latencyMs: KeyService.now() - start, attempts: max(1, tries.attempts), retried: tries.retried)
+        }
         do {
             let r = try body()
-            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: "ok",
-                          latencyMs: KeyService.now() - start)
+            record("ok")
             return r
         } catch let e as KeyError {
-            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: e.errorType,
-                          latencyMs: KeyService.now() - start)
+            record(e.errorType)
             throw e
         } catch {
-            audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: "InternalError",
-                          latencyMs: KeyService.now() - start)
+            record("InternalError")
             throw KeyError(.other, errorType: "InternalError", keyId: keyId, message: "\(error)")
         }
     }

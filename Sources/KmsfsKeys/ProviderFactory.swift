@@ -8,10 +8,13 @@ public enum ProviderFactory {
         public var keyFile: String?
         /// The process environment (key file default location; AWS credentials and region).
         public var environment: [String: String]
+        /// Deadlines and rate limits of KMS calls.
+        public var policy: KMSPolicy
 
-        public init(keyFile: String? = nil, environment: [String: String]) {
+        public init(keyFile: String? = nil, environment: [String: String], policy: KMSPolicy = .defaults) {
             self.keyFile = keyFile
             self.environment = environment
+            self.policy = policy
         }
     }
 
@@ -28,7 +31,7 @@ public enum ProviderFactory {
         case AWSKMSProvider.providerName:
             let c = volume.keyProvider
             return AWSKMSProvider(settings: AWSSettings(region: c.region, profile: c.profile, endpoint: c.endpoint,
-                                                        environment: options.environment))
+                                                        environment: options.environment), policy: options.policy)
         default:
             throw FormatError.invalidConfig("unknown key provider \"\(volume.keyProvider.type)\"")
         }

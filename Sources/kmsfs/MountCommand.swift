@@ -55,6 +55,18 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Most KMS requests in flight at once.", valueName: "count"))
     var kmsMaxInflight: Int = KeyService.defaultMaxInFlight
 
+    @Option(name: .long, help: ArgumentHelp("Seconds one KMS call may take, retries of throttled and failed attempts included.", valueName: "seconds"))
+    var kmsDeadline: Double = KMSPolicy.defaults.deadline
+
+    @Option(name: .long, help: ArgumentHelp("Seconds a key that refused, or a KMS endpoint that failed, is not asked again before a probe.", valueName: "seconds"))
+    var kmsProbeInterval: Double = KMSPolicy.defaults.probeInterval
+
+    @Option(name: .long, help: ArgumentHelp("Most KMS requests per second (0: no fixed limit; throttling always slows kmsfs down).", valueName: "rate"))
+    var kmsMaxRate: Double = KMSPolicy.defaults.maxRate
+
+    @Flag(name: .long, help: "Refuse to create a file unless every configured key wraps its data key (by default any key that answers is enough, and the missing ones are logged).")
+    var requireAllKeys = false
+
     @Option(name: .long, help: ArgumentHelp("Files the daemon tracks before asking the kernel to forget the least recently used (0: no bound).", valueName: "count"))
     var maxInodes: Int = EncryptedFilesystem.defaultMaxInodes
 
@@ -74,6 +86,9 @@ struct MountCommand: ParsableCommand {
         guard (keyPool ?? 0) >= 0 && (keyPool ?? 0) <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
         guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
         guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
+        guard kmsDeadline >= 0.1 && kmsDeadline <= 600 else { throw ValidationError("--kms-deadline must be from 0.1 to 600 seconds") }
+        guard kmsProbeInterval >= 0 && kmsProbeInterval <= 3600 else { throw ValidationError("--kms-probe-interval must be from 0 to 3600 seconds") }
+        guard kmsMaxRate >= 0 && kmsMaxRate <= 100_000 else { throw ValidationError("--kms-max-rate must be from 0 to 100000 per second") }
         guard maxInodes == 0 || (maxInodes >= 64 && maxInodes <= 100_000_000) else {
             throw ValidationError("--max-inodes must be 0 (no bound) or from 64 to 100000000")
         }
@@ -135,7 +150,9 @@ struct MountCommand: ParsableCommand {
                 throw CLIError("cannot open audit log \(path): \(error)")
             }
         }
-        let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit, maxInFlight: kmsMaxInflight)
+        let policy = KMSPolicy(deadline: kmsDeadline, probeInterval: kmsProbeInterval, maxRate: kmsMaxRate, requireAllKeys: requireAllKeys)
+        let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit, maxInFlight: kmsMaxInflight,
+                                                     policy: policy)
 
         // Keys must not reach a core dump or swap, and modes of new files come from the caller, not our umask.
         // Key buffers are locked one by one anyway; locking the whole daemon also keeps OpenSSL's expanded key
@@ -237,6 +254,8 @@ struct MountCommand: ParsableCommand {
         if debug { args.append("--debug") }
         if let n = keyPool { args += ["--key-pool", String(n)] }
         args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight), "--max-inodes", String(maxInodes)]
+        args += ["--kms-deadline", String(kmsDeadline), "--kms-probe-interval", String(kmsProbeInterval), "--kms-max-rate", String(kmsMaxRate)]
+        if requireAllKeys { args.append("--require-all-keys") }
         args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
 
         let pid: pid_t

@@ -23,11 +23,12 @@ enum VolumeAccess {
     }
 
     static func keyService(_ volume: VolumeConfig, cipher: String, keyFile: String?, audit: AuditLog?,
-                           maxInFlight: Int = KeyService.defaultMaxInFlight) throws -> KeyService {
+                           maxInFlight: Int = KeyService.defaultMaxInFlight, policy: KMSPolicy = .defaults) throws -> KeyService {
         do {
             let provider = try ProviderFactory.makeProvider(
-                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment))
-            return KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit, maxInFlight: maxInFlight)
+                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment, policy: policy))
+            return KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit, maxInFlight: maxInFlight,
+                              policy: policy)
         } catch let e as KeyError {
             throw CLIError(e.message.isEmpty ? e.description : e.message)
         } catch let e as FormatError {

@@ -130,7 +130,13 @@ final class KMSProxy: @unchecked Sendable {
         case none
         case disabled
         case throttle(remaining: Int)
+        /// Throttle this fraction of calls, at random.
+        case throttleSome(Double)
         case serverError
+        /// Answer this fraction of calls with a 500, at random.
+        case serverErrorSome(Double)
+        /// AccessDeniedException, as for a key policy that does not allow the caller.
+        case denied
         /// Hold each call until the fault is changed (at most 60 s), then forward it.
         case held
         case down
@@ -142,6 +148,7 @@ final class KMSProxy: @unchecked Sendable {
     private let heldNow = Atomic<Int>(0)
     var url: String { server.url }
     func count(_ op: String) -> Int { server.count(op) }
+    func count(_ op: String, key: String) -> Int { server.count(op, key: key) }
     /// Calls being held by `.held` right now.
     var heldCalls: Int { heldNow.load(ordering: .relaxed) }
 
@@ -181,6 +188,15 @@ final class KMSProxy: @unchecked Sendable {
             return .respond(.json(400, ["__type": "ThrottlingException", "message": "Rate exceeded"]))
         case .serverError:
             return .respond(.text(500, "<html><body><h1>500 Internal Server Error</h1></body></html>", type: "text/html"))
+        case .throttleSome(let p):
+            if Double.random(in: 0..<1) >= p { return .forward(upstream) }
+            return .respond(.json(400, ["__type": "ThrottlingException", "message": "Rate exceeded"]))
+        case .serverErrorSome(let p):
+            if Double.random(in: 0..<1) >= p { return .forward(upstream) }
+            return .respond(.text(500, "<html><body><h1>500 Internal Server Error</h1></body></html>", type: "text/html"))
+        case .denied:
+            return .respond(.json(400, ["__type": "AccessDeniedException",
+                                        "message": "User: arn:aws:iam::111122223333:user/test is not authorized to perform this operation on \(named.first ?? "the key") because no identity-based policy allows it"]))
         case .down:
             return .hangUp
         case .held:

@@ -87,6 +87,13 @@ final class TestHTTPServer: @unchecked Sendable {
 
     func count(_ op: String) -> Int { requests.filter { $0.kmsOperation == op }.count }
 
+    /// Calls of `op` that named `keyId` (KeyId, SourceKeyId or DestinationKeyId).
+    func count(_ op: String, key keyId: String) -> Int {
+        requests.filter { r in
+            r.kmsOperation == op && ["KeyId", "SourceKeyId", "DestinationKeyId"].contains { r.json[$0] as? String == keyId }
+        }.count
+    }
+
     private func acceptLoop() {
         while running.load(ordering: .relaxed) {
             let c = accept(listenFd, nil, nil)

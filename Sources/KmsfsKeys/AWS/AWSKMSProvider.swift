@@ -12,8 +12,12 @@ public final class AWSKMSProvider: KeyProvider {
     public let wrappedKeySizeBound = 256
     public let client: KMSClient
 
-    public init(settings: AWSSettings) {
-        client = KMSClient(settings: settings)
+    public init(settings: AWSSettings, policy: KMSPolicy = .defaults) {
+        client = KMSClient(settings: settings, policy: policy)
+    }
+
+    public func route(forKeyId keyId: String) -> String {
+        client.settings.kmsEndpoint(region: (try? client.settings.region(forKey: keyId)) ?? "")
     }
 
     public func describeKey(_ keyId: String) throws -> String {

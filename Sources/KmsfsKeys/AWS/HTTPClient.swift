@@ -9,6 +9,8 @@ struct HTTPRequest {
     var url: String
     var headers: [(name: String, value: String)] = []
     var body: SecureBuffer?
+    /// This request's own timeout (milliseconds), when shorter than the client's.
+    var timeoutMs: Int? = nil
 }
 
 struct HTTPResponse {
@@ -91,8 +93,9 @@ final class HTTPClient: @unchecked Sendable {
 
         kmsfs_curl_set_string(handle, CURLOPT_URL, request.url)
         kmsfs_curl_set_long(handle, CURLOPT_NOSIGNAL, 1)
-        kmsfs_curl_set_long(handle, CURLOPT_CONNECTTIMEOUT_MS, options.connectTimeoutMs)
-        kmsfs_curl_set_long(handle, CURLOPT_TIMEOUT_MS, options.requestTimeoutMs)
+        let timeout = max(1, min(options.requestTimeoutMs, request.timeoutMs ?? Int.max))
+        kmsfs_curl_set_long(handle, CURLOPT_CONNECTTIMEOUT_MS, min(options.connectTimeoutMs, timeout))
+        kmsfs_curl_set_long(handle, CURLOPT_TIMEOUT_MS, timeout)
         kmsfs_curl_set_long(handle, CURLOPT_FOLLOWLOCATION, 0)
         kmsfs_curl_set_string(handle, CURLOPT_PROTOCOLS_STR, "http,https")
         kmsfs_curl_set_pointer(handle, CURLOPT_HTTPHEADER, headerList)

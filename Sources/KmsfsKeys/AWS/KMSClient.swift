@@ -9,15 +9,19 @@ import KmsfsSystem
 /// Requests and responses that carry a plaintext data key (Encrypt, GenerateDataKey, Decrypt) are built and
 /// parsed in locked memory: the base64 key is decoded straight into `SecureBytes` and blanked in the
 /// response before the rest of it is parsed. Throttling, 5xx answers and connection failures are retried
-/// with exponential backoff and full jitter, at most `maxAttempts` times.
+/// with exponential backoff and full jitter until the call's deadline (`KMSPolicy.deadline`), each attempt's
+/// timeout cut to what is left of it; throttling also slows every later call down (`AdaptiveRateLimiter`).
 public final class KMSClient: Sendable {
     let settings: AWSSettings
     public let credentials: CredentialChain
     let http: HTTPClient
-    let maxAttempts = 4
+    let policy: KMSPolicy
+    let limiter: AdaptiveRateLimiter
 
-    public init(settings: AWSSettings) {
+    public init(settings: AWSSettings, policy: KMSPolicy = .defaults) {
         self.settings = settings
+        self.policy = policy
+        limiter = AdaptiveRateLimiter(maxRate: policy.maxRate)
         http = HTTPClient(options: HTTPClient.Options(environment: settings.environment))
         var credentialOptions = HTTPClient.Options(environment: settings.environment)
         credentialOptions.connectTimeoutMs = 1000
@@ -115,15 +119,37 @@ public final class KMSClient: Sendable {
         return (plaintext, try parse(response.body, op: op, keyId: keyId))
     }
 
-    /// Sends one operation with retries; returns a 200 answer or throws the KMS error.
+    /// Sends one operation with retries until its deadline; returns a 200 answer or throws the KMS error, which
+    /// says how many attempts were made and whether the deadline ended them.
     private func send(_ op: String, keyId: String, body: SecureBuffer, routeKey: String? = nil) throws -> HTTPResponse {
         let region = try settings.region(forKey: routeKey ?? keyId)
         let url = settings.kmsEndpoint(region: region)
         let payloadHash = body.withUnsafeBytes { Hex.encode(Digest.sha256($0)) }
+        let start = Monotonic.seconds()
+        let deadline = start + policy.deadline
         var refreshedCredentials = false
         var attempt = 0
+        var failure: KeyError?
+        func givingUp(_ e: KeyError, atDeadline: Bool) -> KeyError {
+            var e = e
+            e.attempts = max(1, attempt)
+            e.elapsed = Monotonic.seconds() - start
+            e.gaveUpAtDeadline = atDeadline
+            return e
+        }
         while true {
+            guard limiter.acquire(until: deadline) else {
+                throw givingUp(failure ?? KeyError(.unreachable, errorType: "RateLimited", keyId: keyId,
+                                                   message: "the KMS throttled kmsfs, and its rate limit left no room before the deadline"),
+                               atDeadline: true)
+            }
+            let remainingMs = Int((deadline - Monotonic.seconds()) * 1000)
+            guard remainingMs > 0 else {
+                throw givingUp(failure ?? KeyError(.unreachable, errorType: "DeadlineExceeded", keyId: keyId, message: ""), atDeadline: true)
+            }
             attempt += 1
+            CallAttempts.current.attempts = attempt
+            if let f = failure, attempt > 1 { CallAttempts.current.retried.append(f.errorType) }
             let creds = try credentials.current()
             let date = SigV4.amzDate(time(nil))
             var headers: [(String, String)] = [
@@ -137,27 +163,37 @@ public final class KMSClient: Sendable {
                                                credentials: creds, region: region, service: "kms", amzDate: date)
             headers.append(("Authorization", auth))
             headers.append(("User-Agent", "kmsfs/0.1"))
-            var failure: KeyError
             do {
-                let r = try http.perform(HTTPRequest(method: "POST", url: url.hasSuffix("/") ? url : url + "/",
-                                                     headers: headers.map { (name: $0.0, value: $0.1) }, body: body))
-                if r.status == 200 { return r }
-                failure = KMSClient.error(from: r, op: op, keyId: keyId)
-                if failure.errorType == "ExpiredTokenException" && !refreshedCredentials {
+                var request = HTTPRequest(method: "POST", url: url.hasSuffix("/") ? url : url + "/",
+                                          headers: headers.map { (name: $0.0, value: $0.1) }, body: body)
+                request.timeoutMs = remainingMs
+                let r = try http.perform(request)
+                if r.status == 200 {
+                    limiter.succeeded()
+                    return r
+                }
+                let e = KMSClient.error(from: r, op: op, keyId: keyId)
+                failure = e
+                if e.errorType == "ExpiredTokenException" && !refreshedCredentials {
                     credentials.invalidate()
                     refreshedCredentials = true
                     attempt -= 1
                     continue
                 }
-                if !KMSClient.isRetryable(status: r.status, errorType: failure.errorType) { throw failure }
+                if e.isThrottling { limiter.throttled() }
+                if !KMSClient.isRetryable(status: r.status, errorType: e.errorType) { throw givingUp(e, atDeadline: false) }
             } catch let e as TransportError {
-                failure = KeyError(.unreachable, errorType: "ConnectionError", keyId: keyId, message: e.message)
-                if !e.isTransient { throw failure }
+                let timedOut = Monotonic.seconds() >= deadline - 0.01
+                let err = KeyError(.unreachable, errorType: timedOut ? "Timeout" : "ConnectionError", keyId: keyId, message: e.message)
+                failure = err
+                if timedOut { throw givingUp(err, atDeadline: true) }
+                if !e.isTransient { throw givingUp(err, atDeadline: false) }
             }
-            if attempt >= maxAttempts { throw failure }
-            // Full jitter: a random wait up to 100 ms * 2^attempt, at most 2 s.
-            let cap = min(2000.0, 100.0 * pow(2.0, Double(attempt)))
-            usleep(useconds_t(Double.random(in: 0...cap) * 1000))
+            // Full jitter: a random wait up to 25 ms * 2^attempt, at most 1 s, and never past the deadline.
+            let cap = min(1000.0, 25.0 * pow(2.0, Double(attempt)))
+            let wait = Double.random(in: 0...cap) / 1000
+            if Monotonic.seconds() + wait >= deadline { throw givingUp(failure!, atDeadline: true) }
+            usleep(useconds_t(wait * 1_000_000))
         }
     }
 

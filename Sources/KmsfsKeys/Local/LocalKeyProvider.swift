@@ -175,6 +175,8 @@ public final class LocalKeyProvider: KeyProvider {
         self.keys = m
     }
 
+    public func route(forKeyId keyId: String) -> String { "local" }
+
     public func describeKey(_ keyId: String) throws -> String {
         guard keys[keyId] != nil else {
             throw KeyError(.keyUnavailable, errorType: "NotFoundException", keyId: keyId, message: "no local key file holds this key")
