@@ -27,7 +27,8 @@ public struct KMSPolicy: Sendable, Equatable {
 /// Remembers keys that refused and endpoints that failed, so that later calls fail at once (or fall back to
 /// the next key) instead of paying the same refusal or the same deadline again: a circuit breaker per key and
 /// operation for refusals (disabled, denied, missing: a key policy may allow GenerateDataKey but not Decrypt),
-/// and per endpoint for failures to reach it. After `probeInterval` one
+/// and per key and endpoint for failures to reach it (an endpoint that hangs costs each key one deadline per
+/// probe interval; one key that hangs, as an external key store's may, leaves the others alone). After `probeInterval` one
 /// call goes through as a probe; its success closes the breaker, its failure opens it for another interval.
 /// Throttling never opens it (the rate limiter handles that), nor do failures particular to one wrapped key.
 public final class KeyHealth: @unchecked Sendable {
@@ -51,7 +52,7 @@ public final class KeyHealth: @unchecked Sendable {
     func admit(op: String, keyId: String, route: String) -> KeyError? {
         let now = Monotonic.seconds()
         return lock.withLock {
-            for name in ["key \(op) " + keyId, "route " + route] {
+            for name in ["key \(op) " + keyId, "reach \(route) " + keyId] {
                 guard var b = breakers[name] else { continue }
                 if now >= b.retryAt && !b.probing {
                     b.probing = true
@@ -71,7 +72,7 @@ public final class KeyHealth: @unchecked Sendable {
         lock.withLock {
             if breakers.isEmpty { return }
             breakers["key \(op) " + keyId] = nil
-            breakers["route " + route] = nil
+            breakers["reach \(route) " + keyId] = nil
         }
     }
 
@@ -79,11 +80,11 @@ public final class KeyHealth: @unchecked Sendable {
         let name: String
         switch error.kind {
         case .accessDenied, .keyUnavailable: name = "key \(op) " + keyId
-        case .unreachable where !error.isThrottling: name = "route " + route
+        case .unreachable where !error.isThrottling: name = "reach \(route) " + keyId
         default:
             // Not a sign of the key's or the endpoint's health; a probe that ended so lets the next call probe.
             lock.withLock {
-                for n in ["key \(op) " + keyId, "route " + route] where breakers[n]?.probing == true { breakers[n]?.probing = false }
+                for n in ["key \(op) " + keyId, "reach \(route) " + keyId] where breakers[n]?.probing == true { breakers[n]?.probing = false }
             }
             return
         }

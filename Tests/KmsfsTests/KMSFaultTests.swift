@@ -84,7 +84,30 @@ struct KMSFaultTests {
         #expect(waitFor(seconds: 30) { (try? P.writeFile(v.path("new3"), [4])) != nil })
         #expect(try P.readFile(v.path("old")) == [1])
         #expect(try P.readFile(v.path("new3")) == [4])
-        #expect(try wrappedKeyIds(v, "new3") == [a, b])
+        // Each key is probed on its own: soon every new file is wrapped under both again.
+        var n = 4
+        #expect(waitFor(seconds: 30) {
+            n += 1
+            return (try? P.writeFile(v.path("new\(n)"), [5])) != nil && (try? wrappedKeyIds(v, "new\(n)")) == [a, b]
+        })
+    }
+
+    @Test("One key that hangs costs one deadline; creates and opens then go straight to the other key")
+    func oneHungKey() throws {
+        let a = try moto.createKey(), b = try moto.createKey()
+        let proxy = try KMSProxy(upstream: moto)
+        let v = try volume(keys: [a, b], proxy, mountArgs: ["--key-pool", "0", "--kms-deadline", "1", "--kms-probe-interval", "600"])
+        try P.writeFile(v.path("old"), [1])
+        try #require(v.waitForKeysWiped("old"))
+        proxy.set(.held, forKey: a)
+        for i in 0..<5 { try P.writeFile(v.path("new\(i)"), [UInt8(i)]) }
+        for i in 0..<5 { #expect(try wrappedKeyIds(v, "new\(i)") == [b]) }
+        #expect(try P.readFile(v.path("old")) == [1])
+        // Only the first call for key A went out (and was held until the deadline); none since.
+        #expect(proxy.count("GenerateDataKey", key: a) == 2 && proxy.count("Decrypt", key: a) == 0)
+        #expect(v.daemonLogText.contains("new file /new0 wrapped without \(a): Timeout (gave up at the deadline"))
+        #expect(v.daemonLogText.contains("new file /new1 wrapped without \(a): Timeout (not asked: it failed so"))
+        proxy.set(.none, forKey: a)
     }
 
     @Test("A refused first key: creates wrap under the second and say so; opens ask the first key once per probe interval",

@@ -476,12 +476,13 @@ class Moto:
 
 
 class LatencyProxy:
-    def __init__(self, work, upstream_port, latency_ms):
+    def __init__(self, work, upstream_port, latency_ms, throttle=0.0, hang_key=None):
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.logf = open(os.path.join(work, "proxy-%d.log" % self.port), "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kms_latency_proxy.py"),
-                                      str(self.port), str(upstream_port), str(latency_ms)], stdout=self.logf, stderr=self.logf)
+        args = [str(self.port), str(upstream_port), str(latency_ms), str(throttle)] + ([hang_key] if hang_key else [])
+        self.proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kms_latency_proxy.py")]
+                                     + args, stdout=self.logf, stderr=self.logf)
         wait_port(self.port, self.proc)
 
     def stop(self):
@@ -513,20 +514,26 @@ def kms_section(a, work):
     moto = Moto(work, a.moto_python, a.moto_server)
     arn = moto.create_key()
     arn2 = moto.create_key()  # the key rewrap moves files to
+    hung = moto.create_key()  # the first key of the volumes whose first key hangs
     proxies = {ms: LatencyProxy(work, moto.port, ms) for ms in sorted({0, a.kms_latency})}
+    faulty = {"throttled": LatencyProxy(work, moto.port, 0, throttle=0.2), "hung": LatencyProxy(work, moto.port, 0, hang_key=hung)}
     rows = []
 
-    def volume(ms, tag):
-        fs = Kmsfs(os.path.join(work, "kms-%s-%d" % (tag, ms)), env=moto.env(proxies[ms].url),
-                   init_args=["--kms", "aws", "--key-id", arn] + a.kmsfs_init, mount_args=a.kmsfs_mount)
+    def volume(ms, tag, fault=None):
+        proxy = faulty[fault] if fault else proxies[ms]
+        keys = ["--key-id", hung, "--key-id", arn] if fault == "hung" else ["--key-id", arn]
+        # The first key must answer DescribeKey at init: init goes straight to moto, mounts through the proxy.
+        fs = Kmsfs(os.path.join(work, "kms-%s-%d" % (tag, ms)), env=moto.env(moto.url),
+                   init_args=["--kms", "aws"] + keys + a.kmsfs_init, mount_args=a.kmsfs_mount)
         fs.create()
+        fs.env = dict(fs.env, **moto.env(proxy.url))
         return fs
 
-    def measure(title, fn, latencies=(0, a.kms_latency)):
+    def measure(title, fn, latencies=(0, a.kms_latency), fault=None):
         for ms in latencies:
             values = []
             for r in range(a.runs):
-                fs = volume(ms, title.split()[0])
+                fs = volume(ms, title.split()[0], fault)
                 try:
                     values.append(fn(fs))
                 finally:
@@ -570,6 +577,11 @@ def kms_section(a, work):
         measure("open+read 1,000 files, 8 readers, files/s", readers(8), (a.kms_latency,))
         measure("rewrap 1,000 files, --jobs 1, s", rewrap(1), (a.kms_latency,))
         measure("rewrap 1,000 files, default jobs, s", rewrap(0), (a.kms_latency,))
+        # Faults: 20% of calls throttled; the first of two keys never answering (each create and open then
+        # goes to the second key; only the first call for the hung key waits for the deadline).
+        for fault, what in (("throttled", "20% of calls throttled"), ("hung", "first key hangs")):
+            measure("create 1,000 files, %s, files/s" % what, lambda fs: 1000 / create1000(fs), (0,), fault)
+            measure("open+read 1,000 files, 1 reader, %s, files/s" % what, readers(1), (0,), fault)
 
         # Memory under 8 parallel tar processes with a slow KMS, and after removing what they made.
         fs = volume(a.kms_latency, "memory")
@@ -611,7 +623,7 @@ def kms_section(a, work):
                 fs.unmount()
                 shutil.rmtree(fs.base, ignore_errors=True)
     finally:
-        for p in proxies.values():
+        for p in list(proxies.values()) + list(faulty.values()):
             p.stop()
         moto.stop()
 
