@@ -23,8 +23,7 @@ public enum FileOpener {
             switch self {
             case .header(let e): return "\(e)"
             case .key(let e):
-                let detail = [e.message, e.outcome].filter { !$0.isEmpty }.joined(separator: "; ")
-                return "cannot unwrap the data key with key \(e.keyId): \(e.errorType)\(detail.isEmpty ? "" : " (\(detail))")"
+                return "cannot unwrap the data key with key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")\(e.alsoTriedText)"
             }
         }
     }

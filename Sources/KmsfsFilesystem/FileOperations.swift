@@ -73,9 +73,8 @@ extension EncryptedFilesystem {
             fresh = try pool.take(path: path)
         } catch let e as KeyError {
             // One line per failed create (rate-limited when the same failure repeats), naming key, error and outcome.
-            let detail = [e.message, e.outcome].filter { !$0.isEmpty }.joined(separator: "; ")
             FailureLog.shared.log(.error, kind: "create-\(e.keyId)-\(e.errorType)",
-                                  "cannot create \(path): no data key from key \(e.keyId): \(e.errorType)\(detail.isEmpty ? "" : " (\(detail))")")
+                                  "cannot create \(path): no data key from key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")\(e.alsoTriedText)")
             throw e.kind == .accessDenied ? Errno.EACCES : Errno.EIO
         }
         var created = false

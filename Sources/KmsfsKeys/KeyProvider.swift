@@ -31,6 +31,8 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
     /// the next probe comes in `retryIn` seconds.
     public var remembered: Double? = nil
     public var retryIn: Double = 0
+    /// The other keys tried for the same operation, and how each failed.
+    public var alsoTried: [KeyError] = []
 
     public init(_ kind: KeyErrorKind, errorType: String, keyId: String, message: String) {
         self.kind = kind
@@ -60,10 +62,16 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
         return "\(tenths / 10).\(tenths % 10) s"
     }
 
+    /// "message; outcome", the parenthesised detail of log lines.
+    public var detail: String { [message, outcome].filter { !$0.isEmpty }.joined(separator: "; ") }
+
+    /// "; also tried key B: Timeout (...)" for the other keys tried, or "".
+    public var alsoTriedText: String {
+        alsoTried.map { "; also tried key \($0.keyId): \($0.errorType)\($0.detail.isEmpty ? "" : " (\($0.detail))")" }.joined()
+    }
+
     public var description: String {
-        var d = message.isEmpty ? "\(errorType) for key \(keyId)" : "\(errorType) for key \(keyId): \(message)"
-        if !outcome.isEmpty { d += " (\(outcome))" }
-        return d
+        "\(errorType) for key \(keyId)\(detail.isEmpty ? "" : ": " + detail)\(alsoTriedText)"
     }
 }
 

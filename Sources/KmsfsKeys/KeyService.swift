@@ -82,6 +82,7 @@ public final class KeyService: Sendable {
         guard let key = dataKey, !(policy.requireAllKeys && !missing.isEmpty) else {
             dataKey?.wipe()
             var e = KeyService.mostTelling(missing)
+            e.alsoTried = missing.filter { $0.keyId != e.keyId || $0.errorType != e.errorType }
             if policy.requireAllKeys && dataKey != nil {
                 e.message += e.message.isEmpty ? "every configured key must wrap new files (--require-all-keys)"
                                                : "; every configured key must wrap new files (--require-all-keys)"
@@ -137,11 +138,7 @@ public final class KeyService: Sendable {
             }
         }
         var worst = KeyService.mostTelling(failures)
-        let others = failures.filter { $0.keyId != worst.keyId || $0.errorType != worst.errorType }
-        if !others.isEmpty {
-            let text = others.map { "key \($0.keyId): \($0.errorType)\($0.outcome.isEmpty ? "" : " (\($0.outcome))")" }
-            worst.message += (worst.message.isEmpty ? "" : "; ") + "also tried " + text.joined(separator: "; ")
-        }
+        worst.alsoTried = failures.filter { $0.keyId != worst.keyId || $0.errorType != worst.errorType }
         throw worst
     }
 

@@ -53,6 +53,24 @@ func run(_ program: String, _ args: [String], environment: [String: String] = [:
                          stderr: String(decoding: e, as: UTF8.self))
 }
 
+/// Waits for a child to exit and returns its exit status (the signal number if a signal ended it), without
+/// reaping it: Foundation's Process sometimes misses a child's exit among many concurrent ones, and
+/// waitUntilExit then never returns; waitid(WNOWAIT) sees the exit either way and leaves the reaping to it.
+func exitStatus(_ p: Process) -> Int32 {
+    var info = siginfo_t()
+    while true {
+        if waitid(P_PID, id_t(p.processIdentifier), &info, WEXITED | WNOWAIT) == 0 {
+            let code = info.si_code
+            let status = info._sifields._sigchld.si_status
+            return code == Int32(CLD_EXITED) ? status : status
+        }
+        if errno == EINTR { continue }
+        // Already reaped by Foundation: its status is there.
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+}
+
 /// True when `path` is a kmsfs mount point.
 func isKmsfsMount(_ path: String) -> Bool {
     let mounts = (try? FileIO.readFile("/proc/self/mounts")).map { String(decoding: $0, as: UTF8.self) } ?? ""
@@ -168,8 +186,7 @@ final class MountedVolume {
             return r.status == 0
         }
         guard r.status == 0 else { throw TestFailure("fusermount3 -u failed: \(r.stderr)") }
-        process?.waitUntilExit()
-        return process?.terminationStatus ?? -1
+        return process.map(exitStatus) ?? -1
     }
 
     func remount() throws {

@@ -1,3 +1,4 @@
+import CCurlBridge
 import Foundation
 import Glibc
 import KmsfsCrypto
@@ -183,10 +184,10 @@ public final class KMSClient: Sendable {
                 if e.isThrottling { limiter.throttled() }
                 if !KMSClient.isRetryable(status: r.status, errorType: e.errorType) { throw givingUp(e, atDeadline: false) }
             } catch let e as TransportError {
-                let timedOut = Monotonic.seconds() >= deadline - 0.01
+                let timedOut = e.code == Int(CURLE_OPERATION_TIMEDOUT.rawValue)
                 let err = KeyError(.unreachable, errorType: timedOut ? "Timeout" : "ConnectionError", keyId: keyId, message: e.message)
                 failure = err
-                if timedOut { throw givingUp(err, atDeadline: true) }
+                if Monotonic.seconds() >= deadline - 0.01 { throw givingUp(err, atDeadline: true) }
                 if !e.isTransient { throw givingUp(err, atDeadline: false) }
             }
             // Full jitter: a random wait up to 25 ms * 2^attempt, at most 1 s, and never past the deadline.
