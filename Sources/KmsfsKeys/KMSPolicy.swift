@@ -237,6 +237,9 @@ public final class FailureLog: @unchecked Sendable {
 final class CallAttempts {
     var attempts = 0
     var retried: [String] = []
+    /// When the operation this call is part of must be done (monotonic seconds), if sooner than the call's own
+    /// deadline: the KMS client stops retrying then.
+    var deadline: Double?
 
     private static let key: pthread_key_t = {
         var k = pthread_key_t()
@@ -255,5 +258,24 @@ final class CallAttempts {
     func reset() {
         attempts = 0
         retried.removeAll(keepingCapacity: true)
+    }
+}
+
+/// The time one key service operation may take across its keys (a create's GenerateDataKey and Encrypt calls, an
+/// open's Decrypt fallbacks): the policy's deadline, so that a hung KMS never holds a create (and the directory
+/// the kernel locks for it) or an open longer than that. Each key gets an equal share of what is left when its
+/// turn comes, the last one all of it: a hung first key leaves the second half the time, not none.
+struct OperationBudget {
+    let end: Double
+
+    init(seconds: Double) {
+        end = Monotonic.seconds() + seconds
+    }
+
+    /// The deadline for the calls of key `index` of `count`.
+    func deadline(forKey index: Int, of count: Int) -> Double {
+        let now = Monotonic.seconds()
+        let left = max(0, end - now)
+        return now + left / Double(max(1, count - index))
     }
 }

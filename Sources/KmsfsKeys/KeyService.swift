@@ -61,14 +61,16 @@ public final class KeyService: Sendable {
         var dataKey: SecureBytes?
         var wrapped: [WrappedKey] = []
         var missing: [KeyError] = []
-        for keyId in keyIds {
+        let budget = OperationBudget(seconds: policy.deadline)
+        for (i, keyId) in keyIds.enumerated() {
+            let deadline = budget.deadline(forKey: i, of: keyIds.count)
             do {
                 if let key = dataKey {
-                    wrapped.append(try audited("Encrypt", keyId: keyId, subject: subject) {
+                    wrapped.append(try audited("Encrypt", keyId: keyId, subject: subject, deadline: deadline) {
                         try provider.encrypt(dataKey: key, keyId: keyId, context: context)
                     })
                 } else {
-                    let (key, first) = try audited("GenerateDataKey", keyId: keyId, subject: subject) {
+                    let (key, first) = try audited("GenerateDataKey", keyId: keyId, subject: subject, deadline: deadline) {
                         try provider.generateDataKey(keyId: keyId, context: context)
                     }
                     dataKey = key
@@ -112,14 +114,17 @@ public final class KeyService: Sendable {
     public func unwrap(_ wrapped: [WrappedKey], context: EncryptionContext, subject: KeySubject,
                        accept: (SecureBytes) -> Bool) throws -> SecureBytes {
         var failures: [KeyError] = []
-        for candidate in orderForUnwrap(wrapped) {
+        let candidates = orderForUnwrap(wrapped)
+        let budget = OperationBudget(seconds: policy.deadline)
+        for (i, candidate) in candidates.enumerated() {
             guard candidate.provider == provider.name else {
                 failures.append(KeyError(.keyUnavailable, errorType: "UnsupportedProvider", keyId: candidate.keyId,
                                          message: "this volume uses the \(provider.name) provider, not \(candidate.provider)"))
                 continue
             }
             do {
-                let key = try audited("Decrypt", keyId: candidate.keyId, subject: subject) {
+                let key = try audited("Decrypt", keyId: candidate.keyId, subject: subject,
+                                      deadline: budget.deadline(forKey: i, of: candidates.count)) {
                     try provider.decrypt(candidate, context: context)
                 }
                 if accept(key) {
@@ -196,11 +201,12 @@ public final class KeyService: Sendable {
 
     /// One provider call: refused at once if the key or its endpoint failed lately (see `KeyHealth`), else made
     /// within the in-flight bound, audited, and its outcome remembered.
-    private func audited<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
+    private func audited<T>(_ op: String, keyId: String, subject: KeySubject, deadline: Double? = nil,
+                            _ body: () throws -> T) throws -> T {
         let route = provider.route(forKeyId: keyId)
         if let remembered = health.admit(op: op, keyId: keyId, route: route) { throw remembered }
         do {
-            let r = try inFlight.withPermit { try auditedCall(op, keyId: keyId, subject: subject, body) }
+            let r = try inFlight.withPermit { try auditedCall(op, keyId: keyId, subject: subject, deadline: deadline, body) }
             health.succeeded(op: op, keyId: keyId, route: route)
             return r
         } catch let e as KeyError {
@@ -209,10 +215,13 @@ public final class KeyService: Sendable {
         }
     }
 
-    private func auditedCall<T>(_ op: String, keyId: String, subject: KeySubject, _ body: () throws -> T) throws -> T {
+    private func auditedCall<T>(_ op: String, keyId: String, subject: KeySubject, deadline: Double?,
+                                _ body: () throws -> T) throws -> T {
         let start = KeyService.now()
         let tries = CallAttempts.current
         tries.reset()
+        tries.deadline = deadline
+        defer { tries.deadline = nil }
         func record(_ result: String) {
             audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: result,
                           latencyMs: KeyService.now() - start, attempts: max(1, tries.attempts), retried: tries.retried)

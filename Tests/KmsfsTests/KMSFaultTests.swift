@@ -145,6 +145,11 @@ struct KMSFaultTests {
         let r = try run(kmsfsBinary, ["rewrap", v.cipher], environment: v.environment)
         #expect(r.status == 0, "\(r.stderr)")
         for i in 0..<5 { #expect(try wrappedKeyIds(v, "new\(i)").sorted() == [a, b].sorted()) }
+        // And new files get both keys again.
+        try v.start(["--key-pool", "0"])
+        try P.writeFile(v.path("after"), [9])
+        #expect(try wrappedKeyIds(v, "after") == [a, b])
+        #expect(try P.readFile(v.path("new0")) == [10])
     }
 
     @Test("--require-all-keys refuses creates that a key cannot wrap, with a log line")

@@ -127,7 +127,7 @@ public final class KMSClient: Sendable {
         let url = settings.kmsEndpoint(region: region)
         let payloadHash = body.withUnsafeBytes { Hex.encode(Digest.sha256($0)) }
         let start = Monotonic.seconds()
-        let deadline = start + policy.deadline
+        let deadline = min(start + policy.deadline, CallAttempts.current.deadline ?? .infinity)
         var refreshedCredentials = false
         var attempt = 0
         var failure: KeyError?
