@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/vfs.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -31,6 +32,11 @@ int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char 
 }
 
 int kmsfs_o_tmpfile(void) { return O_TMPFILE; }
+
+long long kmsfs_fstatfs_type(int fd) {
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 ? (long long)(unsigned long)fs.f_type : -1;
+}
 int kmsfs_o_path(void) { return O_PATH; }
 int kmsfs_at_empty_path(void) { return AT_EMPTY_PATH; }
 int kmsfs_o_noatime(void) { return O_NOATIME; }

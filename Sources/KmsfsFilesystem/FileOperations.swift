@@ -149,26 +149,57 @@ extension EncryptedFilesystem {
     /// the open descriptor, or nil when the name appeared meanwhile and `exclusive` is false.
     private func createLinked(_ dfd: Int32, _ name: String, mode: mode_t, exclusive: Bool, caller: Caller,
                               fill: (Int32) throws -> Void) throws -> Int32? {
-        let tmp = openat(dfd, ".", kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, mode)
-        if tmp >= 0 {
-            do {
-                try fill(tmp)
-                giveToCaller(fd: tmp, caller)
-                // AT_EMPTY_PATH links the descriptor itself (it needs CAP_DAC_READ_SEARCH); else through /proc.
-                if linkat(tmp, "", dfd, name, AT_EMPTY_PATH_FLAG) == 0 { return tmp }
-                if [ENOENT, EPERM].contains(Errno.current.code),
-                   linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", dfd, name, AT_SYMLINK_FOLLOW) == 0 { return tmp }
-                let e = Errno.current
-                if e.code == EEXIST && !exclusive { close(tmp); return nil }
-                throw e
-            } catch {
-                close(tmp)
-                throw error
+        if backing.tmpfileLink {
+            let tmp = openat(dfd, ".", kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, mode)
+            if tmp >= 0 {
+                do {
+                    try fill(tmp)
+                    giveToCaller(fd: tmp, caller)
+                    // AT_EMPTY_PATH links the descriptor itself (it needs CAP_DAC_READ_SEARCH); else through /proc.
+                    if linkat(tmp, "", dfd, name, AT_EMPTY_PATH_FLAG) == 0 { return tmp }
+                    if [ENOENT, EPERM].contains(Errno.current.code),
+                       linkat(AT_FDCWD, "/proc/self/fd/\(tmp)", dfd, name, AT_SYMLINK_FOLLOW) == 0 { return tmp }
+                    let e = Errno.current
+                    if e.code == EEXIST && !exclusive { close(tmp); return nil }
+                    throw e
+                } catch {
+                    close(tmp)
+                    throw error
+                }
+            } else if ![EOPNOTSUPP, EISDIR, EINVAL].contains(Errno.current.code) {
+                throw Errno.current
             }
-        } else if ![EOPNOTSUPP, EISDIR, EINVAL].contains(Errno.current.code) {
-            throw Errno.current
         }
-        // Backing filesystems without O_TMPFILE: create, write the header, remove on failure.
+        if backing.renameNoReplace || backing.hardLinks {
+            // Made complete under a temporary name, then given its name without replacing anything: the name
+            // never shows a file without its header.
+            let temp = TemporaryNames.make()
+            let fd = openat(dfd, temp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+            if fd < 0 { throw Errno.current }
+            var placed = false
+            defer {
+                if !placed {
+                    close(fd)
+                    unlinkat(dfd, temp, 0)
+                }
+            }
+            try fill(fd)
+            giveToCaller(fd: fd, caller)
+            if backing.renameNoReplace {
+                if kmsfs_renameat2(dfd, temp, dfd, name, kmsfs_rename_noreplace()) == 0 {
+                    placed = true
+                    return fd
+                }
+            } else if linkat(dfd, temp, dfd, name, 0) == 0 {
+                unlinkat(dfd, temp, 0)
+                placed = true
+                return fd
+            }
+            let e = Errno.current
+            if e.code == EEXIST && !exclusive { return nil }
+            throw e
+        }
+        // Neither: create the name itself, write the header, remove it on failure.
         let fd = openat(dfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
         if fd < 0 {
             let e = Errno.current

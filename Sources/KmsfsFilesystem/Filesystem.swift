@@ -80,6 +80,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     private let sweeping = Mutex(false)
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool
+    /// What the backing filesystem was found to do at mount (how new files are made).
+    public let backing: BackingFeatures
 
     public init(_ settings: Settings) throws {
         let pathFd = Glibc.open(settings.cipherDir, O_PATH_FLAG | O_DIRECTORY | O_CLOEXEC)
@@ -98,6 +100,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         writebackCache = settings.writebackCache && !settings.directIO
         chownToCaller = geteuid() == 0
         maxInodes = settings.maxInodes
+        backing = settings.readOnly ? .assumed : BackingFeatures.probe(dirFd: pathFd)
+        if !settings.readOnly { Log.info("backing filesystem: \(backing)") }
         uniform = Mutex(settings.volume.uniformLayout)
         pool = DataKeyPool(keys: settings.keys, volumeId: settings.volume.volumeId, userContext: settings.volume.encryptionContext,
                            settings: settings.readOnly ? .off : settings.keyPool)

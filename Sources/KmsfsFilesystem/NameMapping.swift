@@ -19,19 +19,22 @@ public protocol NameMapping: Sendable {
     func mountLinkTarget(_ stored: String) -> String
 }
 
-/// Format v1 names: stored as they are, except that kmsfs's own files at the top of the backing directory
-/// (the volume config, its temporary files, the rotation journal: every name starting with "kmsfs.conf")
-/// are hidden and cannot be created, opened or renamed through the mount.
+/// Format v1 names: stored as they are, except that kmsfs's own files are hidden and cannot be created, opened or
+/// renamed through the mount: at the top of the backing directory the volume config, its temporary files and the
+/// rotation journal (every name starting with "kmsfs.conf"), and in every directory the files being made under a
+/// temporary name (".kmsfs-new.*", see `TemporaryNames`).
 public struct PlaintextNames: NameMapping {
     public init() {}
 
     public func backingName(_ name: String, inRoot: Bool, creating: Bool) throws -> String {
-        if inRoot && PlaintextNames.isReserved(name) { throw creating ? Errno.EPERM : Errno.ENOENT }
+        if (inRoot && PlaintextNames.isReserved(name)) || TemporaryNames.isTemporary(name) {
+            throw creating ? Errno.EPERM : Errno.ENOENT
+        }
         return name
     }
 
     public func mountName(_ backingName: String, inRoot: Bool) -> String? {
-        inRoot && PlaintextNames.isReserved(backingName) ? nil : backingName
+        (inRoot && PlaintextNames.isReserved(backingName)) || TemporaryNames.isTemporary(backingName) ? nil : backingName
     }
 
     public func mountPath(ofBacking relative: String) -> String { "/" + relative }

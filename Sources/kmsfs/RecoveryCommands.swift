@@ -129,7 +129,7 @@ struct VerifyCommand: ParsableCommand {
     private func walk(_ root: String, _ rel: String, into files: inout [String]) throws {
         for name in try Paths.entries(rel.isEmpty ? root : root + "/" + rel).sorted() {
             let child = rel.isEmpty ? name : rel + "/" + name
-            if rel.isEmpty && PlaintextNames().mountName(name, inRoot: true) == nil { continue }
+            if PlaintextNames().mountName(name, inRoot: rel.isEmpty) == nil { continue }
             var st = stat()
             guard lstat(root + "/" + child, &st) == 0 else { continue }
             switch st.st_mode & S_IFMT {

@@ -48,8 +48,7 @@ func run(_ program: String, _ args: [String], environment: [String: String] = [:
     }
     let o = out.fileHandleForReading.readDataToEndOfFile()
     let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return CommandResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+    return CommandResult(status: exitStatus(p), stdout: String(decoding: o, as: UTF8.self),
                          stderr: String(decoding: e, as: UTF8.self))
 }
 
@@ -60,9 +59,7 @@ func exitStatus(_ p: Process) -> Int32 {
     var info = siginfo_t()
     while true {
         if waitid(P_PID, id_t(p.processIdentifier), &info, WEXITED | WNOWAIT) == 0 {
-            let code = info.si_code
-            let status = info._sifields._sigchld.si_status
-            return code == Int32(CLD_EXITED) ? status : status
+            return info._sifields._sigchld.si_status
         }
         if errno == EINTR { continue }
         // Already reaped by Foundation: its status is there.

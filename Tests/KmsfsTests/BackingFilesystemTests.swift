@@ -1,0 +1,77 @@
+import Foundation
+import Glibc
+import KmsfsSystem
+import Testing
+
+/// A JuiceFS volume (a FUSE-based distributed filesystem) with `clients` client mounts of it, standing in for
+/// shared storage seen from several hosts. Its metadata is a SQLite file and its data a local directory.
+final class JuiceFS {
+    let dir: TempDir
+    private(set) var mounts: [String] = []
+    static var binary: String { ProcessInfo.processInfo.environment["KMSFS_TEST_JUICEFS"] ?? "juicefs" }
+
+    init(clients: Int) throws {
+        dir = try TempDir()
+        let meta = "sqlite3://\(dir.path)/meta.db"
+        let f = try run(JuiceFS.binary, ["format", "--storage", "file", "--bucket", dir.path + "/bucket/", meta, "vol"])
+        guard f.status == 0 else { throw TestFailure("juicefs format failed: \(f.stderr)") }
+        for i in 0..<clients {
+            let m = dir.path + "/client\(i)"
+            try syscall { mkdir(m, 0o755) }
+            // The daemon it leaves behind must not hold the output pipes `run` reads to the end.
+            let r = try run("sh", ["-c", "exec \"$0\" mount -d --log \"$1.log\" \"$2\" \"$1\" >\"$1.out\" 2>&1", JuiceFS.binary, m, meta])
+            guard r.status == 0 else { throw TestFailure("juicefs mount failed: \(r.stderr)") }
+            mounts.append(m)
+        }
+    }
+
+    deinit {
+        for m in mounts { _ = try? run("fusermount3", ["-uz", m]) }
+    }
+}
+
+@Suite("Backing filesystems that are not local: probed at mount, nothing lost", .serialized)
+struct BackingFilesystemTests {
+    @Test("On JuiceFS, whose O_TMPFILE files vanish after close, every file written is there after close, remount and from another client")
+    func juicefsKeepsFiles() throws {
+        let juice = try JuiceFS(clients: 2)
+        try withExtendedLifetime(juice) {
+            let v = try MountedVolume(cipherParent: juice.mounts[0])
+            #expect(v.daemonLogText.contains("backing filesystem: new files are made with a temporary name"), "\(v.daemonLogText)")
+            var rng = SeededRandom(seed: 9)
+            let big = (0..<3_000_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            try P.writeFile(v.path("small"), Array("hello\n".utf8))
+            try P.writeFile(v.path("big"), big)
+            try syscall { mkdir(v.path("d"), 0o755) }
+            let shell = try run("sh", ["-c", "echo from-shell > \(v.path("d/echo")) && dd if=/dev/zero of=\(v.path("d/dd")) bs=64k count=16 status=none"])
+            #expect(shell.status == 0, "\(shell.stderr)")
+            // A create that loses the race to an existing name, and O_EXCL on it.
+            #expect(P.errno { _ = try P.open(v.path("small"), O_WRONLY | O_CREAT | O_EXCL, 0o644) } == EEXIST)
+            // Names kmsfs uses while making files cannot be made through the mount, and none is left behind.
+            #expect(P.errno { try P.writeFile(v.path(".kmsfs-new.x"), [1]) } == EPERM)
+            let backingNames = try FileManager.default.contentsOfDirectory(atPath: v.cipher) + FileManager.default.contentsOfDirectory(atPath: v.cipher + "/d")
+            #expect(!backingNames.contains { $0.hasPrefix(".kmsfs-new.") }, "\(backingNames)")
+
+            _ = try v.unmount()
+            // JuiceFS drops a linked O_TMPFILE file about a second after its close: give a lost file time to go.
+            usleep(2_500_000)
+            let other = juice.mounts[1] + "/" + URL(fileURLWithPath: v.cipher).lastPathComponent
+            #expect(try FileManager.default.contentsOfDirectory(atPath: other).sorted() == ["big", "d", "kmsfs.conf", "small"])
+            #expect(try FileManager.default.contentsOfDirectory(atPath: other + "/d").sorted() == ["dd", "echo"])
+            try v.start()
+            #expect(try P.readFile(v.path("small")) == Array("hello\n".utf8))
+            #expect(try P.readFile(v.path("big")) == big)
+            #expect(try P.readFile(v.path("d/echo")) == Array("from-shell\n".utf8))
+            #expect(try P.readFile(v.path("d/dd")) == [UInt8](repeating: 0, count: 1 << 20))
+            v.stop()
+        }
+    }
+
+    @Test("On a local filesystem the probe finds O_TMPFILE and uses it")
+    func localUsesTmpfile() throws {
+        let v = try MountedVolume()
+        #expect(v.daemonLogText.contains("backing filesystem: new files are made with O_TMPFILE, linked when complete"), "\(v.daemonLogText)")
+        try P.writeFile(v.path("f"), [1])
+        #expect(try P.readFile(v.path("f")) == [1])
+    }
+}
