@@ -17,6 +17,9 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
     public var renameNoReplace: Bool
     /// Hard links: a second name for a file, counted in st_nlink.
     public var hardLinks: Bool
+    /// The backing filesystem may be shared with other hosts (FUSE-based or network): the exclusive lock of the
+    /// backing directory (flock) may not reach them.
+    public var possiblyShared = false
 
     /// What the mount assumes without probing (read-only mounts, which create nothing).
     public static let assumed = BackingFeatures(tmpfileLink: true, renameNoReplace: true, hardLinks: true)
@@ -44,6 +47,8 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
         defer { for n in [a, b, c] { unlinkat(dirFd, n, 0) } }
 
         var features = BackingFeatures(tmpfileLink: false, renameNoReplace: false, hardLinks: false)
+        let type = kmsfs_fstatfs_type(dirFd)
+        features.possiblyShared = type >= 0 && sharedFilesystems.contains(UInt(UInt32(truncatingIfNeeded: type)))
         let tmp = isLocalWithTmpfile(dirFd) ? openat(dirFd, ".", kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, 0o600) : -1
         if tmp >= 0 {
             var byte: UInt8 = 7
@@ -87,6 +92,17 @@ extension BackingFeatures {
         0x0102_1994, // tmpfs
         0xF2F5_2010, // F2FS
         0xCA45_1A4E, // bcachefs
+    ]
+
+    /// statfs magic numbers of FUSE (JuiceFS, GlusterFS, s3fs, ...) and network filesystems.
+    static let sharedFilesystems: Set<UInt> = [
+        0x6573_5546, // FUSE
+        0x6969,      // NFS
+        0xFF53_4D42, // CIFS
+        0xFE53_4D42, // SMB2
+        0x00C3_6400, // CephFS
+        0x0BD0_0BD0, // Lustre
+        0x4750_4653, // GPFS
     ]
 
     static func isLocalWithTmpfile(_ dirFd: Int32) -> Bool {

@@ -102,6 +102,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         maxInodes = settings.maxInodes
         backing = settings.readOnly ? .assumed : BackingFeatures.probe(dirFd: pathFd)
         if !settings.readOnly { Log.info("backing filesystem: \(backing)") }
+        if backing.possiblyShared {
+            Log.warning("the backing directory is on a FUSE-based or network filesystem: its lock may not reach other hosts, so mount this volume from one host at a time")
+        }
         uniform = Mutex(settings.volume.uniformLayout)
         pool = DataKeyPool(keys: settings.keys, volumeId: settings.volume.volumeId, userContext: settings.volume.encryptionContext,
                            settings: settings.readOnly ? .off : settings.keyPool)

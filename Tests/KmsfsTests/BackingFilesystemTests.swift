@@ -38,6 +38,7 @@ struct BackingFilesystemTests {
         try withExtendedLifetime(juice) {
             let v = try MountedVolume(cipherParent: juice.mounts[0])
             #expect(v.daemonLogText.contains("backing filesystem: new files are made with a temporary name"), "\(v.daemonLogText)")
+            #expect(v.daemonLogText.contains("its lock may not reach other hosts, so mount this volume from one host at a time"))
             var rng = SeededRandom(seed: 9)
             let big = (0..<3_000_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
             try P.writeFile(v.path("small"), Array("hello\n".utf8))
@@ -71,6 +72,7 @@ struct BackingFilesystemTests {
     func localUsesTmpfile() throws {
         let v = try MountedVolume()
         #expect(v.daemonLogText.contains("backing filesystem: new files are made with O_TMPFILE, linked when complete"), "\(v.daemonLogText)")
+        #expect(!v.daemonLogText.contains("may not reach other hosts"))
         try P.writeFile(v.path("f"), [1])
         #expect(try P.readFile(v.path("f")) == [1])
     }
