@@ -152,11 +152,11 @@ struct KMSFaultTests {
         #expect(try P.readFile(v.path("new0")) == [10])
     }
 
-    @Test("--require-all-keys refuses creates that a key cannot wrap, with a log line")
+    @Test("--require-all-keys refuses creates that a key cannot wrap, with a log line, until the key is back")
     func requireAllKeys() throws {
         let a = try moto.createKey(), b = try moto.createKey()
         let proxy = try KMSProxy(upstream: moto)
-        let v = try volume(keys: [a, b], proxy, mountArgs: ["--key-pool", "0", "--require-all-keys"])
+        let v = try volume(keys: [a, b], proxy, mountArgs: ["--key-pool", "0", "--require-all-keys", "--kms-probe-interval", "1"])
         try P.writeFile(v.path("ok"), [1])
         proxy.set(.disabled, forKey: b)
         #expect(P.errno { try P.writeFile(v.path("refused"), [2]) } == EIO)
@@ -164,5 +164,9 @@ struct KMSFaultTests {
         #expect(v.daemonLogText.contains("cannot create /refused: no data key from key \(b): DisabledException"))
         #expect(v.daemonLogText.contains("--require-all-keys"))
         #expect(try P.readFile(v.path("ok")) == [1])
+        // The key comes back: once its refusal is probed again, creates work without a remount.
+        proxy.set(.none, forKey: b)
+        #expect(waitFor(seconds: 30) { (try? P.writeFile(v.path("later"), [3])) != nil })
+        #expect(try wrappedKeyIds(v, "later") == [a, b])
     }
 }
