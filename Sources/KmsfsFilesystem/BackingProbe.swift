@@ -17,8 +17,8 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
     public var renameNoReplace: Bool
     /// Hard links: a second name for a file, counted in st_nlink.
     public var hardLinks: Bool
-    /// The backing filesystem may be shared with other hosts (FUSE-based or network): the exclusive lock of the
-    /// backing directory (flock) may not reach them.
+    /// The backing filesystem may be shared with other hosts (FUSE-based or network): flock of the backing
+    /// directory may not reach them (the volume lease does).
     public var possiblyShared = false
 
     /// What the mount assumes without probing (read-only mounts, which create nothing).

@@ -103,7 +103,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         backing = settings.readOnly ? .assumed : BackingFeatures.probe(dirFd: pathFd)
         if !settings.readOnly { Log.info("backing filesystem: \(backing)") }
         if backing.possiblyShared {
-            Log.warning("the backing directory is on a FUSE-based or network filesystem: its lock may not reach other hosts, so mount this volume from one host at a time")
+            Log.info("the backing directory is on a FUSE-based or network filesystem: other hosts are kept out by the volume lease (\(VolumeConfig.fileName).lease), which flock alone would not do")
         }
         uniform = Mutex(settings.volume.uniformLayout)
         pool = DataKeyPool(keys: settings.keys, volumeId: settings.volume.volumeId, userContext: settings.volume.encryptionContext,

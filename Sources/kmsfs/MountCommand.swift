@@ -76,6 +76,10 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: .hidden)
     var notifyFd: Int32?
 
+    /// Seconds the volume lease lasts without renewal (tests shorten it).
+    @Option(name: .long, help: .hidden)
+    var leaseSeconds: Double = VolumeLease.defaultSeconds
+
     @Argument(help: ArgumentHelp("The encrypted directory (made by kmsfs init).", valueName: "cipherdir"))
     var cipherDir: String
 
@@ -129,6 +133,17 @@ struct MountCommand: ParsableCommand {
             throw CLIError("\(cipher) is in use by another kmsfs mount or a kmsfs rewrap")
         }
         defer { close(lockFd) }
+        // flock does not reach other clients of a distributed filesystem: the lease does (see VolumeLease).
+        let lease: VolumeLease
+        do {
+            lease = try VolumeLease.acquire(cipherDir: cipher, purpose: readOnly ? "mount (read-only)" : "mount", seconds: leaseSeconds)
+        } catch let held as VolumeLease.Held {
+            throw CLIError("\(cipher) is \(held)")
+        } catch {
+            throw CLIError("cannot take the lease of \(cipher): \(error)")
+        }
+        lease.startRenewing()
+        defer { lease.release() }
         do {
             if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
                 Log.info("finished the interrupted key rotation of /\(repaired)")
@@ -256,6 +271,7 @@ struct MountCommand: ParsableCommand {
         args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight), "--max-inodes", String(maxInodes)]
         args += ["--kms-deadline", String(kmsDeadline), "--kms-probe-interval", String(kmsProbeInterval), "--kms-max-rate", String(kmsMaxRate)]
         if requireAllKeys { args.append("--require-all-keys") }
+        args += ["--lease-seconds", String(leaseSeconds)]
         args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
 
         let pid: pid_t

@@ -58,6 +58,16 @@ struct RewrapCommand: ParsableCommand {
         guard VolumeLock.tryLock(dirFd, exclusive: true) else {
             throw CLIError("\(cipher) is in use (mounted, or another rewrap is running); unmount it first")
         }
+        let lease: VolumeLease
+        do {
+            lease = try VolumeLease.acquire(cipherDir: cipher, purpose: "rewrap")
+        } catch let held as VolumeLease.Held {
+            throw CLIError("\(cipher) is \(held); unmount it first")
+        } catch {
+            throw CLIError("cannot take the lease of \(cipher): \(error)")
+        }
+        lease.startRenewing()
+        defer { lease.release() }
         if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
             printError("finished the interrupted rotation of /\(repaired)")
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import KmsfsFilesystem
 import KmsfsSystem
 import Testing
 
@@ -38,7 +39,7 @@ struct BackingFilesystemTests {
         try withExtendedLifetime(juice) {
             let v = try MountedVolume(cipherParent: juice.mounts[0])
             #expect(v.daemonLogText.contains("backing filesystem: new files are made with a temporary name"), "\(v.daemonLogText)")
-            #expect(v.daemonLogText.contains("its lock may not reach other hosts, so mount this volume from one host at a time"))
+            #expect(v.daemonLogText.contains("other hosts are kept out by the volume lease"))
             var rng = SeededRandom(seed: 9)
             let big = (0..<3_000_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
             try P.writeFile(v.path("small"), Array("hello\n".utf8))
@@ -68,11 +69,62 @@ struct BackingFilesystemTests {
         }
     }
 
+    @Test("Exclusive across hosts: a second client's mount and rewrap are refused with the holder's host and pid; the lease of a killed holder on this host is taken over at once")
+    func exclusiveAcrossClients() throws {
+        let juice = try JuiceFS(clients: 2)
+        try withExtendedLifetime(juice) {
+            let v = try MountedVolume(mountArgs: ["--lease-seconds", "1"], cipherParent: juice.mounts[0])
+            try P.writeFile(v.path("f"), [1, 2, 3])
+            let otherCipher = juice.mounts[1] + "/cipher"
+            let otherMount = try TempDir()
+            var host = [CChar](repeating: 0, count: 256)
+            gethostname(&host, 255)
+            let pid = v.process!.processIdentifier
+            // Renewed every third of a second: the lease stays fresh while the holder lives, however long we wait.
+            usleep(2_500_000)
+            let second = try run(kmsfsBinary, ["mount", otherCipher, otherMount.path], environment: v.environment)
+            #expect(second.status == 1, "\(second.stdout)\(second.stderr)")
+            #expect(second.stderr.contains("is in use by kmsfs mount on host \(String(cString: host)) (pid \(pid))"), "\(second.stderr)")
+            #expect(!isKmsfsMount(otherMount.path))
+            let rewrap = try run(kmsfsBinary, ["rewrap", otherCipher], environment: v.environment)
+            #expect(rewrap.status != 0 && rewrap.stderr.contains("is in use by kmsfs mount on host"), "\(rewrap.stderr)")
+
+            // The holder dies without releasing: on this host its pid is gone, which frees the lease at once;
+            // the file it wrote is there for the next holder.
+            kill(pid, SIGKILL)
+            _ = exitStatus(v.process!)
+            _ = try? run("fusermount3", ["-uz", v.mount])
+            let third = try run(kmsfsBinary, ["mount", otherCipher, otherMount.path], environment: v.environment)
+            #expect(third.status == 0, "\(third.stderr)")
+            #expect(try P.readFile(otherMount.path + "/f") == [1, 2, 3])
+            _ = try run("fusermount3", ["-u", otherMount.path])
+            #expect(waitFor(seconds: 10) { VolumeLease.holder(cipherDir: otherCipher) == nil }, "the lease was not released at unmount")
+        }
+    }
+
+    @Test("A lease not renewed for twice its duration is taken over, with a warning; a fresh one from another host is not")
+    func staleLeaseFromAnotherHost() throws {
+        let v = try MountedVolume()
+        _ = try v.unmount()
+        let path = v.cipher + "/" + VolumeLease.fileName
+        func writeLease(renewedAgo: Double) throws {
+            let json = "{\"host\":\"elsewhere\",\"pid\":4242,\"purpose\":\"mount\",\"holderId\":\"00\",\"renewedAt\":\(Date().timeIntervalSince1970 - renewedAgo),\"seconds\":30}"
+            try P.writeFile(path, Array(json.utf8))
+        }
+        try writeLease(renewedAgo: 5)
+        let refused = try run(kmsfsBinary, ["mount", v.cipher, v.mount], environment: v.environment)
+        #expect(refused.status == 1 && refused.stderr.contains("is in use by kmsfs mount on host elsewhere (pid 4242), lease renewed 5 s ago"), "\(refused.stderr)")
+        try writeLease(renewedAgo: 61)
+        try v.start()
+        #expect(v.daemonLogText.contains("took over the lease of \(v.cipher) from kmsfs mount on host elsewhere (pid 4242)"))
+        #expect(VolumeLease.holder(cipherDir: v.cipher)?.pid == v.process!.processIdentifier)
+    }
+
     @Test("On a local filesystem the probe finds O_TMPFILE and uses it")
     func localUsesTmpfile() throws {
         let v = try MountedVolume()
         #expect(v.daemonLogText.contains("backing filesystem: new files are made with O_TMPFILE, linked when complete"), "\(v.daemonLogText)")
-        #expect(!v.daemonLogText.contains("may not reach other hosts"))
+        #expect(!v.daemonLogText.contains("other hosts are kept out"))
         try P.writeFile(v.path("f"), [1])
         #expect(try P.readFile(v.path("f")) == [1])
     }

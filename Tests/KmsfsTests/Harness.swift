@@ -139,7 +139,7 @@ final class MountedVolume {
         p.terminate()
         for _ in 0..<200 where p.isRunning { usleep(10_000) }
         if p.isRunning { kill(p.processIdentifier, SIGKILL) }
-        p.waitUntilExit()
+        _ = exitStatus(p)
     }
 
     /// Starts the daemon and waits for the mount to appear.

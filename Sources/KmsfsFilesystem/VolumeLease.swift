@@ -1,0 +1,169 @@
+import CSystem
+import Foundation
+import Glibc
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsSystem
+
+/// Exclusive use of a volume across hosts: a lease file, `kmsfs.conf.lease` at the top of the backing
+/// directory, naming the host and process that hold the volume and when they last renewed it.
+///
+/// `flock` on the backing directory keeps two users on one host apart, but it does not reach the other clients
+/// of a distributed filesystem (JuiceFS, CephFS, NFS...). The lease does: it is created atomically (written
+/// under a name of its own, then hard-linked, or renamed without replacing, to the lease name, so exactly one
+/// of two hosts gets it), renewed every third of its duration while held, and removed at release. A holder
+/// that died without releasing stops renewing; its lease is taken over once it is older than twice its
+/// duration (room for clocks that differ between hosts), or at once when it was a process of this host that no
+/// longer exists. Takeover moves the stale file aside and checks that
+/// what it moved is the stale lease it judged, so two hosts taking over at once cannot both win.
+public final class VolumeLease: @unchecked Sendable {
+    public struct Holder: Codable, Equatable, Sendable {
+        public var host: String
+        public var pid: Int32
+        public var purpose: String
+        public var holderId: String
+        /// Unix time of the last renewal, by the holder's clock.
+        public var renewedAt: Double
+        public var seconds: Double
+    }
+
+    public static let fileName = VolumeConfig.fileName + ".lease"
+    public static let defaultSeconds = 30.0
+
+    /// Another host or process holds the volume.
+    public struct Held: Error, CustomStringConvertible {
+        public let holder: Holder
+        public let age: Double
+        public var description: String {
+            "in use by kmsfs \(holder.purpose) on host \(holder.host) (pid \(holder.pid)), lease renewed \(Int(age.rounded())) s ago"
+        }
+    }
+
+    private let cipherDir: String
+    private var me: Holder
+    private let condition = Condition()
+    private var stopped = false
+    private var renewer = false
+
+    private init(cipherDir: String, holder: Holder) {
+        self.cipherDir = cipherDir
+        me = holder
+    }
+
+    /// Takes the lease for `purpose` ("mount", "rewrap"), or throws `Held` naming who has it.
+    public static func acquire(cipherDir: String, purpose: String, seconds: Double = defaultSeconds) throws -> VolumeLease {
+        var host = [CChar](repeating: 0, count: 256)
+        gethostname(&host, host.count - 1)
+        let holder = Holder(host: String(cString: host), pid: getpid(), purpose: purpose,
+                            holderId: Hex.encode(try SecureRandom.bytes(8)), renewedAt: Date().timeIntervalSince1970, seconds: seconds)
+        let lease = VolumeLease(cipherDir: cipherDir, holder: holder)
+        try lease.take()
+        return lease
+    }
+
+    private var path: String { cipherDir + "/" + VolumeLease.fileName }
+
+    private func take() throws {
+        for _ in 0..<5 {
+            me.renewedAt = Date().timeIntervalSince1970
+            let mine = try writeTemporary()
+            defer { unlink(mine) }
+            if link(mine, path) == 0 || (errno != EEXIST && kmsfs_renameat2(AT_FDCWD, mine, AT_FDCWD, path, kmsfs_rename_noreplace()) == 0) {
+                return
+            }
+            guard errno == EEXIST else { throw Errno.current }
+            guard let current = VolumeLease.read(path) else {
+                // Being written by another taker (or unreadable): held, unless it is old.
+                var st = stat()
+                if stat(path, &st) == 0, Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) > 2 * me.seconds {
+                    _ = unlink(path)
+                    continue
+                }
+                throw Held(holder: Holder(host: "?", pid: 0, purpose: "mount", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
+            }
+            let age = Date().timeIntervalSince1970 - current.renewedAt
+            // A holder on this host whose process is gone (it crashed) is stale at once.
+            let deadHere = current.host == me.host && kill(current.pid, 0) != 0 && errno == ESRCH
+            if age < 2 * current.seconds && !deadHere { throw Held(holder: current, age: age) }
+            // Stale: move it aside, and make sure it is the lease judged stale that moved.
+            let aside = path + ".stale-" + me.holderId
+            guard rename(path, aside) == 0 else { continue }
+            if VolumeLease.read(aside) == current {
+                unlink(aside)
+                Log.warning("took over the lease of \(cipherDir) from kmsfs \(current.purpose) on host \(current.host) (pid \(current.pid)), not renewed for \(Int(age)) s")
+                continue
+            }
+            // A fresh lease was taken meanwhile by someone else: give it back.
+            if kmsfs_renameat2(AT_FDCWD, aside, AT_FDCWD, path, kmsfs_rename_noreplace()) != 0 { unlink(aside) }
+        }
+        if let current = VolumeLease.read(path) { throw Held(holder: current, age: Date().timeIntervalSince1970 - current.renewedAt) }
+        throw Errno(EBUSY)
+    }
+
+    /// Writes this holder's record to a file of its own and returns its path.
+    private func writeTemporary() throws -> String {
+        let temp = path + ".new-" + me.holderId
+        unlink(temp)
+        let data = try JSONEncoder().encode(me)
+        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        if fd < 0 { throw Errno.current }
+        defer { close(fd) }
+        try [UInt8](data).withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+        try syscall { fsync(fd) }
+        return temp
+    }
+
+    static func read(_ path: String) -> Holder? {
+        guard let bytes = try? FileIO.readFile(path), !bytes.isEmpty else { return nil }
+        return try? JSONDecoder().decode(Holder.self, from: Data(bytes))
+    }
+
+    /// The current holder, if any (for messages).
+    public static func holder(cipherDir: String) -> Holder? { read(cipherDir + "/" + fileName) }
+
+    /// Renews the lease every third of its duration until released.
+    public func startRenewing() {
+        condition.withLock { renewer = true }
+        _ = BackgroundThread.start { [self] in
+            condition.lock()
+            while !stopped {
+                condition.wait(seconds: me.seconds / 3)
+                if stopped { break }
+                condition.unlock()
+                renew()
+                condition.lock()
+            }
+            renewer = false
+            condition.broadcast()
+            condition.unlock()
+        }
+    }
+
+    private func renew() {
+        guard let current = VolumeLease.read(path), current.holderId == me.holderId else {
+            let who = VolumeLease.read(path).map { "kmsfs \($0.purpose) on host \($0.host) (pid \($0.pid))" } ?? "nobody"
+            Log.error("the lease of \(cipherDir) is no longer this mount's (now held by \(who)): another host may be using the volume; unmount here")
+            return
+        }
+        me.renewedAt = Date().timeIntervalSince1970
+        do {
+            let mine = try writeTemporary()
+            if rename(mine, path) != 0 {
+                Log.error("cannot renew the lease of \(cipherDir): \(Errno.current)")
+                unlink(mine)
+            }
+        } catch {
+            Log.error("cannot renew the lease of \(cipherDir): \(error)")
+        }
+    }
+
+    /// Stops renewing and removes the lease if it is still this holder's.
+    public func release() {
+        condition.withLock {
+            stopped = true
+            condition.broadcast()
+            while renewer { condition.wait(seconds: 1) }
+        }
+        if VolumeLease.read(path)?.holderId == me.holderId { unlink(path) }
+    }
+}
