@@ -72,9 +72,9 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
             let moved = refused && bothThere && kmsfs_renameat2(dirFd, a, dirFd, c, kmsfs_rename_noreplace()) == 0
                 && fstatat(dirFd, a, &sa, AT_SYMLINK_NOFOLLOW) != 0 && fstatat(dirFd, c, &sa, AT_SYMLINK_NOFOLLOW) == 0
             features.renameNoReplace = moved
-            let source = moved ? c : a
-            unlinkat(dirFd, a, 0)
-            if linkat(dirFd, source, dirFd, a, 0) == 0 {
+            // The file now at `source` gets a second name at the free `target`.
+            let (source, target) = moved ? (c, a) : (a, c)
+            if linkat(dirFd, source, dirFd, target, 0) == 0 {
                 var st = stat()
                 features.hardLinks = fstatat(dirFd, source, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_nlink == 2
             }

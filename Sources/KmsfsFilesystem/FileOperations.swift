@@ -246,6 +246,7 @@ extension EncryptedFilesystem {
     }
 
     func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int) throws -> Int {
+        try checkWritable()
         guard handle.writable else { throw Errno.EBADF }
         let s = try secrets(of: handle)
         try handle.file.io.withWriteLock { try handle.content.write(s, from: buffer, count: count, offset: offset) }
@@ -273,6 +274,7 @@ extension EncryptedFilesystem {
     }
 
     func fallocate(_ handle: FileHandle, mode: Int32, offset: Int, length: Int) throws {
+        try checkWritable()
         guard handle.writable else { throw Errno.EBADF }
         try handle.file.io.withWriteLock {
             try handle.content.allocate({ try secrets(of: handle) }, mode: mode, offset: offset, length: length)

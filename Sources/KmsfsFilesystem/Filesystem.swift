@@ -66,7 +66,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let volume: VolumeConfig
     let keys: KeyService
     let names: NameMapping
-    let readOnly: Bool
+    /// Mounted read-only, or fenced (`fence`): every change is refused with EROFS.
+    var readOnly: Bool { readOnlyMount || fenced.load(ordering: .relaxed) }
+    let readOnlyMount: Bool
+    private let fenced = Atomic<Bool>(false)
     let directIO: Bool
     let writebackCache: Bool
     let inodes: InodeTable
@@ -95,7 +98,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         volume = settings.volume
         keys = settings.keys
         names = settings.names
-        readOnly = settings.readOnly
+        readOnlyMount = settings.readOnly
         directIO = settings.directIO
         writebackCache = settings.writebackCache && !settings.directIO
         chownToCaller = geteuid() == 0
@@ -112,6 +115,19 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         table = OpenFileTable { file, secrets in
             keyService.recordDiscard(subject: KeySubject(path: file.path, fileId: secrets.fileId))
         }
+    }
+
+    /// Refuses every change from now on (EROFS), for a mount that lost its claim to the volume (its lease was
+    /// taken over by another host): reads go on, nothing more is written.
+    public func fence(_ why: String) {
+        if !fenced.exchange(true, ordering: .relaxed) {
+            Log.error("no longer writing to \(cipherDir): \(why); every change is refused with EROFS until it is unmounted")
+        }
+    }
+
+    /// Throws EROFS when changes are refused.
+    func checkWritable() throws {
+        if readOnly { throw Errno.EROFS }
     }
 
     /// Number of files whose keys are in memory.
@@ -241,6 +257,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// setattr: mode, owner, size, times; `handle` is the open file the change came through, if any.
     func setattr(_ inode: Inode, _ attr: stat, _ valid: Int32, _ handle: Handle?, _ caller: Caller) throws -> stat {
+        try checkWritable()
         let file = handle as? FileHandle
         if valid & FUSE_SET_ATTR_MODE_FLAG != 0 {
             if let f = file { try syscall { fchmod(f.fd, attr.st_mode) } } else {
@@ -316,6 +333,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Creates entry `name` of `parent` with `make`, gives it to the caller and records the kernel's reference.
     private func makeNode(_ parent: Inode, _ name: String, _ caller: Caller, _ make: (Int32, String) throws -> Void) throws -> (Inode, stat) {
+        try checkWritable()
         let n = try backingName(parent, name, creating: true)
         return try inodes.withDirectory(parent) { dfd in
             try make(dfd, n)
@@ -327,6 +345,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func link(_ inode: Inode, _ newParent: Inode, _ newName: String) throws -> (Inode, stat) {
+        try checkWritable()
         let n = try backingName(newParent, newName, creating: true)
         try inodes.withDirectory(newParent) { ndfd in
             try withNode(inode, { dfd, name in
@@ -348,6 +367,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     private func remove(_ parent: Inode, _ name: String, flags: Int32) throws {
+        try checkWritable()
         let n = try backingName(parent, name, creating: false)
         let key: InodeKey = try inodes.withDirectory(parent) { dfd in
             var st = stat()
@@ -359,6 +379,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func rename(_ parent: Inode, _ name: String, _ newParent: Inode, _ newName: String, _ flags: UInt32) throws {
+        try checkWritable()
         let from = try backingName(parent, name, creating: false)
         let to = try backingName(newParent, newName, creating: true)
         let (moved, replaced): (InodeKey, InodeKey?) = try inodes.withDirectory(parent) { dfd in
@@ -405,6 +426,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func setxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32) throws {
+        try checkWritable()
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
         try withNodePath(inode) { p in try syscall { CSystem.setxattr(p, name, value, size, flags) } }
     }
@@ -441,6 +463,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func removexattr(_ inode: Inode, _ name: UnsafePointer<CChar>) throws {
+        try checkWritable()
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
         try withNodePath(inode) { p in try syscall { CSystem.removexattr(p, name) } }
     }

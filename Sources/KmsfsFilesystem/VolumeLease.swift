@@ -19,6 +19,8 @@ import KmsfsSystem
 public final class VolumeLease: @unchecked Sendable {
     public struct Holder: Codable, Equatable, Sendable {
         public var host: String
+        /// The holder's kernel boot ID (/proc/sys/kernel/random/boot_id): host names need not be unique.
+        public var boot: String?
         public var pid: Int32
         public var purpose: String
         public var holderId: String
@@ -44,6 +46,9 @@ public final class VolumeLease: @unchecked Sendable {
     private let condition = Condition()
     private var stopped = false
     private var renewer = false
+    private var lost = false
+    /// Who held the lease before, when this acquire took over a stale one (for the caller to log).
+    public private(set) var tookOver: (holder: Holder, age: Double)?
 
     private init(cipherDir: String, holder: Holder) {
         self.cipherDir = cipherDir
@@ -54,7 +59,10 @@ public final class VolumeLease: @unchecked Sendable {
     public static func acquire(cipherDir: String, purpose: String, seconds: Double = defaultSeconds) throws -> VolumeLease {
         var host = [CChar](repeating: 0, count: 256)
         gethostname(&host, host.count - 1)
-        let holder = Holder(host: String(cString: host), pid: getpid(), purpose: purpose,
+        let boot = (try? FileIO.readFile("/proc/sys/kernel/random/boot_id")).map {
+            String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        let holder = Holder(host: String(cString: host), boot: boot, pid: getpid(), purpose: purpose,
                             holderId: Hex.encode(try SecureRandom.bytes(8)), renewedAt: Date().timeIntervalSince1970, seconds: seconds)
         let lease = VolumeLease(cipherDir: cipherDir, holder: holder)
         try lease.take()
@@ -72,29 +80,33 @@ public final class VolumeLease: @unchecked Sendable {
                 return
             }
             guard errno == EEXIST else { throw Errno.current }
-            guard let current = VolumeLease.read(path) else {
-                // Being written by another taker (or unreadable): held, unless it is old.
+            let current = VolumeLease.read(path)
+            if let current {
+                let age = Date().timeIntervalSince1970 - current.renewedAt
+                // A holder of this very system (same boot) whose process is gone (it crashed) is stale at once.
+                let deadHere = current.boot != nil && current.boot == me.boot && kill(current.pid, 0) != 0 && errno == ESRCH
+                if age < 2 * current.seconds && !deadHere { throw Held(holder: current, age: age) }
+                tookOver = (current, age)
+            } else {
+                // Being written by another taker, or damaged: held, unless it is old.
                 var st = stat()
-                if stat(path, &st) == 0, Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) > 2 * me.seconds {
-                    _ = unlink(path)
-                    continue
+                guard stat(path, &st) == 0 else { continue }
+                if Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
+                    throw Held(holder: Holder(host: "(unknown: the lease file is being written or damaged)", boot: nil, pid: 0,
+                                              purpose: "mount", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
                 }
-                throw Held(holder: Holder(host: "?", pid: 0, purpose: "mount", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
             }
-            let age = Date().timeIntervalSince1970 - current.renewedAt
-            // A holder on this host whose process is gone (it crashed) is stale at once.
-            let deadHere = current.host == me.host && kill(current.pid, 0) != 0 && errno == ESRCH
-            if age < 2 * current.seconds && !deadHere { throw Held(holder: current, age: age) }
-            // Stale: move it aside, and make sure it is the lease judged stale that moved.
+            // Move the stale lease aside, and make sure what moved is the one judged stale; anything else (a fresh
+            // lease another host took meanwhile) goes back.
             let aside = path + ".stale-" + me.holderId
             guard rename(path, aside) == 0 else { continue }
             if VolumeLease.read(aside) == current {
                 unlink(aside)
-                Log.warning("took over the lease of \(cipherDir) from kmsfs \(current.purpose) on host \(current.host) (pid \(current.pid)), not renewed for \(Int(age)) s")
                 continue
             }
-            // A fresh lease was taken meanwhile by someone else: give it back.
-            if kmsfs_renameat2(AT_FDCWD, aside, AT_FDCWD, path, kmsfs_rename_noreplace()) != 0 { unlink(aside) }
+            if link(aside, path) == 0 { unlink(aside) }
+            if let now = VolumeLease.read(path) { throw Held(holder: now, age: Date().timeIntervalSince1970 - now.renewedAt) }
+            throw Errno(EBUSY)
         }
         if let current = VolumeLease.read(path) { throw Held(holder: current, age: Date().timeIntervalSince1970 - current.renewedAt) }
         throw Errno(EBUSY)
@@ -121,40 +133,64 @@ public final class VolumeLease: @unchecked Sendable {
     /// The current holder, if any (for messages).
     public static func holder(cipherDir: String) -> Holder? { read(cipherDir + "/" + fileName) }
 
-    /// Renews the lease every third of its duration until released.
-    public func startRenewing() {
+    /// Renews the lease every third of its duration until released. `onLost` runs (once, on the renewing
+    /// thread) when the lease turns out to be someone else's, or could not be renewed for its whole duration:
+    /// the caller must stop writing.
+    public func startRenewing(onLost: @escaping @Sendable (String) -> Void) throws {
         condition.withLock { renewer = true }
-        _ = BackgroundThread.start { [self] in
+        let started = BackgroundThread.start { [self] in
+            var lastRenewed = Monotonic.seconds()
             condition.lock()
             while !stopped {
                 condition.wait(seconds: me.seconds / 3)
-                if stopped { break }
+                if stopped || lost { continue }
                 condition.unlock()
-                renew()
+                let problem = renew()
+                if problem == nil { lastRenewed = Monotonic.seconds() }
+                let give = problem.flatMap { p in
+                    p.hasPrefix("taken:") || Monotonic.seconds() - lastRenewed >= me.seconds ? String(p.drop { $0 != ":" }.dropFirst().drop { $0 == " " }) : nil
+                }
                 condition.lock()
+                if let why = give {
+                    lost = true
+                    condition.unlock()
+                    onLost(why)
+                    condition.lock()
+                }
             }
             renewer = false
             condition.broadcast()
             condition.unlock()
         }
+        if !started {
+            condition.withLock { renewer = false }
+            throw Errno(EAGAIN)
+        }
     }
 
-    private func renew() {
+    /// One renewal; nil when done, else "taken: why" (someone else holds it) or "failed: why".
+    private func renew() -> String? {
         guard let current = VolumeLease.read(path), current.holderId == me.holderId else {
             let who = VolumeLease.read(path).map { "kmsfs \($0.purpose) on host \($0.host) (pid \($0.pid))" } ?? "nobody"
-            Log.error("the lease of \(cipherDir) is no longer this mount's (now held by \(who)): another host may be using the volume; unmount here")
-            return
+            return "taken: its lease is now held by \(who)"
         }
         me.renewedAt = Date().timeIntervalSince1970
         do {
             let mine = try writeTemporary()
             if rename(mine, path) != 0 {
-                Log.error("cannot renew the lease of \(cipherDir): \(Errno.current)")
+                let e = Errno.current
                 unlink(mine)
+                Log.error("cannot renew the lease of \(cipherDir): \(e)")
+                return "failed: the lease could not be renewed (\(e))"
             }
         } catch {
             Log.error("cannot renew the lease of \(cipherDir): \(error)")
+            return "failed: the lease could not be renewed (\(error))"
         }
+        // Another host that took the lease over just before the rename lost it to us: it finds out at its next
+        // renewal and stops. Check that what is there now is ours.
+        guard VolumeLease.read(path)?.holderId == me.holderId else { return "taken: the lease changed hands while being renewed" }
+        return nil
     }
 
     /// Stops renewing and removes the lease if it is still this holder's.

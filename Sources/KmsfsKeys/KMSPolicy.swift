@@ -51,19 +51,20 @@ public final class KeyHealth: @unchecked Sendable {
     /// failure to fail with at once.
     func admit(op: String, keyId: String, route: String) -> KeyError? {
         let now = Monotonic.seconds()
+        let names = ["key \(op) " + keyId, "reach \(route) " + keyId]
         return lock.withLock {
-            for name in ["key \(op) " + keyId, "reach \(route) " + keyId] {
-                guard var b = breakers[name] else { continue }
-                if now >= b.retryAt && !b.probing {
-                    b.probing = true
-                    breakers[name] = b
-                    continue
+            // Refused while any breaker of this call is open (or already probing); otherwise the call goes ahead,
+            // as the probe of every breaker whose interval is over.
+            for name in names {
+                guard let b = breakers[name] else { continue }
+                if now < b.retryAt || b.probing {
+                    var e = b.error
+                    e.remembered = now - b.since
+                    e.retryIn = max(0, b.retryAt - now)
+                    return e
                 }
-                var e = b.error
-                e.remembered = now - b.since
-                e.retryIn = max(0, b.retryAt - now)
-                return e
             }
+            for name in names where breakers[name] != nil { breakers[name]!.probing = true }
             return nil
         }
     }
@@ -77,19 +78,18 @@ public final class KeyHealth: @unchecked Sendable {
     }
 
     func failed(op: String, keyId: String, route: String, error: KeyError) {
-        let name: String
-        switch error.kind {
-        case .accessDenied, .keyUnavailable: name = "key \(op) " + keyId
-        case .unreachable where !error.isThrottling: name = "reach \(route) " + keyId
-        default:
-            // Not a sign of the key's or the endpoint's health; a probe that ended so lets the next call probe.
-            lock.withLock {
-                for n in ["key \(op) " + keyId, "reach \(route) " + keyId] where breakers[n]?.probing == true { breakers[n]?.probing = false }
-            }
-            return
-        }
+        let names = ["key \(op) " + keyId, "reach \(route) " + keyId]
         let now = Monotonic.seconds()
         lock.withLock {
+            // Whatever happens, no probe of this call is in flight any more.
+            for n in names where breakers[n]?.probing == true { breakers[n]!.probing = false }
+            let name: String
+            switch error.kind {
+            case _ where error.attempts == 0: return  // no request was sent: says nothing of the key's health
+            case .accessDenied, .keyUnavailable: name = names[0]
+            case .unreachable where !error.isThrottling: name = names[1]
+            default: return  // not a sign of the key's or the endpoint's health
+            }
             let since = breakers[name].map { $0.since } ?? now
             breakers[name] = Breaker(error: error, since: since, retryAt: now + probeInterval)
         }
@@ -135,13 +135,16 @@ final class AdaptiveRateLimiter: @unchecked Sendable {
         while true {
             let wait: Double = lock.withLock {
                 let now = Monotonic.seconds()
-                countSend(now)
                 let r = effectiveRate(now)
-                if r.isInfinite { return 0 }
+                if r.isInfinite {
+                    countSend(now)
+                    return 0
+                }
                 tokens = min(max(1, r / 10), tokens + (now - refilledAt) * r)
                 refilledAt = now
                 if tokens >= 1 {
                     tokens -= 1
+                    countSend(now)
                     return 0
                 }
                 return (1 - tokens) / r

@@ -22,7 +22,7 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
     public var errorType: String
     public var keyId: String
     public var message: String
-    /// Calls made before giving up (retries included), and the seconds they took.
+    /// Requests sent before giving up (retries included; 0 when none was), and the seconds they took.
     public var attempts = 1
     public var elapsed: Double = 0
     /// True when the call gave up because its deadline came.
@@ -52,6 +52,7 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
         if let ago = remembered {
             return "not asked: it failed so \(KeyError.seconds(ago)) ago; next try in \(KeyError.seconds(retryIn))"
         }
+        if gaveUpAtDeadline && attempts == 0 { return "not sent: the deadline came first (other calls held every slot, or the rate limit)" }
         if gaveUpAtDeadline { return "gave up at the deadline after \(attempts) attempt\(attempts == 1 ? "" : "s") in \(KeyError.seconds(elapsed))" }
         if attempts > 1 { return "gave up after \(attempts) attempts in \(KeyError.seconds(elapsed))" }
         return ""

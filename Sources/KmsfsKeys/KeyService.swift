@@ -203,14 +203,24 @@ public final class KeyService: Sendable {
     /// within the in-flight bound, audited, and its outcome remembered.
     private func audited<T>(_ op: String, keyId: String, subject: KeySubject, deadline: Double? = nil,
                             _ body: () throws -> T) throws -> T {
+        // ReEncrypt (rewrap) fails for its source key as often as for its target: no breaker for it.
+        let guarded = op != "ReEncrypt"
         let route = provider.route(forKeyId: keyId)
-        if let remembered = health.admit(op: op, keyId: keyId, route: route) { throw remembered }
+        if guarded, let remembered = health.admit(op: op, keyId: keyId, route: route) { throw remembered }
         do {
-            let r = try inFlight.withPermit { try auditedCall(op, keyId: keyId, subject: subject, deadline: deadline, body) }
-            health.succeeded(op: op, keyId: keyId, route: route)
+            let slotDeadline = deadline ?? (Monotonic.seconds() + policy.deadline)
+            guard let r = try inFlight.withPermit(until: slotDeadline, {
+                try auditedCall(op, keyId: keyId, subject: subject, deadline: deadline, body)
+            }) else {
+                var e = KeyError(.unreachable, errorType: "DeadlineExceeded", keyId: keyId, message: "")
+                e.attempts = 0
+                e.gaveUpAtDeadline = true
+                throw e
+            }
+            if guarded { health.succeeded(op: op, keyId: keyId, route: route) }
             return r
         } catch let e as KeyError {
-            health.failed(op: op, keyId: keyId, route: route, error: e)
+            if guarded { health.failed(op: op, keyId: keyId, route: route, error: e) }
             throw e
         }
     }

@@ -136,6 +136,28 @@ public final class Semaphore: @unchecked Sendable {
         return try body()
     }
 
+    /// Like `withPermit`, but gives up (returning nil without running `body`) if no permit comes before
+    /// `deadline` (monotonic seconds).
+    public func withPermit<R>(until deadline: Double, _ body: () throws -> R) rethrows -> R? {
+        let got: Bool = condition.withLock {
+            while available == 0 {
+                let left = deadline - Monotonic.seconds()
+                if left <= 0 { return false }
+                condition.wait(seconds: left)
+            }
+            available -= 1
+            return true
+        }
+        guard got else { return nil }
+        defer {
+            condition.withLock {
+                available += 1
+                condition.signal()
+            }
+        }
+        return try body()
+    }
+
     /// Holders right now.
     public var inUse: Int { condition.withLock { limit - available } }
 }

@@ -142,7 +142,13 @@ struct MountCommand: ParsableCommand {
         } catch {
             throw CLIError("cannot take the lease of \(cipher): \(error)")
         }
-        lease.startRenewing()
+        let fenceBox = FenceBox()
+        do {
+            try lease.startRenewing { why in fenceBox.fence(why) }
+        } catch {
+            lease.release()
+            throw CLIError("cannot start renewing the lease of \(cipher): \(error)")
+        }
         defer { lease.release() }
         do {
             if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
@@ -155,6 +161,9 @@ struct MountCommand: ParsableCommand {
         var logDescription = "standard error"
         if reporter.isDaemon {
             logDescription = try configureDaemonLog(volume: volume, environment: env)
+        }
+        if let (holder, age) = lease.tookOver {
+            Log.warning("took over the lease of \(cipher) from kmsfs \(holder.purpose) on host \(holder.host) (pid \(holder.pid)), not renewed for \(Int(age)) s")
         }
 
         var audit: AuditLog? = nil
@@ -194,6 +203,7 @@ struct MountCommand: ParsableCommand {
             throw CLIError("cannot open \(cipher): \(error)")
         }
 
+        fenceBox.attach(fs)
         let options = fuseOptionList(cipher: cipher)
         Log.debug("mounting \(cipher) on \(mount) with options \(options.joined(separator: ","))")
         let outcome = FuseServer.run(fs, mountpoint: mount, options: options) {
@@ -338,5 +348,28 @@ struct Reporter {
     private func send(_ s: String, _ fd: Int32) {
         var bytes = Array(s.utf8)
         _ = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress, $0.count) }
+    }
+}
+
+/// Hands a lost lease to the filesystem once it exists (the lease is taken before the filesystem is made).
+final class FenceBox: @unchecked Sendable {
+    private let lock = Lock()
+    private var fs: EncryptedFilesystem?
+    private var pending: String?
+
+    func attach(_ filesystem: EncryptedFilesystem) {
+        let why: String? = lock.withLock {
+            fs = filesystem
+            return pending
+        }
+        if let why { filesystem.fence(why) }
+    }
+
+    func fence(_ why: String) {
+        let target: EncryptedFilesystem? = lock.withLock {
+            if fs == nil { pending = why }
+            return fs
+        }
+        target?.fence(why)
     }
 }

@@ -66,8 +66,21 @@ struct RewrapCommand: ParsableCommand {
         } catch {
             throw CLIError("cannot take the lease of \(cipher): \(error)")
         }
-        lease.startRenewing()
+        do {
+            // Another host has the volume now: stop at once. Rotation is crash-safe, so stopping anywhere leaves
+            // every file readable, and whoever mounts or rewraps next finishes the interrupted step.
+            try lease.startRenewing { why in
+                printError("kmsfs rewrap: \(why); stopping")
+                _exit(3)
+            }
+        } catch {
+            lease.release()
+            throw CLIError("cannot start renewing the lease of \(cipher): \(error)")
+        }
         defer { lease.release() }
+        if let (holder, age) = lease.tookOver {
+            printError("took over the lease of \(cipher) from kmsfs \(holder.purpose) on host \(holder.host) (pid \(holder.pid)), not renewed for \(Int(age)) s")
+        }
         if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
             printError("finished the interrupted rotation of /\(repaired)")
         }

@@ -120,6 +120,25 @@ struct BackingFilesystemTests {
         #expect(VolumeLease.holder(cipherDir: v.cipher)?.pid == v.process!.processIdentifier)
     }
 
+    @Test("A mount whose lease another host took over stops writing (EROFS) and keeps reading")
+    func fencedWhenLeaseLost() throws {
+        let v = try MountedVolume(mountArgs: ["--lease-seconds", "1"])
+        try P.writeFile(v.path("f"), [1, 2, 3])
+        let fd = try P.open(v.path("f"), O_RDWR)
+        let json = "{\"host\":\"elsewhere\",\"pid\":4242,\"purpose\":\"mount\",\"holderId\":\"ff\",\"renewedAt\":\(Date().timeIntervalSince1970),\"seconds\":30}"
+        try P.writeFile(v.cipher + "/" + VolumeLease.fileName, Array(json.utf8))
+        #expect(waitFor(seconds: 10) { P.errno { try P.writeFile(v.path("g"), [4]) } == EROFS })
+        #expect(P.errno { try P.pwrite(fd, [9], 0) } == EROFS)
+        #expect(P.errno { try syscall { mkdir(v.path("d"), 0o755) } } == EROFS)
+        #expect(try P.pread(fd, 3, 0) == [1, 2, 3])
+        #expect(try P.readFile(v.path("f")) == [1, 2, 3])
+        #expect(v.daemonLogText.contains("no longer writing to \(v.cipher): its lease is now held by kmsfs mount on host elsewhere (pid 4242)"))
+        close(fd)
+        // Its lease is not removed at unmount: it is not this mount's.
+        _ = try v.unmount()
+        #expect(VolumeLease.holder(cipherDir: v.cipher)?.host == "elsewhere")
+    }
+
     @Test("On a local filesystem the probe finds O_TMPFILE and uses it")
     func localUsesTmpfile() throws {
         let v = try MountedVolume()

@@ -133,7 +133,7 @@ public final class KMSClient: Sendable {
         var failure: KeyError?
         func givingUp(_ e: KeyError, atDeadline: Bool) -> KeyError {
             var e = e
-            e.attempts = max(1, attempt)
+            e.attempts = attempt
             e.elapsed = Monotonic.seconds() - start
             e.gaveUpAtDeadline = atDeadline
             return e
