@@ -372,10 +372,40 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let key: InodeKey = try inodes.withDirectory(parent) { dfd in
             var st = stat()
             try syscall { fstatat(dfd, n, &st, AT_SYMLINK_NOFOLLOW) }
-            try syscall { unlinkat(dfd, n, flags) }
+            if unlinkat(dfd, n, flags) != 0 {
+                let e = Errno.current
+                // A directory that looks empty through the mount may hold files a crash left half made under a
+                // temporary name: remove them, then the directory.
+                guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, n) else { throw e }
+                try syscall { unlinkat(dfd, n, flags) }
+            }
             return InodeKey(st)
         }
         inodes.removed(key, from: parent, name: n)
+    }
+
+    /// Removes the temporary files (`TemporaryNames`) in directory `name` of `dfd` if they are all it holds; true
+    /// when it did. Creates in that directory cannot run meanwhile: the kernel holds its lock during rmdir.
+    static func removeLeftovers(in dfd: Int32, _ name: String) -> Bool {
+        let fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0, let dir = fdopendir(fd) else {
+            if fd >= 0 { close(fd) }
+            return false
+        }
+        defer { closedir(dir) }
+        var leftovers: [String] = []
+        while let entry = Glibc.readdir(dir) {
+            let entryName = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if entryName == "." || entryName == ".." { continue }
+            guard TemporaryNames.isTemporary(entryName) else { return false }
+            leftovers.append(entryName)
+        }
+        guard !leftovers.isEmpty else { return false }
+        for l in leftovers {
+            Log.info("removing a file left half made by a crash: \(l) in the backing directory being removed")
+            unlinkat(dirfd(dir), l, 0)
+        }
+        return true
     }
 
     func rename(_ parent: Inode, _ name: String, _ newParent: Inode, _ newName: String, _ flags: UInt32) throws {

@@ -139,6 +139,20 @@ struct BackingFilesystemTests {
         #expect(VolumeLease.holder(cipherDir: v.cipher)?.host == "elsewhere")
     }
 
+    @Test("A file a crash left half made under a temporary name is hidden, and does not keep its directory from being removed")
+    func leftoverTemporaryFile() throws {
+        let v = try MountedVolume()
+        try syscall { mkdir(v.path("d"), 0o755) }
+        try P.writeFile(v.path("d/keep"), [1])
+        // As a crash between writing the header and the rename would leave it.
+        try P.writeFile(v.backing("d/.kmsfs-new.0123456789abcdef01234567"), [0, 1, 2])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("d")) == ["keep"])
+        #expect(P.errno { try syscall { rmdir(v.path("d")) } } == ENOTEMPTY)
+        try syscall { unlink(v.path("d/keep")) }
+        try syscall { rmdir(v.path("d")) }
+        #expect(!FileManager.default.fileExists(atPath: v.backing("d")))
+    }
+
     @Test("On a local filesystem the probe finds O_TMPFILE and uses it")
     func localUsesTmpfile() throws {
         let v = try MountedVolume()
