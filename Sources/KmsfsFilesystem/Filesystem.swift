@@ -138,6 +138,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         sweeping.withLock { $0 = false }
         table.wipeAll()
         pool.shutdown()
+        FailureLog.shared.flush()
     }
 
     /// Starts the thread that keeps the inode table within `maxInodes` once the mount is live: twice a second, or

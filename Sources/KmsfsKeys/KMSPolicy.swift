@@ -233,6 +233,18 @@ public final class FailureLog: @unchecked Sendable {
         }
         if let line { Log.shared.log(level, line) }
     }
+
+    /// Logs how many lines of each kind were left out and not yet reported (at unmount).
+    public func flush() {
+        let counts: [(String, Int)] = lock.withLock {
+            let pending = kinds.filter { $0.value.suppressed > 0 }.map { ($0.key, $0.value.suppressed) }
+            for (k, _) in pending { kinds[k]?.suppressed = 0 }
+            return pending
+        }
+        for (kind, n) in counts.sorted(by: { $0.0 < $1.0 }) {
+            Log.shared.log(.warning, "\(n) more failure line\(n == 1 ? "" : "s") of kind \(kind) were not logged")
+        }
+    }
 }
 
 /// The attempts of the provider call this thread is making: KMSClient notes each retried attempt, KeyService

@@ -152,6 +152,19 @@ struct KMSFaultTests {
         #expect(try P.readFile(v.path("new0")) == [10])
     }
 
+    @Test("Repeated identical failures: five lines per ten seconds, the rest counted and reported")
+    func repeatedFailuresRateLimited() throws {
+        let a = try moto.createKey()
+        let proxy = try KMSProxy(upstream: moto)
+        let v = try volume(keys: [a], proxy, mountArgs: ["--key-pool", "0"])
+        proxy.set(.disabled, forKey: a)
+        for i in 0..<8 { #expect(P.errno { try P.writeFile(v.path("f\(i)"), [1]) } == EIO) }
+        _ = try v.unmount()
+        let lines = v.daemonLogText.split(separator: "\n").filter { $0.contains("cannot create /f") }
+        #expect(lines.count == 5, "\(v.daemonLogText)")
+        #expect(v.daemonLogText.contains("3 more failure lines of kind create-\(a)-DisabledException were not logged"))
+    }
+
     @Test("--require-all-keys refuses creates that a key cannot wrap, with a log line, until the key is back")
     func requireAllKeys() throws {
         let a = try moto.createKey(), b = try moto.createKey()
