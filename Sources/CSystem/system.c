@@ -33,6 +33,11 @@ int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char 
 
 int kmsfs_o_tmpfile(void) { return O_TMPFILE; }
 
+long long kmsfs_fstatfs_namelen(int fd) {
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 ? (long long)fs.f_namelen : -1;
+}
+
 long long kmsfs_fstatfs_type(int fd) {
     struct statfs fs;
     return fstatfs(fd, &fs) == 0 ? (long long)(unsigned long)fs.f_type : -1;

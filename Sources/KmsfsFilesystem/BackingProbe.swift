@@ -20,6 +20,11 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
     /// The backing filesystem may be shared with other hosts (FUSE-based or network): flock of the backing
     /// directory may not reach them (the volume lease does).
     public var possiblyShared = false
+    /// Extended attributes (user namespace) can be set; without them setxattr fails with the backing
+    /// filesystem's ENOTSUP.
+    public var xattrs = true
+    /// The longest backing name (names longer fail with ENAMETOOLONG); 0 when unknown.
+    public var nameMax = 0
 
     /// What the mount assumes without probing (read-only mounts, which create nothing).
     public static let assumed = BackingFeatures(tmpfileLink: true, renameNoReplace: true, hardLinks: true)
@@ -35,7 +40,9 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
             : renameNoReplace ? "a temporary name, renamed into place without replacing"
             : hardLinks ? "a temporary name, hard-linked into place" : "O_EXCL on the final name"
         return "new files are made with \(create); O_TMPFILE+link \(tmpfileLink ? "works" : "does not survive close or fails"), "
-            + "rename without replace \(renameNoReplace ? "works" : "unsupported"), hard links \(hardLinks ? "work" : "unsupported")"
+            + "rename without replace \(renameNoReplace ? "works" : "unsupported"), hard links \(hardLinks ? "work" : "unsupported"), "
+            + "extended attributes \(xattrs ? "work" : "unsupported (setxattr fails with ENOTSUP)"), "
+            + "names up to \(nameMax > 0 ? "\(nameMax) bytes" : "an unknown length")"
     }
 
     /// Probes in directory `dirFd` (the top of the backing directory) with names kmsfs reserves, and removes
@@ -48,6 +55,7 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
 
         var features = BackingFeatures(tmpfileLink: false, renameNoReplace: false, hardLinks: false)
         let type = kmsfs_fstatfs_type(dirFd)
+        features.nameMax = Int(max(0, kmsfs_fstatfs_namelen(dirFd)))
         features.possiblyShared = type >= 0 && sharedFilesystems.contains(UInt(UInt32(truncatingIfNeeded: type)))
         let tmp = isLocalWithTmpfile(dirFd) ? openat(dirFd, ".", kmsfs_o_tmpfile() | O_RDWR | O_CLOEXEC, 0o600) : -1
         if tmp >= 0 {
@@ -65,6 +73,14 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
         let fb = openat(dirFd, b, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fa >= 0 { close(fa) }
         if fb >= 0 { close(fb) }
+        if fa >= 0 {
+            let probeFd = openat(dirFd, a, O_RDONLY | O_CLOEXEC)
+            if probeFd >= 0 {
+                var v: UInt8 = 1
+                features.xattrs = fsetxattr(probeFd, "user.kmsfs.probe", &v, 1, 0) == 0
+                close(probeFd)
+            }
+        }
         if fa >= 0 && fb >= 0 {
             let refused = kmsfs_renameat2(dirFd, a, dirFd, b, kmsfs_rename_noreplace()) != 0 && errno == EEXIST
             var sa = stat(), sb = stat()

@@ -158,6 +158,7 @@ struct BackingFilesystemTests {
         let v = try MountedVolume()
         #expect(v.daemonLogText.contains("backing filesystem: new files are made with O_TMPFILE, linked when complete"), "\(v.daemonLogText)")
         #expect(!v.daemonLogText.contains("other hosts are kept out"))
+        #expect(v.daemonLogText.contains("extended attributes work, names up to 255 bytes"), "\(v.daemonLogText)")
         try P.writeFile(v.path("f"), [1])
         #expect(try P.readFile(v.path("f")) == [1])
     }

@@ -30,6 +30,8 @@ unsigned int kmsfs_rename_exchange(void);
 /// renameat2(2), which glibc 2.36 declares only with _GNU_SOURCE.
 /// The statfs f_type (filesystem magic number) of the filesystem `fd` is on, or -1.
 long long kmsfs_fstatfs_type(int fd);
+/// The longest name the filesystem `fd` is on allows (statfs f_namelen), or -1.
+long long kmsfs_fstatfs_namelen(int fd);
 int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
 
 /// O_TMPFILE, O_PATH and AT_EMPTY_PATH, which Swift's Glibc module does not always export.
