@@ -102,6 +102,8 @@ extension EncryptedFilesystem {
         let bytes = header.encoded()
 
         let createdFile: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in
+            // Again, right before the backing store is touched: the key may have taken a while.
+            try checkWritable()
             guard let fd = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
                 try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
             }) else { return nil }
@@ -249,7 +251,10 @@ extension EncryptedFilesystem {
         try checkWritable()
         guard handle.writable else { throw Errno.EBADF }
         let s = try secrets(of: handle)
-        try handle.file.io.withWriteLock { try handle.content.write(s, from: buffer, count: count, offset: offset) }
+        try handle.file.io.withWriteLock {
+            try checkWritable()
+            try handle.content.write(s, from: buffer, count: count, offset: offset)
+        }
         return count
     }
 

@@ -125,9 +125,17 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         }
     }
 
-    /// Throws EROFS when changes are refused.
+    /// Set once before serving: false while this mount may not write (its volume lease is not current).
+    public var leaseIsCurrent: (@Sendable () -> Bool)?
+
+    /// Throws EROFS when changes are refused: a read-only or fenced mount, or a lease not renewed in time.
     func checkWritable() throws {
         if readOnly { throw Errno.EROFS }
+        if let current = leaseIsCurrent, !current() {
+            FailureLog.shared.log(.error, kind: "lease-not-current",
+                                  "refusing a change to \(cipherDir): this mount's lease was not renewed in time (is the backing filesystem stuck?)")
+            throw Errno.EROFS
+        }
     }
 
     /// Number of files whose keys are in memory.

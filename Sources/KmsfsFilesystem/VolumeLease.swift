@@ -4,6 +4,7 @@ import Glibc
 import KmsfsCrypto
 import KmsfsFormat
 import KmsfsSystem
+import Synchronization
 
 /// Exclusive use of a volume across hosts: a lease file, `kmsfs.conf.lease` at the top of the backing
 /// directory, naming the host and process that hold the volume and when they last renewed it.
@@ -19,8 +20,10 @@ import KmsfsSystem
 public final class VolumeLease: @unchecked Sendable {
     public struct Holder: Codable, Equatable, Sendable {
         public var host: String
-        /// The holder's kernel boot ID (/proc/sys/kernel/random/boot_id): host names need not be unique.
+        /// The holder's kernel boot ID (/proc/sys/kernel/random/boot_id) and PID namespace: host names need
+        /// not be unique, and containers of one machine share its boot ID but not their process IDs.
         public var boot: String?
+        public var pidNamespace: UInt64?
         public var pid: Int32
         public var purpose: String
         public var holderId: String
@@ -47,6 +50,9 @@ public final class VolumeLease: @unchecked Sendable {
     private var stopped = false
     private var renewer = false
     private var lost = false
+    /// Until when (BootClock) this holder may write: its last renewal's start plus the lease's duration. Other
+    /// hosts wait twice that before taking over, so a holder that stalls stops writing before anyone else starts.
+    private let validUntil = Mutex<Double>(0)
     /// Who held the lease before, when this acquire took over a stale one (for the caller to log).
     public private(set) var tookOver: (holder: Holder, age: Double)?
 
@@ -62,7 +68,9 @@ public final class VolumeLease: @unchecked Sendable {
         let boot = (try? FileIO.readFile("/proc/sys/kernel/random/boot_id")).map {
             String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         }
-        let holder = Holder(host: String(cString: host), boot: boot, pid: getpid(), purpose: purpose,
+        var ns = stat()
+        let pidNamespace: UInt64? = stat("/proc/self/ns/pid", &ns) == 0 ? UInt64(ns.st_ino) : nil
+        let holder = Holder(host: String(cString: host), boot: boot, pidNamespace: pidNamespace, pid: getpid(), purpose: purpose,
                             holderId: Hex.encode(try SecureRandom.bytes(8)), renewedAt: Date().timeIntervalSince1970, seconds: seconds)
         let lease = VolumeLease(cipherDir: cipherDir, holder: holder)
         try lease.take()
@@ -73,10 +81,12 @@ public final class VolumeLease: @unchecked Sendable {
 
     private func take() throws {
         for _ in 0..<5 {
+            let started = BootClock.seconds()
             me.renewedAt = Date().timeIntervalSince1970
             let mine = try writeTemporary()
             defer { unlink(mine) }
             if link(mine, path) == 0 || (errno != EEXIST && kmsfs_renameat2(AT_FDCWD, mine, AT_FDCWD, path, kmsfs_rename_noreplace()) == 0) {
+                validUntil.withLock { $0 = started + me.seconds }
                 return
             }
             guard errno == EEXIST else { throw Errno.current }
@@ -84,7 +94,8 @@ public final class VolumeLease: @unchecked Sendable {
             if let current {
                 let age = Date().timeIntervalSince1970 - current.renewedAt
                 // A holder of this very system (same boot) whose process is gone (it crashed) is stale at once.
-                let deadHere = current.boot != nil && current.boot == me.boot && kill(current.pid, 0) != 0 && errno == ESRCH
+                let deadHere = current.boot != nil && current.boot == me.boot && current.pidNamespace == me.pidNamespace
+                    && current.pidNamespace != nil && kill(current.pid, 0) != 0 && errno == ESRCH
                 if age < 2 * current.seconds && !deadHere { throw Held(holder: current, age: age) }
                 tookOver = (current, age)
             } else {
@@ -104,7 +115,9 @@ public final class VolumeLease: @unchecked Sendable {
                 unlink(aside)
                 continue
             }
-            if link(aside, path) == 0 { unlink(aside) }
+            if link(aside, path) == 0 || kmsfs_renameat2(AT_FDCWD, aside, AT_FDCWD, path, kmsfs_rename_noreplace()) == 0 {
+                unlink(aside)
+            }
             if let now = VolumeLease.read(path) { throw Held(holder: now, age: Date().timeIntervalSince1970 - now.renewedAt) }
             throw Errno(EBUSY)
         }
@@ -170,10 +183,14 @@ public final class VolumeLease: @unchecked Sendable {
 
     /// One renewal; nil when done, else "taken: why" (someone else holds it) or "failed: why".
     private func renew() -> String? {
-        guard let current = VolumeLease.read(path), current.holderId == me.holderId else {
-            let who = VolumeLease.read(path).map { "kmsfs \($0.purpose) on host \($0.host) (pid \($0.pid))" } ?? "nobody"
-            return "taken: its lease is now held by \(who)"
+        guard let current = VolumeLease.read(path) else {
+            // Unreadable for now (EMFILE, EIO, a network hiccup): a failure, with the lease's grace, not a loss.
+            return "failed: the lease could not be read (\(Errno.current))"
         }
+        guard current.holderId == me.holderId else {
+            return "taken: its lease is now held by kmsfs \(current.purpose) on host \(current.host) (pid \(current.pid))"
+        }
+        let started = BootClock.seconds()
         me.renewedAt = Date().timeIntervalSince1970
         do {
             let mine = try writeTemporary()
@@ -190,7 +207,14 @@ public final class VolumeLease: @unchecked Sendable {
         // Another host that took the lease over just before the rename lost it to us: it finds out at its next
         // renewal and stops. Check that what is there now is ours.
         guard VolumeLease.read(path)?.holderId == me.holderId else { return "taken: the lease changed hands while being renewed" }
+        validUntil.withLock { $0 = started + me.seconds }
         return nil
+    }
+
+    /// True while this holder may write: its last renewal is less than the lease's duration old, in real time
+    /// (a suspended machine's pause counts), and the lease has not been lost.
+    public var isCurrent: Bool {
+        condition.withLock { !lost } && BootClock.seconds() < validUntil.withLock { $0 }
     }
 
     /// Stops renewing and removes the lease if it is still this holder's.

@@ -90,6 +90,7 @@ struct MountCommand: ParsableCommand {
         guard (keyPool ?? 0) >= 0 && (keyPool ?? 0) <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
         guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
         guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
+        guard leaseSeconds >= 0.3 && leaseSeconds <= 3600 else { throw ValidationError("--lease-seconds must be from 0.3 to 3600") }
         guard kmsDeadline >= 0.1 && kmsDeadline <= 600 else { throw ValidationError("--kms-deadline must be from 0.1 to 600 seconds") }
         guard kmsProbeInterval >= 0 && kmsProbeInterval <= 3600 else { throw ValidationError("--kms-probe-interval must be from 0 to 3600 seconds") }
         guard kmsMaxRate >= 0 && kmsMaxRate <= 100_000 else { throw ValidationError("--kms-max-rate must be from 0 to 100000 per second") }
@@ -204,6 +205,7 @@ struct MountCommand: ParsableCommand {
         }
 
         fenceBox.attach(fs)
+        fs.leaseIsCurrent = { lease.isCurrent }
         let options = fuseOptionList(cipher: cipher)
         Log.debug("mounting \(cipher) on \(mount) with options \(options.joined(separator: ","))")
         let outcome = FuseServer.run(fs, mountpoint: mount, options: options) {

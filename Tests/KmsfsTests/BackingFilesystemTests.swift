@@ -73,15 +73,15 @@ struct BackingFilesystemTests {
     func exclusiveAcrossClients() throws {
         let juice = try JuiceFS(clients: 2)
         try withExtendedLifetime(juice) {
-            let v = try MountedVolume(mountArgs: ["--lease-seconds", "1"], cipherParent: juice.mounts[0])
+            let v = try MountedVolume(mountArgs: ["--lease-seconds", "3"], cipherParent: juice.mounts[0])
             try P.writeFile(v.path("f"), [1, 2, 3])
             let otherCipher = juice.mounts[1] + "/cipher"
             let otherMount = try TempDir()
             var host = [CChar](repeating: 0, count: 256)
             gethostname(&host, 255)
             let pid = v.process!.processIdentifier
-            // Renewed every third of a second: the lease stays fresh while the holder lives, however long we wait.
-            usleep(2_500_000)
+            // Renewed every second: the lease stays fresh while the holder lives, longer than its 3 s duration.
+            usleep(4_000_000)
             let second = try run(kmsfsBinary, ["mount", otherCipher, otherMount.path], environment: v.environment)
             #expect(second.status == 1, "\(second.stdout)\(second.stderr)")
             #expect(second.stderr.contains("is in use by kmsfs mount on host \(String(cString: host)) (pid \(pid))"), "\(second.stderr)")
@@ -122,7 +122,7 @@ struct BackingFilesystemTests {
 
     @Test("A mount whose lease another host took over stops writing (EROFS) and keeps reading")
     func fencedWhenLeaseLost() throws {
-        let v = try MountedVolume(mountArgs: ["--lease-seconds", "1"])
+        let v = try MountedVolume(mountArgs: ["--lease-seconds", "3"])
         try P.writeFile(v.path("f"), [1, 2, 3])
         let fd = try P.open(v.path("f"), O_RDWR)
         let json = "{\"host\":\"elsewhere\",\"pid\":4242,\"purpose\":\"mount\",\"holderId\":\"ff\",\"renewedAt\":\(Date().timeIntervalSince1970),\"seconds\":30}"
@@ -137,6 +137,20 @@ struct BackingFilesystemTests {
         // Its lease is not removed at unmount: it is not this mount's.
         _ = try v.unmount()
         #expect(VolumeLease.holder(cipherDir: v.cipher)?.host == "elsewhere")
+    }
+
+    @Test("A mount that cannot renew its lease stops writing once the lease has run out")
+    func fencedWhenLeaseNotRenewed() throws {
+        let v = try MountedVolume(mountArgs: ["--lease-seconds", "3"])
+        try P.writeFile(v.path("f"), [1])
+        // The lease can no longer be read or replaced (a directory stands in its place).
+        let lease = v.cipher + "/" + VolumeLease.fileName
+        try syscall { unlink(lease) }
+        try syscall { mkdir(lease, 0o700) }
+        #expect(waitFor(seconds: 15) { P.errno { try P.writeFile(v.path("g"), [2]) } == EROFS })
+        #expect(try P.readFile(v.path("f")) == [1])
+        #expect(v.daemonLogText.contains("lease was not renewed in time") || v.daemonLogText.contains("could not be"), "\(v.daemonLogText)")
+        try syscall { rmdir(lease) }
     }
 
     @Test("A file a crash left half made under a temporary name is hidden, and does not keep its directory from being removed")
