@@ -12,7 +12,7 @@ extension EncryptedFilesystem {
     func open(_ inode: Inode, flags: Int32) throws -> FileHandle {
         guard inode.type == S_IFREG else { throw Errno.EISDIR }
         let writable = flags & O_ACCMODE != O_RDONLY
-        if writable && readOnly { throw Errno.EROFS }
+        if writable { try checkWritable() }
         let backingFlags = self.backingFlags(flags)
         let fd = try withNode(inode, { dfd, name in
             try syscall { openat(dfd, name, backingFlags | O_NOFOLLOW) }
@@ -65,7 +65,7 @@ extension EncryptedFilesystem {
     /// Creates a new encrypted file with a fresh data key and opens it. The header is written to an unnamed
     /// file (O_TMPFILE) that is linked into place only when complete, so no headerless file is ever visible.
     func create(_ parent: Inode, _ name: String, _ mode: mode_t, _ flags: Int32, _ caller: Caller) throws -> (Inode, stat, FileHandle) {
-        if readOnly { throw Errno.EROFS }
+        try checkWritable()
         let n = try backingName(parent, name, creating: true)
         let path = mountPath(of: parent, name)
         let fresh: FreshFileKey
@@ -262,7 +262,7 @@ extension EncryptedFilesystem {
     /// zero needs no key.
     func truncate(_ inode: Inode, _ size: Int, _ handle: FileHandle?) throws {
         guard size >= 0 else { throw Errno.EINVAL }
-        if readOnly { throw Errno.EROFS }
+        try checkWritable()
         let h: FileHandle
         if let given = handle, given.writable {
             h = given
