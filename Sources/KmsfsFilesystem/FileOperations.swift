@@ -248,7 +248,6 @@ extension EncryptedFilesystem {
     }
 
     func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int) throws -> Int {
-        try checkWritable()
         guard handle.writable else { throw Errno.EBADF }
         let s = try secrets(of: handle)
         try handle.file.io.withWriteLock {

@@ -404,7 +404,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         defer { closedir(dir) }
         var leftovers: [String] = []
         while let entry = Glibc.readdir(dir) {
-            let entryName = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            let entryName = EncryptedFilesystem.name(of: entry)
             if entryName == "." || entryName == ".." { continue }
             guard TemporaryNames.isTemporary(entryName) else { return false }
             leftovers.append(entryName)
@@ -524,25 +524,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Lists entries from `offset` (0 or a value passed to `fill` earlier); `fill` returns false when the
     /// reply is full, and that entry is returned again by the next call.
     func readdir(_ handle: DirHandle, _ offset: Int, _ fill: (String, stat, Int) -> Bool) throws {
-        if telldir(handle.stream) != offset { seekdir(handle.stream, offset) }
-        while true {
-            let here = telldir(handle.stream)
-            errno = 0
-            guard let entry = Glibc.readdir(handle.stream) else {
-                if errno != 0 { throw Errno.current }
-                return
-            }
-            let name = withUnsafePointer(to: entry.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-            }
-            guard let shown = names.mountName(name, inRoot: handle.inRoot) else { continue }
+        try entries(handle, from: offset) { _, shown, entry in
             var st = stat()
             st.st_ino = entry.pointee.d_ino
             st.st_mode = mode_t(entry.pointee.d_type) << 12
-            if !fill(shown, st, telldir(handle.stream)) {
-                seekdir(handle.stream, here)
-                return
-            }
+            return fill(shown, st, telldir(handle.stream))
         }
     }
 
@@ -550,19 +536,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// ".."); `fill` returns false when the reply is full, and that entry's reference is dropped again.
     /// Only offered when sizes need no header read (a uniform header length): listing reads no file header.
     func readdirplus(_ handle: DirHandle, _ offset: Int, _ fill: (String, Inode?, stat, Int) -> Bool) throws {
-        if telldir(handle.stream) != offset { seekdir(handle.stream, offset) }
         let dfd = dirfd(handle.stream)
-        while true {
-            let here = telldir(handle.stream)
-            errno = 0
-            guard let entry = Glibc.readdir(handle.stream) else {
-                if errno != 0 { throw Errno.current }
-                return
-            }
-            let name = withUnsafePointer(to: entry.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-            }
-            guard let shown = names.mountName(name, inRoot: handle.inRoot) else { continue }
+        try entries(handle, from: offset) { name, shown, entry in
             var st = stat()
             var inode: Inode? = nil
             if name == "." || name == ".." {
@@ -570,16 +545,43 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 st.st_mode = mode_t(entry.pointee.d_type) << 12
             } else {
                 // Gone since the directory was read: leave it out, as a later readdir would.
-                guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { continue }
+                guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { return true }
                 let i = inodes.remember(parent: handle.inode, name: name, st: st)
                 st.st_size = off_t(plaintextSize(i, backingSize: Int(st.st_size), dfd: dfd, name: name))
                 inode = i
             }
-            if !fill(shown, inode, st, telldir(handle.stream)) {
-                if let i = inode { forget(i.nodeId, count: 1) }
+            if fill(shown, inode, st, telldir(handle.stream)) { return true }
+            if let i = inode { forget(i.nodeId, count: 1) }
+            return false
+        }
+    }
+
+    /// Walks a directory from `offset`, handing `body` each entry's backing name, its name in the mount (kmsfs's
+    /// own entries are skipped) and the entry; when `body` returns false the walk stops there, and that entry
+    /// comes first at the next call.
+    private func entries(_ handle: DirHandle, from offset: Int,
+                         _ body: (String, String, UnsafeMutablePointer<dirent>) throws -> Bool) throws {
+        if telldir(handle.stream) != offset { seekdir(handle.stream, offset) }
+        while true {
+            let here = telldir(handle.stream)
+            errno = 0
+            guard let entry = Glibc.readdir(handle.stream) else {
+                if errno != 0 { throw Errno.current }
+                return
+            }
+            let name = EncryptedFilesystem.name(of: entry)
+            guard let shown = names.mountName(name, inRoot: handle.inRoot) else { continue }
+            if try !body(name, shown, entry) {
                 seekdir(handle.stream, here)
                 return
             }
+        }
+    }
+
+    /// The name of a directory entry.
+    static func name(of entry: UnsafeMutablePointer<dirent>) -> String {
+        withUnsafePointer(to: entry.pointee.d_name) {
+            $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
         }
     }
 

@@ -68,26 +68,9 @@ public enum FuseServer {
         guard let info = try? FileIO.readFile("/proc/self/mountinfo") else { return nil }
         for line in String(decoding: info, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
-            if fields.count > 4, unescapeMountField(fields[4]) == mountpoint { return "/sys/class/bdi/\(fields[2])/read_ahead_kb" }
+            if fields.count > 4, MountTable.unescape(fields[4]) == mountpoint { return "/sys/class/bdi/\(fields[2])/read_ahead_kb" }
         }
         return nil
-    }
-
-    /// /proc/self/mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
-    private static func unescapeMountField(_ field: Substring) -> String {
-        var out: [UInt8] = []
-        let b = Array(field.utf8)
-        var i = 0
-        while i < b.count {
-            if b[i] == UInt8(ascii: "\\"), i + 3 < b.count, let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-                out.append(v)
-                i += 4
-            } else {
-                out.append(b[i])
-                i += 1
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
     }
 
     private final class ReadyBox {

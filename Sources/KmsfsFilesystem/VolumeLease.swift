@@ -52,7 +52,8 @@ public final class VolumeLease: @unchecked Sendable {
     private var lost = false
     /// Until when (BootClock) this holder may write: its last renewal's start plus the lease's duration. Other
     /// hosts wait twice that before taking over, so a holder that stalls stops writing before anyone else starts.
-    private let validUntil = Mutex<Double>(0)
+    /// (A Double's bit pattern: read on every write, without a lock. 0 once the lease is lost.)
+    private let validUntil = Atomic<UInt64>(0)
     /// Who held the lease before, when this acquire took over a stale one (for the caller to log).
     public private(set) var tookOver: (holder: Holder, age: Double)?
 
@@ -86,7 +87,7 @@ public final class VolumeLease: @unchecked Sendable {
             let mine = try writeTemporary()
             defer { unlink(mine) }
             if link(mine, path) == 0 || (errno != EEXIST && kmsfs_renameat2(AT_FDCWD, mine, AT_FDCWD, path, kmsfs_rename_noreplace()) == 0) {
-                validUntil.withLock { $0 = started + me.seconds }
+                validUntil.store((started + me.seconds).bitPattern, ordering: .releasing)
                 return
             }
             guard errno == EEXIST else { throw Errno.current }
@@ -166,6 +167,7 @@ public final class VolumeLease: @unchecked Sendable {
                 condition.lock()
                 if let why = give {
                     lost = true
+                    validUntil.store(0, ordering: .releasing)
                     condition.unlock()
                     onLost(why)
                     condition.lock()
@@ -207,14 +209,14 @@ public final class VolumeLease: @unchecked Sendable {
         // Another host that took the lease over just before the rename lost it to us: it finds out at its next
         // renewal and stops. Check that what is there now is ours.
         guard VolumeLease.read(path)?.holderId == me.holderId else { return "taken: the lease changed hands while being renewed" }
-        validUntil.withLock { $0 = started + me.seconds }
+        if condition.withLock({ !lost }) { validUntil.store((started + me.seconds).bitPattern, ordering: .releasing) }
         return nil
     }
 
     /// True while this holder may write: its last renewal is less than the lease's duration old, in real time
     /// (a suspended machine's pause counts), and the lease has not been lost.
     public var isCurrent: Bool {
-        condition.withLock { !lost } && BootClock.seconds() < validUntil.withLock { $0 }
+        BootClock.seconds() < Double(bitPattern: validUntil.load(ordering: .acquiring))
     }
 
     /// Stops renewing and removes the lease if it is still this holder's.

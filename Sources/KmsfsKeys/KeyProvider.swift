@@ -63,6 +63,9 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
         return "\(tenths / 10).\(tenths % 10) s"
     }
 
+    /// "key: ErrorType (outcome)", for lists of the keys that failed.
+    public var briefly: String { "\(keyId): \(errorType)\(outcome.isEmpty ? "" : " (\(outcome))")" }
+
     /// "message; outcome", the parenthesised detail of log lines.
     public var detail: String { [message, outcome].filter { !$0.isEmpty }.joined(separator: "; ") }
 

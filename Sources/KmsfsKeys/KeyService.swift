@@ -92,7 +92,7 @@ public final class KeyService: Sendable {
             throw e
         }
         if !missing.isEmpty {
-            let names = missing.map { "\($0.keyId): \($0.errorType)\($0.outcome.isEmpty ? "" : " (\($0.outcome))")" }
+            let names = missing.map(\.briefly)
             FailureLog.shared.log(.warning, kind: "create-missing-" + missing.map(\.keyId).joined(separator: ","),
                                   "new file \(subject.path.isEmpty ? "(made ahead)" : subject.path) wrapped without \(names.joined(separator: "; ")); kmsfs rewrap adds the missing keys later")
         }
@@ -129,7 +129,7 @@ public final class KeyService: Sendable {
                 }
                 if accept(key) {
                     if !failures.isEmpty {
-                        let skipped = failures.map { "\($0.keyId): \($0.errorType)\($0.outcome.isEmpty ? "" : " (\($0.outcome))")" }
+                        let skipped = failures.map(\.briefly)
                         FailureLog.shared.log(.warning, kind: "unwrap-fallback-" + failures.map(\.keyId).joined(separator: ","),
                                               "\(subject.path): unwrapped with key \(candidate.keyId) after \(skipped.joined(separator: "; "))")
                     }

@@ -20,7 +20,7 @@ struct UnmountCommand: ParsableCommand {
         let mounts = (try? FileIO.readFile("/proc/self/mounts")).map { String(decoding: $0, as: UTF8.self) } ?? ""
         let ours = mounts.split(separator: "\n").contains { line in
             let f = line.split(separator: " ")
-            return f.count > 2 && unescape(String(f[1])) == target && f[2] == "fuse.kmsfs"
+            return f.count > 2 && MountTable.unescape(String(f[1])) == target && f[2] == "fuse.kmsfs"
         }
         guard ours else { throw CLIError("\(target) is not a kmsfs mount") }
         let (status, stderr) = try Spawn.run("fusermount3", ["fusermount3", "-u"] + (lazy ? ["-z"] : []) + [target])
@@ -28,23 +28,5 @@ struct UnmountCommand: ParsableCommand {
             let why = stderr.split(separator: "\n").first.map(String.init) ?? "fusermount3 exited with status \(status)"
             throw CLIError("cannot unmount \(target): \(why)")
         }
-    }
-
-    /// /proc/self/mounts escapes space, tab, newline and backslash as \ooo.
-    private func unescape(_ s: String) -> String {
-        var out = [UInt8]()
-        let b = Array(s.utf8)
-        var i = 0
-        while i < b.count {
-            if b[i] == UInt8(ascii: "\\"), i + 3 < b.count,
-               let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-                out.append(v)
-                i += 4
-            } else {
-                out.append(b[i])
-                i += 1
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
     }
 }
