@@ -64,9 +64,10 @@ extension EncryptedFilesystem {
 
     /// Creates a new encrypted file with a fresh data key and opens it. The header is written to an unnamed
     /// file (O_TMPFILE) that is linked into place only when complete, so no headerless file is ever visible.
-    func create(_ parent: Inode, _ name: String, _ mode: mode_t, _ flags: Int32, _ caller: Caller) throws -> (Inode, stat, FileHandle) {
+    func create(_ parent: Inode, _ name: [UInt8], _ mode: mode_t, _ flags: Int32, _ caller: Caller) throws -> (Inode, stat, FileHandle) {
         try checkWritable()
-        let n = try backingName(parent, name, creating: true)
+        let b = try withEntry(parent, name, creating: true) { _, b in b }
+        let n = b.name
         let path = mountPath(of: parent, name)
         let fresh: FreshFileKey
         do {
@@ -104,9 +105,17 @@ extension EncryptedFilesystem {
         let createdFile: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in
             // Again, right before the backing store is touched: the key may have taken a while.
             try checkWritable()
-            guard let fd = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
-                try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-            }) else { return nil }
+            try placeSibling(b, in: dfd)
+            let made: Int32?
+            do {
+                made = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
+                    try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+                })
+            } catch {
+                removeSibling(b, in: dfd)
+                throw error
+            }
+            guard let fd = made else { return nil }
             do {
                 var st = stat()
                 try syscall { fstat(fd, &st) }

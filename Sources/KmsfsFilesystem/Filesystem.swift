@@ -33,6 +33,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         /// close(2) instead of write(2), and writes not yet sent are lost if the daemon dies.
         public var writebackCache: Bool = false
         public var names: NameMapping
+        /// Format 3: the keys derived from the volume key (the config is authenticated again when it changes).
+        public var volumeKeys: VolumeKeys?
         /// Data keys made ahead for new files (`DataKeyPool.Settings.off` to make each at create time).
         public var keyPool: DataKeyPool.Settings
         /// Files and directories the daemon keeps track of before it asks the kernel to forget the least
@@ -41,7 +43,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
         public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, readOnly: Bool, directIO: Bool = false,
                     writebackCache: Bool = false, names: NameMapping = PlaintextNames(),
-                    keyPool: DataKeyPool.Settings = .defaults, maxInodes: Int = EncryptedFilesystem.defaultMaxInodes) {
+                    keyPool: DataKeyPool.Settings = .defaults, maxInodes: Int = EncryptedFilesystem.defaultMaxInodes,
+                    volumeKeys: VolumeKeys? = nil) {
             self.cipherDir = cipherDir
             self.volume = volume
             self.keys = keys
@@ -51,6 +54,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             self.names = names
             self.keyPool = keyPool
             self.maxInodes = maxInodes
+            self.volumeKeys = volumeKeys
         }
     }
 
@@ -66,6 +70,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let volume: VolumeConfig
     let keys: KeyService
     let names: NameMapping
+    let volumeKeys: VolumeKeys?
+    private let volumeKeysWiped = Atomic<Bool>(false)
     /// Mounted read-only, or fenced (`fence`): every change is refused with EROFS.
     var readOnly: Bool { readOnlyMount || fenced.load(ordering: .relaxed) }
     let readOnlyMount: Bool
@@ -98,6 +104,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         volume = settings.volume
         keys = settings.keys
         names = settings.names
+        volumeKeys = settings.volumeKeys
         readOnlyMount = settings.readOnly
         directIO = settings.directIO
         writebackCache = settings.writebackCache && !settings.directIO
@@ -146,6 +153,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         sweeping.withLock { $0 = false }
         table.wipeAll()
         pool.shutdown()
+        if let k = volumeKeys, !volumeKeysWiped.exchange(true, ordering: .relaxed) {
+            k.wipe()
+            keys.recordDiscard(subject: KeyService.volumeKeySubject)
+        }
         FailureLog.shared.flush()
     }
 
@@ -153,7 +164,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// as soon as the table is a quarter over, if the kernel knows more files than that, it asks the kernel to
     /// forget the least recently looked-up entries (files with open handles are kept). The kernel drops them
     /// when unused and sends FORGET.
-    func startInodeSweeper(notify: @escaping @Sendable (UInt64, String) -> Void) {
+    func startInodeSweeper(notify: @escaping @Sendable (UInt64, [UInt8]) -> Void) {
         guard maxInodes > 0 else { return }
         sweeping.withLock { $0 = true }
         BackgroundThread.start { [self] in
@@ -163,8 +174,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 var asked = 0
                 for v in inodes.sweep(limit: maxInodes) where table.lookup(v.key) == nil {
                     guard sweeping.withLock({ $0 }) else { return }
-                    guard let shown = names.mountName(v.name, inRoot: v.inRoot) else { continue }
-                    notify(v.parent, shown)
+                    guard let shown = shownName(v.name, in: v.parent) else { continue }
+                    notify(v.parent.nodeId, shown)
                     asked += 1
                 }
                 if asked > 0 { Log.debug("inode table: \(known) files known, asked the kernel to forget \(asked)") }
@@ -195,13 +206,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     // MARK: - names and attributes
 
     /// Resolves `name` in `parent` and records the kernel's new reference to it.
-    func lookup(_ parent: Inode, _ name: String) throws -> (Inode, stat) {
-        let backingName = try self.backingName(parent, name, creating: false)
-        return try inodes.withDirectory(parent) { dfd in
+    func lookup(_ parent: Inode, _ name: [UInt8]) throws -> (Inode, stat) {
+        try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
-            try syscall { fstatat(dfd, backingName, &st, AT_SYMLINK_NOFOLLOW) }
-            let inode = inodes.remember(parent: parent, name: backingName, st: st)
-            st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: backingName))
+            try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
+            let inode = inodes.remember(parent: parent, name: b.name, st: st)
+            st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: b.name))
             return (inode, st)
         }
     }
@@ -234,6 +244,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// The plaintext size of a regular file from its backing size: from its open entry, or the layout learned
     /// from its 16-byte header prefix (read once per inode, no key needed). Never a provider call.
     func plaintextSize(_ inode: Inode, backingSize: Int, dfd: Int32, name: String) -> Int {
+        if inode.type == S_IFLNK { return names.linkTargetSize(storedLength: backingSize) }
         guard inode.type == S_IFREG else { return backingSize }
         if let open = table.lookup(inode.key) { return open.size }
         if let u = uniformLayout { return u.plaintextSize(backingSize: backingSize) }
@@ -315,19 +326,48 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         return st
     }
 
-    func readlink(_ inode: Inode) throws -> String {
+    func readlink(_ inode: Inode) throws -> [UInt8] {
         var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let n = try withNode(inode) { dfd, name in try syscall { readlinkat(dfd, name, &raw, raw.count - 1) } }
-        return names.mountLinkTarget(String(decoding: raw[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        do {
+            return try names.mountLinkTarget(raw[0..<n].map { UInt8(bitPattern: $0) })
+        } catch {
+            FailureLog.shared.log(.error, kind: "symlink-target", "cannot read symbolic link \(mountPath(of: inode)): its stored target does not decrypt (altered, or not this volume's)")
+            throw error
+        }
     }
 
     // MARK: - creating and removing names
 
-    func mkdir(_ parent: Inode, _ name: String, _ mode: mode_t, _ caller: Caller) throws -> (Inode, stat) {
-        try makeNode(parent, name, caller) { dfd, n in try syscall { mkdirat(dfd, n, mode) } }
+    func mkdir(_ parent: Inode, _ name: [UInt8], _ mode: mode_t, _ caller: Caller) throws -> (Inode, stat) {
+        guard names.usesDirectoryIds else {
+            return try makeNode(parent, name, caller) { dfd, n in try syscall { mkdirat(dfd, n, mode) } }
+        }
+        // Encrypted names: the new directory's ID file is written before the directory is given out (with
+        // owner write and search permission meanwhile, put back after).
+        var id: [UInt8] = []
+        let (inode, st) = try makeNode(parent, name, caller) { dfd, n in
+            try syscall { mkdirat(dfd, n, mode | 0o700) }
+            do {
+                let fd = try syscall { openat(dfd, n, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+                defer { close(fd) }
+                id = try writeDirectoryId(fd)
+                if mode & 0o700 != 0o700 { try syscall { fchmodat(dfd, n, mode, 0) } }
+            } catch {
+                let fd = openat(dfd, n, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                if fd >= 0 {
+                    unlinkat(fd, NameCipher.directoryIdFile, 0)
+                    close(fd)
+                }
+                unlinkat(dfd, n, AT_REMOVEDIR)
+                throw error
+            }
+        }
+        inodes.setDirectoryId(id, of: inode)
+        return (inode, st)
     }
 
-    func mknod(_ parent: Inode, _ name: String, _ mode: mode_t, _ rdev: dev_t, _ caller: Caller) throws -> (Inode, stat) {
+    func mknod(_ parent: Inode, _ name: [UInt8], _ mode: mode_t, _ rdev: dev_t, _ caller: Caller) throws -> (Inode, stat) {
         if mode & S_IFMT == S_IFREG {
             let (inode, st, handle) = try create(parent, name, mode & 0o7777, O_WRONLY | O_EXCL, caller)
             releaseFile(handle)
@@ -336,104 +376,117 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         return try makeNode(parent, name, caller) { dfd, n in try syscall { mknodat(dfd, n, mode, rdev) } }
     }
 
-    func symlink(_ target: String, _ parent: Inode, _ name: String, _ caller: Caller) throws -> (Inode, stat) {
-        try makeNode(parent, name, caller) { dfd, n in try syscall { symlinkat(names.backingLinkTarget(target), dfd, n) } }
+    func symlink(_ target: [UInt8], _ parent: Inode, _ name: [UInt8], _ caller: Caller) throws -> (Inode, stat) {
+        let stored = try names.backingLinkTarget(target)
+        return try makeNode(parent, name, caller) { dfd, n in try syscall { symlinkat(stored, dfd, n) } }
     }
 
     /// Creates entry `name` of `parent` with `make`, gives it to the caller and records the kernel's reference.
-    private func makeNode(_ parent: Inode, _ name: String, _ caller: Caller, _ make: (Int32, String) throws -> Void) throws -> (Inode, stat) {
+    private func makeNode(_ parent: Inode, _ name: [UInt8], _ caller: Caller, _ make: (Int32, String) throws -> Void) throws -> (Inode, stat) {
         try checkWritable()
-        let n = try backingName(parent, name, creating: true)
-        return try inodes.withDirectory(parent) { dfd in
-            try make(dfd, n)
-            if chownToCaller && (caller.uid != 0 || caller.gid != 0) { _ = fchownat(dfd, n, caller.uid, caller.gid, AT_SYMLINK_NOFOLLOW) }
+        return try withEntry(parent, name, creating: true) { dfd, b in
+            try placeSibling(b, in: dfd)
+            do {
+                try make(dfd, b.name)
+            } catch {
+                removeSibling(b, in: dfd)
+                throw error
+            }
+            if chownToCaller && (caller.uid != 0 || caller.gid != 0) { _ = fchownat(dfd, b.name, caller.uid, caller.gid, AT_SYMLINK_NOFOLLOW) }
             var st = stat()
-            try syscall { fstatat(dfd, n, &st, AT_SYMLINK_NOFOLLOW) }
-            return (inodes.remember(parent: parent, name: n, st: st), st)
+            try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
+            let inode = inodes.remember(parent: parent, name: b.name, st: st)
+            st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: b.name))
+            return (inode, st)
         }
     }
 
-    func link(_ inode: Inode, _ newParent: Inode, _ newName: String) throws -> (Inode, stat) {
+    func link(_ inode: Inode, _ newParent: Inode, _ newName: [UInt8]) throws -> (Inode, stat) {
         try checkWritable()
-        let n = try backingName(newParent, newName, creating: true)
-        try inodes.withDirectory(newParent) { ndfd in
-            try withNode(inode, { dfd, name in
-                try syscall { linkat(dfd, name, ndfd, n, 0) }
-            }, viaDescriptor: { fd in
-                // A file whose names are all gone, linked again from one of its open handles.
-                try syscall { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", ndfd, n, AT_SYMLINK_FOLLOW) }
-            })
+        try withEntry(newParent, newName, creating: true) { ndfd, b in
+            try placeSibling(b, in: ndfd)
+            do {
+                try withNode(inode, { dfd, name in
+                    try syscall { linkat(dfd, name, ndfd, b.name, 0) }
+                }, viaDescriptor: { fd in
+                    // A file whose names are all gone, linked again from one of its open handles.
+                    try syscall { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", ndfd, b.name, AT_SYMLINK_FOLLOW) }
+                })
+            } catch {
+                removeSibling(b, in: ndfd)
+                throw error
+            }
         }
         return try lookup(newParent, newName)
     }
 
-    func unlink(_ parent: Inode, _ name: String) throws {
+    func unlink(_ parent: Inode, _ name: [UInt8]) throws {
         try remove(parent, name, flags: 0)
     }
 
-    func rmdir(_ parent: Inode, _ name: String) throws {
+    func rmdir(_ parent: Inode, _ name: [UInt8]) throws {
         try remove(parent, name, flags: AT_REMOVEDIR)
     }
 
-    private func remove(_ parent: Inode, _ name: String, flags: Int32) throws {
+    private func remove(_ parent: Inode, _ name: [UInt8], flags: Int32) throws {
         try checkWritable()
-        let n = try backingName(parent, name, creating: false)
-        let key: InodeKey = try inodes.withDirectory(parent) { dfd in
+        let (key, n): (InodeKey, String) = try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
-            try syscall { fstatat(dfd, n, &st, AT_SYMLINK_NOFOLLOW) }
-            if unlinkat(dfd, n, flags) != 0 {
+            try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
+            if unlinkat(dfd, b.name, flags) != 0 {
                 let e = Errno.current
-                // A directory that looks empty through the mount may hold files a crash left half made under a
-                // temporary name: remove them, then the directory.
-                guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, n) else { throw e }
-                try syscall { unlinkat(dfd, n, flags) }
+                // A directory that looks empty through the mount still holds kmsfs's own files (its directory
+                // ID, and files a crash left half made under a temporary name): remove them, then the directory.
+                guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name) else { throw e }
+                try syscall { unlinkat(dfd, b.name, flags) }
             }
-            return InodeKey(st)
+            removeSibling(b, in: dfd)
+            return (InodeKey(st), b.name)
         }
         inodes.removed(key, from: parent, name: n)
     }
 
-    /// Removes the temporary files (`TemporaryNames`) in directory `name` of `dfd` if they are all it holds; true
+    /// Removes kmsfs's own files in directory `name` of `dfd` (see `ownEntries`) if they are all it holds; true
     /// when it did. Creates in that directory cannot run meanwhile: the kernel holds its lock during rmdir.
     static func removeLeftovers(in dfd: Int32, _ name: String) -> Bool {
-        let fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0, let dir = fdopendir(fd) else {
-            if fd >= 0 { close(fd) }
-            return false
-        }
-        defer { closedir(dir) }
-        var leftovers: [String] = []
-        while let entry = Glibc.readdir(dir) {
-            let entryName = EncryptedFilesystem.name(of: entry)
-            if entryName == "." || entryName == ".." { continue }
-            guard TemporaryNames.isTemporary(entryName) else { return false }
-            leftovers.append(entryName)
-        }
-        guard !leftovers.isEmpty else { return false }
-        for l in leftovers {
-            Log.info("removing a file left half made by a crash: \(l) in the backing directory being removed")
-            unlinkat(dirfd(dir), l, 0)
+        let fd = openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        guard let own = ownEntries(fd), !own.isEmpty else { return false }
+        for l in own {
+            if TemporaryNames.isTemporary(l) {
+                Log.info("removing a file left half made by a crash: \(l) in the backing directory being removed")
+            }
+            unlinkat(fd, l, 0)
         }
         return true
     }
 
-    func rename(_ parent: Inode, _ name: String, _ newParent: Inode, _ newName: String, _ flags: UInt32) throws {
+    func rename(_ parent: Inode, _ name: [UInt8], _ newParent: Inode, _ newName: [UInt8], _ flags: UInt32) throws {
         try checkWritable()
-        let from = try backingName(parent, name, creating: false)
-        let to = try backingName(newParent, newName, creating: true)
-        let (moved, replaced): (InodeKey, InodeKey?) = try inodes.withDirectory(parent) { dfd in
+        let exchange = flags & kmsfs_rename_exchange() != 0
+        let (moved, replaced, from, to): (InodeKey, InodeKey?, String, String) = try inodes.withDirectory(parent) { dfd in
             try inodes.withDirectory(newParent) { ndfd in
+                let from = try names.backingName(name, in: try nameDirectory(parent, fd: dfd), creating: false)
+                let to = try names.backingName(newName, in: try nameDirectory(newParent, fd: ndfd), creating: true)
                 var st = stat(), target = stat()
-                try syscall { fstatat(dfd, from, &st, AT_SYMLINK_NOFOLLOW) }
-                let exists = fstatat(ndfd, to, &target, AT_SYMLINK_NOFOLLOW) == 0
-                try syscall { kmsfs_renameat2(dfd, from, ndfd, to, flags) }
-                return (InodeKey(st), exists ? InodeKey(target) : nil)
+                try syscall { fstatat(dfd, from.name, &st, AT_SYMLINK_NOFOLLOW) }
+                let exists = fstatat(ndfd, to.name, &target, AT_SYMLINK_NOFOLLOW) == 0
+                try placeSibling(to, in: ndfd)
+                do {
+                    try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
+                } catch {
+                    removeSibling(to, in: ndfd)
+                    throw error
+                }
+                if !exchange { removeSibling(from, in: dfd) }
+                return (InodeKey(st), exists ? InodeKey(target) : nil, from.name, to.name)
             }
         }
         if moved == replaced { return }  // two names of one file: rename does nothing
         inodes.moved(moved, from: parent, name: from, to: newParent, newName: to)
         if let r = replaced {
-            if flags & kmsfs_rename_exchange() != 0 {
+            if exchange {
                 inodes.moved(r, from: newParent, name: to, to: parent, newName: from)
             } else {
                 inodes.removed(r, from: newParent, name: to)
@@ -467,12 +520,41 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func setxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32) throws {
         try checkWritable()
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
-        try withNodePath(inode) { p in try syscall { CSystem.setxattr(p, name, value, size, flags) } }
+        guard let cipher = names.xattrCipher else {
+            return try withNodePath(inode) { p in try syscall { CSystem.setxattr(p, name, value, size, flags) } }
+        }
+        let plainName = Self.bytes(of: name)
+        let stored = try storedXattrName(cipher, plainName)
+        guard size <= Int(XATTR_SIZE_MAX_VALUE) - NameCipher.xattrValueOverhead else { throw Errno(E2BIG) }
+        let plain = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
+        let sealed = try cipher.sealXattrValue(plain, nodeId: try xattrNodeId(inode), name: plainName)
+        try withNodePath(inode) { p in try syscall { CSystem.setxattr(p, stored, sealed, sealed.count, flags) } }
     }
 
     func getxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
-        return try withNodePath(inode) { p in try syscall { CSystem.getxattr(p, name, value, size) } }
+        guard let cipher = names.xattrCipher else {
+            return try withNodePath(inode) { p in try syscall { CSystem.getxattr(p, name, value, size) } }
+        }
+        let plainName = Self.bytes(of: name)
+        let stored = try storedXattrName(cipher, plainName)
+        let sealed: [UInt8] = try withNodePath(inode) { p in
+            var buffer = [UInt8](repeating: 0, count: 256)
+            while true {
+                let n = CSystem.getxattr(p, stored, &buffer, buffer.count)
+                if n >= 0 { return Array(buffer[0..<n]) }
+                guard errno == ERANGE else { throw Errno.current }
+                buffer = [UInt8](repeating: 0, count: max(try syscall { CSystem.getxattr(p, stored, nil, 0) }, buffer.count * 2))
+            }
+        }
+        guard let plain = cipher.openXattrValue(sealed, nodeId: try xattrNodeId(inode), name: plainName) else {
+            FailureLog.shared.log(.error, kind: "xattr-value", "cannot read extended attribute \(String(decoding: plainName, as: UTF8.self)) of \(mountPath(of: inode)): its stored value does not decrypt (altered, or moved from another file)")
+            throw Errno.EIO
+        }
+        if size == 0 { return plain.count }
+        guard plain.count <= size else { throw Errno(ERANGE) }
+        plain.withUnsafeBytes { if $0.count > 0 { UnsafeMutableRawPointer(value!).copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+        return plain.count
     }
 
     /// The names of the node's supported attributes (NUL-terminated, concatenated) into `list`, or their total
@@ -488,12 +570,24 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 buffer = [CChar](repeating: 0, count: max(needed, buffer.count * 2))
             }
         }
+        let cipher = names.xattrCipher
         var shown: [CChar] = []
         var start = 0
         for (i, c) in all.enumerated() where c == 0 {
             let name = Array(all[start...i])
-            if name.withUnsafeBufferPointer({ Self.isSupportedXattr($0.baseAddress!) }) { shown += name }
             start = i + 1
+            guard name.withUnsafeBufferPointer({ Self.isSupportedXattr($0.baseAddress!) }) else { continue }
+            guard let cipher else {
+                shown += name
+                continue
+            }
+            let bytes = name.dropLast().map { UInt8(bitPattern: $0) }
+            let split = bytes.firstIndex(of: UInt8(ascii: "."))! + 1
+            guard let plain = cipher.decryptXattrName(namespace: Array(bytes[..<split]), encoded: Array(bytes[split...])) else {
+                FailureLog.shared.log(.error, kind: "xattr-name", "left out of the attribute list of \(mountPath(of: inode)): a stored attribute name does not decrypt")
+                continue
+            }
+            shown += plain.map { CChar(bitPattern: $0) } + [0]
         }
         if size == 0 { return shown.count }
         guard shown.count <= size else { throw Errno(ERANGE) }
@@ -504,7 +598,49 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func removexattr(_ inode: Inode, _ name: UnsafePointer<CChar>) throws {
         try checkWritable()
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
-        try withNodePath(inode) { p in try syscall { CSystem.removexattr(p, name) } }
+        guard let cipher = names.xattrCipher else {
+            return try withNodePath(inode) { p in try syscall { CSystem.removexattr(p, name) } }
+        }
+        let stored = try storedXattrName(cipher, Self.bytes(of: name))
+        try withNodePath(inode) { p in try syscall { CSystem.removexattr(p, stored) } }
+    }
+
+    /// The backing name of attribute `name` ("user.x"): ERANGE when it cannot be stored (too long).
+    private func storedXattrName(_ cipher: NameCipher, _ name: [UInt8]) throws -> String {
+        let split = name.firstIndex(of: UInt8(ascii: "."))! + 1
+        guard let stored = try cipher.encryptXattrName(namespace: Array(name[..<split]), rest: Array(name[split...])) else {
+            throw Errno(ERANGE)
+        }
+        return String(decoding: stored, as: UTF8.self)
+    }
+
+    /// What an attribute value is bound to: a regular file's file ID, a directory's ID. Other nodes (symbolic
+    /// links, devices, FIFOs, sockets) cannot carry user attributes on Linux, and get ENOTSUP here for all.
+    private func xattrNodeId(_ inode: Inode) throws -> [UInt8] {
+        switch inode.type {
+        case S_IFDIR:
+            return try inodes.withDirectory(inode) { fd in try nameDirectory(inode, fd: fd).id }
+        case S_IFREG:
+            func fileId(_ fd: Int32) throws -> [UInt8] {
+                do {
+                    return try FileOpener.readHeader(fd: fd).fileId
+                } catch {
+                    FailureLog.shared.log(.error, kind: "xattr-header", "cannot use the extended attributes of \(mountPath(of: inode)): \(error)")
+                    throw Errno.EIO
+                }
+            }
+            return try withNode(inode, { dfd, name in
+                let fd = try syscall { openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
+                defer { close(fd) }
+                return try fileId(fd)
+            }, viaDescriptor: fileId)
+        default:
+            throw Errno.ENOTSUP
+        }
+    }
+
+    static func bytes(of name: UnsafePointer<CChar>) -> [UInt8] {
+        Array(UnsafeRawBufferPointer(start: name, count: strlen(name)))
     }
 
     // MARK: - directories
@@ -518,12 +654,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             close(fd)
             throw e
         }
-        return DirHandle(stream: stream, inode: inode, inRoot: inode === inodes.root)
+        let handle = DirHandle(stream: stream, inode: inode)
+        handle.names = try nameDirectory(inode, fd: fd)
+        return handle
     }
 
     /// Lists entries from `offset` (0 or a value passed to `fill` earlier); `fill` returns false when the
     /// reply is full, and that entry is returned again by the next call.
-    func readdir(_ handle: DirHandle, _ offset: Int, _ fill: (String, stat, Int) -> Bool) throws {
+    func readdir(_ handle: DirHandle, _ offset: Int, _ fill: ([UInt8], stat, Int) -> Bool) throws {
         try entries(handle, from: offset) { _, shown, entry in
             var st = stat()
             st.st_ino = entry.pointee.d_ino
@@ -535,7 +673,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Lists entries with their attributes from `offset`, recording a kernel reference to each (but "." and
     /// ".."); `fill` returns false when the reply is full, and that entry's reference is dropped again.
     /// Only offered when sizes need no header read (a uniform header length): listing reads no file header.
-    func readdirplus(_ handle: DirHandle, _ offset: Int, _ fill: (String, Inode?, stat, Int) -> Bool) throws {
+    func readdirplus(_ handle: DirHandle, _ offset: Int, _ fill: ([UInt8], Inode?, stat, Int) -> Bool) throws {
         let dfd = dirfd(handle.stream)
         try entries(handle, from: offset) { name, shown, entry in
             var st = stat()
@@ -560,7 +698,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// own entries are skipped) and the entry; when `body` returns false the walk stops there, and that entry
     /// comes first at the next call.
     private func entries(_ handle: DirHandle, from offset: Int,
-                         _ body: (String, String, UnsafeMutablePointer<dirent>) throws -> Bool) throws {
+                         _ body: (String, [UInt8], UnsafeMutablePointer<dirent>) throws -> Bool) throws {
         if telldir(handle.stream) != offset { seekdir(handle.stream, offset) }
         while true {
             let here = telldir(handle.stream)
@@ -570,7 +708,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 return
             }
             let name = EncryptedFilesystem.name(of: entry)
-            guard let shown = names.mountName(name, inRoot: handle.inRoot) else { continue }
+            let shown: [UInt8]
+            if name == "." || name == ".." {
+                shown = Array(name.utf8)
+            } else {
+                guard let s = names.mountName(name, in: handle.names) else { continue }
+                shown = s
+            }
             if try !body(name, shown, entry) {
                 seekdir(handle.stream, here)
                 return
@@ -597,6 +741,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         var v = volume
         v.headerLength = nil
         do {
+            if let k = volumeKeys { try v.authenticate(with: k) }
             try FileIO.writeFileAtomically(VolumeConfig.path(in: cipherDir), contents: try v.encoded(), mode: 0o644)
             Log.warning("\(why): files of this volume have different header lengths from now on, and sizes are read from headers; kmsfs rewrap makes them uniform again")
         } catch {
@@ -611,21 +756,6 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     // MARK: - helpers
 
-    func backingName(_ parent: Inode, _ name: String, creating: Bool) throws -> String {
-        try names.backingName(name, inRoot: parent === inodes.root, creating: creating)
-    }
-
-    /// The current mount path of a node, for log lines and the audit log ("?" once its names are gone).
-    func mountPath(of inode: Inode) -> String {
-        guard let relative = inodes.backingPath(of: inode) else { return "?" }
-        return relative.isEmpty ? "/" : names.mountPath(ofBacking: relative)
-    }
-
-    /// The mount path of entry `name` of `parent`.
-    func mountPath(of parent: Inode, _ name: String) -> String {
-        let p = mountPath(of: parent)
-        return (p == "/" ? "" : p) + "/" + name
-    }
 }
 
 let O_PATH_FLAG = kmsfs_o_path()
@@ -641,3 +771,5 @@ let FUSE_SET_ATTR_MTIME_NOW_FLAG: Int32 = 1 << 8
 /// utimensat(2) markers: leave a time alone, or set it to now.
 let UTIME_OMIT_VALUE = (1 << 30) - 2
 let UTIME_NOW_VALUE = (1 << 30) - 1
+/// Largest extended attribute value Linux stores (XATTR_SIZE_MAX).
+let XATTR_SIZE_MAX_VALUE: Int32 = 65536

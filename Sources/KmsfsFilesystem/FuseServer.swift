@@ -29,7 +29,7 @@ public enum FuseServer {
 
         let ready = ReadyBox {
             filesystem.startInodeSweeper { parent, name in
-                _ = name.withCString { kmsfs_fuse_notify_inval_entry(parent, $0, strlen($0)) }
+                _ = withCName(name) { kmsfs_fuse_notify_inval_entry(parent, $0, name.count) }
             }
             // The kernel sets the readahead when it takes the INIT reply, which follows: raised right after it.
             if let path = readaheadPath(mountpoint: mountpoint) { kmsfs_fuse_set_readahead(path, Int32(FuseServer.readaheadKiB)) }
@@ -111,7 +111,13 @@ private func caller(_ req: fuse_req_t?) -> Caller {
     return Caller(uid: c.uid, gid: c.gid)
 }
 
-private func name(_ p: UnsafePointer<CChar>?) -> String { p.map { String(cString: $0) } ?? "" }
+/// A name from the kernel, byte for byte (names need not be UTF-8).
+private func name(_ p: UnsafePointer<CChar>?) -> [UInt8] { p.map { Array(UnsafeRawBufferPointer(start: $0, count: strlen($0))) } ?? [] }
+
+/// Runs `body` with a NUL-terminated copy of a name.
+func withCName<R>(_ name: [UInt8], _ body: (UnsafePointer<CChar>) -> R) -> R {
+    (name + [0]).withUnsafeBufferPointer { b in b.withMemoryRebound(to: CChar.self) { body($0.baseAddress!) } }
+}
 
 private func handle(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> Handle? {
     guard let fi, fi.pointee.fh != 0 else { return nil }
@@ -193,7 +199,7 @@ private func operations() -> fuse_lowlevel_ops {
     ops.readlink = { req, ino in
         serve(req) { fs in
             let target = try fs.readlink(fs.inodes.get(ino))
-            fuse_reply_readlink(req, target)
+            _ = withCName(target) { fuse_reply_readlink(req, $0) }
         }
     }
     ops.mknod = { req, parent, n, mode, rdev in
@@ -372,7 +378,7 @@ private func operations() -> fuse_lowlevel_ops {
             var used = 0
             try fs.readdir(d, Int(offset)) { entryName, st, next in
                 var st = st
-                let n = fuse_add_direntry(req, buffer + used, size - used, entryName, &st, off_t(next))
+                let n = withCName(entryName) { fuse_add_direntry(req, buffer + used, size - used, $0, &st, off_t(next)) }
                 if n > size - used { return false }
                 used += n
                 return true
@@ -398,7 +404,7 @@ private func operations() -> fuse_lowlevel_ops {
                     e.attr_timeout = EncryptedFilesystem.cacheTimeout
                     e.entry_timeout = EncryptedFilesystem.cacheTimeout
                 }
-                let n = fuse_add_direntry_plus(req, buffer + used, size - used, entryName, &e, off_t(next))
+                let n = withCName(entryName) { fuse_add_direntry_plus(req, buffer + used, size - used, $0, &e, off_t(next)) }
                 if n > size - used { return false }
                 used += n
                 if let inode { added.append(inode) }

@@ -39,12 +39,12 @@ final class DirHandle: Handle, @unchecked Sendable {
     let stream: OpaquePointer
     /// The directory listed (kept alive with the handle).
     let inode: Inode
-    let inRoot: Bool
+    /// The directory as the name mapping sees it (set once by opendir).
+    var names = NameDirectory(inRoot: false, id: [], fd: -1)
 
-    init(stream: OpaquePointer, inode: Inode, inRoot: Bool) {
+    init(stream: OpaquePointer, inode: Inode) {
         self.stream = stream
         self.inode = inode
-        self.inRoot = inRoot
     }
 
     deinit { closedir(stream) }

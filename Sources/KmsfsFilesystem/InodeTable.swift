@@ -33,6 +33,8 @@ final class Inode: @unchecked Sendable {
     fileprivate var dirFdReferenced = false
     /// Looked up since the last sweep (see `InodeTable.sweep`).
     fileprivate var referenced = true
+    /// Directories of a volume with encrypted names: the directory's ID, once read (it never changes).
+    fileprivate var directoryId: [UInt8]?
 
     /// What the header prefix says about the plaintext layout (regular files), learned once: the header
     /// length of a backing file never changes while it is mounted. Guarded by the table's lock; packed as
@@ -170,7 +172,7 @@ final class InodeTable: @unchecked Sendable {
     /// Inodes the kernel should forget so that the table shrinks back below `limit`: entries not looked up since
     /// the previous sweep (second chance), least recently used first, as (parent node ID, backing name). The
     /// caller asks the kernel to drop those entries (outside any lock); their FORGET then frees them.
-    func sweep(limit: Int) -> [(parent: UInt64, inRoot: Bool, name: String, key: InodeKey)] {
+    func sweep(limit: Int) -> [(parent: Inode, name: String, key: InodeKey)] {
         lock.withLock {
             pressureThreshold = limit > Int.max / 2 ? Int.max : limit + limit / 4
             // A dictionary keeps the capacity of its largest size: after a burst has been forgotten, copy it
@@ -183,14 +185,14 @@ final class InodeTable: @unchecked Sendable {
             guard byKey.count > limit else { return [] }
             // Down to seven eighths of the limit, so sweeps do not run for every new file.
             let excess = byKey.count - limit * 7 / 8
-            var victims: [(UInt64, Bool, String, InodeKey)] = []
+            var victims: [(Inode, String, InodeKey)] = []
             for inode in byKey.values {
                 if inode.referenced {
                     inode.referenced = false
                     continue
                 }
                 guard let p = inode.parent, inode.dirFdUsers == 0 else { continue }
-                victims.append((p.nodeId, p === root, inode.name, inode.key))
+                victims.append((p, inode.name, inode.key))
                 if victims.count >= excess { break }
             }
             return victims
@@ -238,16 +240,30 @@ final class InodeTable: @unchecked Sendable {
 
     /// The backing path of `inode` relative to the backing root ("a/b/c"; "" for the root), if it has one.
     func backingPath(of inode: Inode) -> String? {
+        chain(of: inode).map { $0.map(\.name).joined(separator: "/") }
+    }
+
+    /// The directories and backing names from the root down to `inode` (empty for the root), if it has a name.
+    func chain(of inode: Inode) -> [(parent: Inode, name: String)]? {
         lock.withLock {
-            var parts: [String] = []
+            var parts: [(parent: Inode, name: String)] = []
             var node = inode
             while node !== root {
                 guard let (p, name) = liveLocation(node) else { return nil }
-                parts.append(name)
+                parts.append((p, name))
                 node = p
             }
-            return parts.reversed().joined(separator: "/")
+            return parts.reversed()
         }
+    }
+
+    /// A directory's ID, if read already.
+    func directoryId(of dir: Inode) -> [UInt8]? {
+        lock.withLock { dir.directoryId }
+    }
+
+    func setDirectoryId(_ id: [UInt8], of dir: Inode) {
+        lock.withLock { dir.directoryId = id }
     }
 
     /// A name was removed from `parent` (unlink, rmdir, or replaced by a rename); `key` is what it named.

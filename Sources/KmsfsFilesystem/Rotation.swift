@@ -299,7 +299,7 @@ public final class VolumeRewrapper: @unchecked Sendable {
         while let e = readdir(d) {
             let name = withUnsafePointer(to: e.pointee.d_name) { $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) } }
             if name == "." || name == ".." { continue }
-            if PlaintextNames().mountName(name, inRoot: rel.isEmpty) == nil { continue }
+            if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: volume) { continue }
             names.append(name)
         }
         for name in names.sorted() {

@@ -9,6 +9,9 @@ public struct EncryptionContext: Equatable, Hashable, Sendable {
     public static let volumeIdKey = "kmsfs:volume-id"
     public static let fileIdKey = "kmsfs:file-id"
     public static let reservedPrefix = "kmsfs:"
+    /// The volume key's context (format 3) names its purpose instead of a file.
+    public static let purposeKey = "kmsfs:purpose"
+    public static let volumeKeyPurpose = "volume-key"
 
     public private(set) var pairs: [String: String]
 

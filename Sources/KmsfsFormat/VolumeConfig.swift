@@ -28,10 +28,16 @@ public struct KeyProviderConfig: Codable, Equatable, Sendable {
 /// The volume config, `kmsfs.conf` at the top of the encrypted directory (JSON).
 public struct VolumeConfig: Codable, Equatable, Sendable {
     public static let fileName = "kmsfs.conf"
+    /// 3: format 2 plus a volume key (`volumeKey`) that encrypts names, symlink targets and extended attributes
+    ///    (`names`), and authenticates this config (`mac`).
     /// 2: every file has the same header length (`headerLength`), so sizes follow from the backing size alone.
     /// 1: each file's header length is read from its header.
-    public static let currentFormatVersion = 2
-    public static let supportedFormatVersions = 1...2
+    public static let currentFormatVersion = 3
+    public static let supportedFormatVersions = 1...3
+
+    /// `names` values (format 3).
+    public static let encryptedNames = "encrypted"
+    public static let plaintextNames = "plaintext"
 
     public var formatVersion: Int
     /// 128-bit random volume ID, lower-case hex.
@@ -45,15 +51,72 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     /// format 2 volume whose files have different header lengths for a while (a key rotation that had to grow
     /// the headers was interrupted, or a new file's keys did not fit): then each file's own length counts.
     public var headerLength: Int?
+    /// Format 3: "encrypted" or "plaintext" (names, symlink targets and extended attributes as they are).
+    public var names: String?
+    /// Format 3: the volume key, wrapped under every configured key.
+    public var volumeKey: VolumeKeyConfig?
+    /// Format 3: lower-case hex HMAC-SHA256 of `authenticatedBytes` under the config key.
+    public var mac: String?
 
     public init(volumeId: String, chunkSize: Int, encryptionContext: [String: String], keyProvider: KeyProviderConfig,
-                headerLength: Int? = nil) {
-        formatVersion = VolumeConfig.currentFormatVersion
+                headerLength: Int? = nil, formatVersion: Int = VolumeConfig.currentFormatVersion) {
+        self.formatVersion = formatVersion
         self.volumeId = volumeId
         self.chunkSize = chunkSize
         self.encryptionContext = encryptionContext
         self.keyProvider = keyProvider
         self.headerLength = headerLength
+    }
+
+    /// True when names are stored encrypted (format 3 without --plaintext-names).
+    public var encryptsNames: Bool { formatVersion >= 3 && names == VolumeConfig.encryptedNames }
+
+    /// What the config MAC covers: every field but the wrapped volume keys (a wrong one fails the commitment) and
+    /// the MAC itself, in a fixed binary encoding (kmsfs-format(5), VOLUME CONFIG):
+    /// "kmsfs v3 config", u32 format version, the 16 volume ID bytes, u32 chunk size, u32 header length (0:
+    /// absent), names (u8 length + bytes), the user context's canonical encoding, the provider type (u8 length
+    /// + bytes), u16 key count and each key ID (u16 length + bytes), key file, region and profile (each u8 0
+    /// when absent, or 1 and u16 length + bytes), the 32-byte volume key commitment.
+    public func authenticatedBytes() throws -> [UInt8] {
+        guard let id = Hex.decode(volumeId), id.count == 16,
+              let commitment = volumeKey.flatMap({ Hex.decode($0.commitment) }), commitment.count == 32 else {
+            throw FormatError.invalidConfig("no volume key commitment")
+        }
+        var w = ByteWriter()
+        w.raw(Array("kmsfs v3 config".utf8))
+        w.u32(UInt32(formatVersion))
+        w.raw(id)
+        w.u32(UInt32(chunkSize))
+        w.u32(UInt32(headerLength ?? 0))
+        w.lengthPrefixed8(Array((names ?? "").utf8))
+        w.raw(EncryptionContext(encryptionContext).canonicalBytes)
+        w.lengthPrefixed8(Array(keyProvider.type.utf8))
+        w.u16(UInt16(keyProvider.keyIds.count))
+        for k in keyProvider.keyIds { w.lengthPrefixed16(Array(k.utf8)) }
+        for optional in [keyProvider.keyFile, keyProvider.region, keyProvider.profile] {
+            if let v = optional {
+                w.u8(1)
+                w.lengthPrefixed16(Array(v.utf8))
+            } else {
+                w.u8(0)
+            }
+        }
+        w.raw(commitment)
+        return w.bytes
+    }
+
+    /// Sets `mac` for the current contents (format 3).
+    public mutating func authenticate(with keys: VolumeKeys) throws {
+        mac = nil
+        mac = Hex.encode(try keys.configMAC(try authenticatedBytes()))
+    }
+
+    /// Checks `mac` against the volume's keys (format 3); the volume key itself was accepted by its commitment.
+    public func checkAuthenticity(with keys: VolumeKeys) throws {
+        guard let m = mac.flatMap(Hex.decode), m.count == 32,
+              Digest.constantTimeEquals(m, try keys.configMAC(try authenticatedBytes())) else {
+            throw FormatError.invalidConfig("the volume config was changed by someone without the volume key (its MAC does not verify)")
+        }
     }
 
     /// The uniform header length for new volumes: room for the kmsfs context pairs, the user's pairs, and one
@@ -98,7 +161,7 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
 
     public func validate() throws {
         guard VolumeConfig.supportedFormatVersions.contains(formatVersion) else {
-            throw FormatError.invalidConfig("format version \(formatVersion) is not supported (this kmsfs reads versions 1 and 2)")
+            throw FormatError.invalidConfig("format version \(formatVersion) is not supported (this kmsfs reads versions 1 to 3)")
         }
         if let h = headerLength {
             guard formatVersion >= 2 else { throw FormatError.invalidConfig("headerLength needs format version 2") }
@@ -114,6 +177,22 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
         }
         try EncryptionContext.validateUserPairs(encryptionContext)
         guard !keyProvider.keyIds.isEmpty else { throw FormatError.invalidConfig("no key configured") }
+        guard keyProvider.keyIds.count <= 255 else { throw FormatError.invalidConfig("more than 255 keys configured") }
+        if formatVersion >= 3 {
+            guard names == VolumeConfig.encryptedNames || names == VolumeConfig.plaintextNames else {
+                throw FormatError.invalidConfig("names must be \"encrypted\" or \"plaintext\"")
+            }
+            guard let vk = volumeKey, !vk.wrappedKeys.isEmpty, Hex.decode(vk.commitment)?.count == 32,
+                  vk.wrappedKeys.allSatisfy({ $0.wrappedKey != nil }) else {
+                throw FormatError.invalidConfig("format 3 needs a wrapped volume key and its commitment")
+            }
+            guard mac != nil else { throw FormatError.invalidConfig("format 3 needs a config MAC") }
+            guard keyProvider.endpoint == nil else {
+                throw FormatError.invalidConfig("the KMS endpoint is never taken from the volume: it comes from the host (AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, the profile, or the region)")
+            }
+        } else if names != nil || volumeKey != nil || mac != nil {
+            throw FormatError.invalidConfig("names, volumeKey and mac need format version 3")
+        }
     }
 
     private static func describe(_ e: DecodingError) -> String {

@@ -10,11 +10,14 @@ public enum ProviderFactory {
         public var environment: [String: String]
         /// Deadlines and rate limits of KMS calls.
         public var policy: KMSPolicy
+        /// Local provider: accept a key file other users can read (refused otherwise).
+        public var allowOpenKeyFile: Bool
 
-        public init(keyFile: String? = nil, environment: [String: String], policy: KMSPolicy = .defaults) {
+        public init(keyFile: String? = nil, environment: [String: String], policy: KMSPolicy = .defaults, allowOpenKeyFile: Bool = false) {
             self.keyFile = keyFile
             self.environment = environment
             self.policy = policy
+            self.allowOpenKeyFile = allowOpenKeyFile
         }
     }
 
@@ -22,7 +25,7 @@ public enum ProviderFactory {
         switch volume.keyProvider.type {
         case LocalKeyProvider.providerName:
             let path = localKeyFilePath(volume: volume, options: options)
-            let key = try LocalKeyFile.load(path: path)
+            let key = try LocalKeyFile.load(path: path, allowOpen: options.allowOpenKeyFile)
             guard volume.keyProvider.keyIds.contains(key.keyId) else {
                 throw KeyError(.keyUnavailable, errorType: "WrongKeyFile", keyId: key.keyId,
                                message: "key file \(path) holds key \(key.keyId), but this volume's files are wrapped under \(volume.keyProvider.keyIds.joined(separator: ", "))")

@@ -10,9 +10,10 @@ import KmsfsSystem
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Print the header of a backing file, without unwrapping anything.",
+        abstract: "Print the header of a backing file, or the settings of a volume, without unwrapping anything.",
         discussion: """
-            Reads only the file's header (no key provider call, no key needed). --json prints \
+            Given CIPHERDIR, prints the volume's format version, ID, chunk size, names mode and keys. Given a \
+            backing file, reads only its header (no key provider call, no key needed). --json prints \
             {"formatVersion", "fileId", "encryptionContext", "wrappedKeys": [{"provider", "keyId", "blob"}], \
             "chunkSize", "plaintextSize", "headerLength"} with the blob in base64.
             """
@@ -21,10 +22,11 @@ struct InfoCommand: ParsableCommand {
     @Flag(name: .long, help: "Print JSON for scripts.")
     var json = false
 
-    @Argument(help: ArgumentHelp("A file in the encrypted directory.", valueName: "backing-file"))
+    @Argument(help: ArgumentHelp("A file in the encrypted directory, or the encrypted directory.", valueName: "backing-file"))
     var backingFile: String
 
     func run() throws {
+        if Paths.isDirectory(backingFile) { return try volumeInfo() }
         let fd = open(backingFile, O_RDONLY | O_CLOEXEC)
         if fd < 0 { throw CLIError("\(backingFile): \(Errno.current)") }
         defer { close(fd) }
@@ -65,5 +67,32 @@ struct InfoCommand: ParsableCommand {
         if !header.layout.isConsistent(backingSize: backingSize) {
             print("warning: the backing size \(backingSize) does not match any plaintext size: the file's tail is damaged")
         }
+    }
+
+    /// The volume's settings, from its config alone.
+    private func volumeInfo() throws {
+        let cipher = try Paths.resolve(backingFile)
+        let volume = try VolumeAccess.loadConfig(cipher)
+        let names = volume.formatVersion < 3 ? "plaintext (format \(volume.formatVersion) has no name encryption)"
+                                             : (volume.encryptsNames ? "encrypted" : "plaintext")
+        if json {
+            let object: [String: Any] = [
+                "formatVersion": volume.formatVersion, "volumeId": volume.volumeId, "chunkSize": volume.chunkSize,
+                "names": volume.formatVersion < 3 ? "plaintext" : (volume.names ?? ""),
+                "provider": volume.keyProvider.type, "keyIds": volume.keyProvider.keyIds,
+                "configAuthenticated": volume.formatVersion >= 3, "encryptionContext": volume.encryptionContext,
+            ]
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        print("volume:         \(cipher)")
+        print("format version: \(volume.formatVersion)")
+        print("volume ID:      \(volume.volumeId)")
+        print("chunk size:     \(volume.chunkSize)")
+        print("names: \(names)")
+        print("config:         \(volume.formatVersion >= 3 ? "authenticated with the volume key (checked at mount)" : "not authenticated (format \(volume.formatVersion))")")
+        print("key provider:   \(volume.keyProvider.type)")
+        for (i, k) in volume.keyProvider.keyIds.enumerated() { print("  key \(i + 1): \(k)") }
     }
 }

@@ -9,8 +9,10 @@ struct InitCommand: ParsableCommand {
         commandName: "init",
         abstract: "Create an encrypted volume in CIPHERDIR.",
         discussion: """
-            Writes the volume config (kmsfs.conf: format version, volume ID, chunk size, key provider settings; \
-            no secret) into CIPHERDIR, creating the directory if needed. CIPHERDIR must be empty.
+            Writes the volume config (kmsfs.conf: format version, volume ID, chunk size, key provider settings, \
+            the volume key wrapped by the provider; no secret) into CIPHERDIR, creating the directory and its \
+            parents if needed. CIPHERDIR must be empty. File names, symbolic link targets and extended \
+            attributes are encrypted with the volume key unless --plaintext-names is given.
 
             With the local key provider and no --key-file, a new 256-bit master key is written to \
             $XDG_CONFIG_HOME/kmsfs/keys/<volume-id>.key (default ~/.config/kmsfs/keys, mode 0600). \
@@ -45,6 +47,12 @@ struct InitCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Plaintext bytes per chunk: a power of two from 4096 to 1048576.", valueName: "bytes"))
     var chunkSize: Int = ChunkLayout.defaultChunkSize
 
+    @Flag(name: .long, help: "Store names, symbolic link targets and extended attributes as they are (the config is still authenticated).")
+    var plaintextNames = false
+
+    @Option(name: .long, help: ArgumentHelp("On-disk format: 3 (the default), or 2 or 1 for a volume older kmsfs releases must also mount (no volume key: names in plaintext, config not authenticated).", valueName: "n"))
+    var formatVersion: Int = VolumeConfig.currentFormatVersion
+
     @Argument(help: ArgumentHelp("The directory that will hold the ciphertext.", valueName: "cipherdir"))
     var cipherDir: String
 
@@ -61,6 +69,10 @@ struct InitCommand: ParsableCommand {
         default:
             throw CLIError("unknown key provider \"\(kms)\" (available: local, aws)")
         }
+        guard VolumeConfig.supportedFormatVersions.contains(formatVersion) else {
+            throw CLIError("--format-version must be 1, 2 or 3")
+        }
+        if plaintextNames && formatVersion < 3 { throw CLIError("--plaintext-names is for format 3 (older formats always have plaintext names)") }
         guard ChunkLayout.isValidChunkSize(chunkSize) else {
             throw CLIError("--chunk-size must be a power of two from 4096 to 1048576")
         }
@@ -73,8 +85,12 @@ struct InitCommand: ParsableCommand {
         if Paths.exists(dir) {
             guard Paths.isDirectory(dir) else { throw CLIError("\(dir) is not a directory") }
             guard try Paths.entries(dir).isEmpty else { throw CLIError("\(dir) is not empty; kmsfs init needs an empty directory") }
-        } else if mkdir(dir, 0o700) != 0 {
-            throw CLIError("cannot create \(dir): \(Errno.current)")
+        } else {
+            do {
+                try Paths.makeDirectories(dir, mode: 0o700)
+            } catch {
+                throw CLIError("cannot create \(dir): \(error)")
+            }
         }
         let volumeId = try VolumeConfig.newVolumeId()
 
@@ -96,15 +112,13 @@ struct InitCommand: ParsableCommand {
     private func initAWS(dir: String, volumeId: String, pairs: [String: String], settings: AWSSettings, arns: [String]) throws {
         let headerLength = VolumeConfig.uniformHeaderLength(volumeId: volumeId, userContext: pairs, provider: AWSKMSProvider.providerName,
                                                             keyIds: arns, wrappedKeySize: AWSKMSProvider(settings: settings).wrappedKeySizeBound)
+        // Format 3 never names the endpoint: it comes from the host at every mount.
         let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
                                   keyProvider: KeyProviderConfig(type: AWSKMSProvider.providerName, keyIds: arns,
-                                                                 region: settings.region, profile: profile, endpoint: endpoint),
-                                  headerLength: headerLength)
-        do {
-            try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
-        } catch {
-            throw CLIError("cannot write \(VolumeConfig.path(in: dir)): \(error)")
-        }
+                                                                 region: settings.region, profile: profile,
+                                                                 endpoint: formatVersion >= 3 ? nil : endpoint),
+                                  headerLength: formatVersion >= 2 ? headerLength : nil, formatVersion: formatVersion)
+        try write(config, to: dir, keys: KeyService(provider: AWSKMSProvider(settings: settings), keyIds: arns, audit: nil))
         print("Created kmsfs volume \(volumeId) in \(dir) (AWS KMS).")
         for (i, arn) in arns.enumerated() { print("  key \(i + 1): \(arn)") }
     }
@@ -132,12 +146,14 @@ struct InitCommand: ParsableCommand {
         let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
                                   keyProvider: KeyProviderConfig(type: LocalKeyProvider.providerName, keyIds: [keyId],
                                                                  keyFile: keyFile == nil ? nil : path),
-                                  headerLength: headerLength)
+                                  headerLength: formatVersion >= 2 ? headerLength : nil, formatVersion: formatVersion)
         do {
-            try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
+            let key = try LocalKeyFile.load(path: path)
+            try write(config, to: dir, keys: KeyService(provider: LocalKeyProvider(keys: [key]), keyIds: [keyId], audit: nil))
         } catch {
             if created { unlink(path) }
-            throw CLIError("cannot write \(VolumeConfig.path(in: dir)): \(error)")
+            if let e = error as? KeyError { throw CLIError(e.message.isEmpty ? e.description : e.message) }
+            throw error
         }
         print("Created kmsfs volume \(volumeId) in \(dir) (local key provider, key \(keyId)).")
         if created {
@@ -146,6 +162,43 @@ struct InitCommand: ParsableCommand {
             print("Master key: \(path)")
         }
         print("Back this key file up and keep it secret: without it the files in \(dir) cannot be decrypted.")
+    }
+}
+
+extension InitCommand {
+    /// Format 3: makes the volume key, authenticates the config with it and, with encrypted names, gives the
+    /// top directory its ID. Then writes the config, last: a volume exists once its config does.
+    func write(_ config: VolumeConfig, to dir: String, keys: KeyService) throws {
+        var config = config
+        var dirIdFile: String? = nil
+        if formatVersion >= 3 {
+            let made: (keys: VolumeKeys, stored: VolumeKeyConfig)
+            do {
+                made = try keys.newVolumeKey(volumeId: config.volumeId)
+            } catch let e as KeyError {
+                throw CLIError("cannot make the volume key with key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")")
+            }
+            defer { made.keys.wipe() }
+            config.volumeKey = made.stored
+            config.names = plaintextNames ? VolumeConfig.plaintextNames : VolumeConfig.encryptedNames
+            try config.authenticate(with: made.keys)
+            if config.encryptsNames {
+                let path = dir + "/" + NameCipher.directoryIdFile
+                do {
+                    try FileIO.writeFileAtomically(path, contents: try NameCipher(keys: made.keys).newDirectoryIdFile().contents,
+                                                   mode: 0o444, exclusive: true)
+                } catch {
+                    throw CLIError("cannot write \(path): \(error)")
+                }
+                dirIdFile = path
+            }
+        }
+        do {
+            try FileIO.writeFileAtomically(VolumeConfig.path(in: dir), contents: try config.encoded(), mode: 0o644, exclusive: true)
+        } catch {
+            if let d = dirIdFile { unlink(d) }
+            throw CLIError("cannot write \(VolumeConfig.path(in: dir)): \(error)")
+        }
     }
 }
 

@@ -12,9 +12,9 @@ struct Kmsfs: ParsableCommand {
             Create a volume with `kmsfs init CIPHERDIR`, mount it with `kmsfs mount CIPHERDIR MOUNTPOINT`, and work \
             with plaintext files in MOUNTPOINT while CIPHERDIR holds only ciphertext. See kmsfs(1) and kmsfs-format(5).
             """,
-        version: "kmsfs \(version) (on-disk format 2; reads 1 and 2)",
+        version: "kmsfs \(version) (on-disk format 3; reads 1 to 3)",
         subcommands: [InitCommand.self, MountCommand.self, UnmountCommand.self, InfoCommand.self,
-                      RewrapCommand.self, DecryptCommand.self, VerifyCommand.self]
+                      RewrapCommand.self, DecryptCommand.self, VerifyCommand.self, PathCommand.self]
     )
 }
 

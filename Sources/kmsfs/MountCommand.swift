@@ -24,6 +24,9 @@ struct MountCommand: ParsableCommand {
     @Flag(name: [.customShort("f"), .long], help: "Stay in the foreground and log to standard error.")
     var foreground = false
 
+    @Flag(name: .long, help: "Local provider: accept a key file other users can read or write (refused otherwise).")
+    var allowOpenKeyFile = false
+
     @Flag(name: .long, help: "Mount read-only.")
     var readOnly = false
 
@@ -160,7 +163,7 @@ struct MountCommand: ParsableCommand {
         }
 
         var logDescription = "standard error"
-        if reporter.isDaemon {
+        if reporter.isDaemon || logFile != nil {
             logDescription = try configureDaemonLog(volume: volume, environment: env)
         }
         if let (holder, age) = lease.tookOver {
@@ -177,7 +180,7 @@ struct MountCommand: ParsableCommand {
         }
         let policy = KMSPolicy(deadline: kmsDeadline, probeInterval: kmsProbeInterval, maxRate: kmsMaxRate, requireAllKeys: requireAllKeys)
         let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit, maxInFlight: kmsMaxInflight,
-                                                     policy: policy)
+                                                     policy: policy, allowOpenKeyFile: allowOpenKeyFile)
 
         // Keys must not reach a core dump or swap, and modes of new files come from the caller, not our umask.
         // Key buffers are locked one by one anyway; locking the whole daemon also keeps OpenSSL's expanded key
@@ -190,17 +193,24 @@ struct MountCommand: ParsableCommand {
         setrlimit(__rlimit_resource_t(RLIMIT_CORE.rawValue), &noCore)
         umask(0)
 
+        // Format 3: the volume key, unwrapped once for the mount (names need it for as long as the mount lives),
+        // which also authenticates the config.
+        var volumeKeys: VolumeKeys? = nil
+        if volume.formatVersion >= 3 { volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keyService) }
+        let names: NameMapping = volume.encryptsNames ? EncryptedNames(cipher: NameCipher(keys: volumeKeys!)) : PlaintextNames()
+
         let fs: EncryptedFilesystem
         do {
             fs = try EncryptedFilesystem(.init(
                 cipherDir: cipher, volume: volume,
                 keys: keyService,
-                readOnly: readOnly, directIO: directIo, writebackCache: writebackCache,
+                readOnly: readOnly, directIO: directIo, writebackCache: writebackCache, names: names,
                 keyPool: DataKeyPool.Settings(capacity: keyPool ?? (volume.keyProvider.type == LocalKeyProvider.providerName ? 0 : DataKeyPool.Settings.defaults.capacity),
                                               maxAge: keyPoolAge,
                                               concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
-                maxInodes: maxInodes))
+                maxInodes: maxInodes, volumeKeys: volumeKeys))
         } catch {
+            volumeKeys?.wipe()
             throw CLIError("cannot open \(cipher): \(error)")
         }
 
@@ -272,6 +282,7 @@ struct MountCommand: ParsableCommand {
         guard kmsfs_pipe_cloexec(&fds) == 0 else { throw CLIError("pipe: \(Errno.current)") }
         var args = ["kmsfs", "mount", "--foreground", "--notify-fd", "3"]
         if readOnly { args.append("--read-only") }
+        if allowOpenKeyFile { args.append("--allow-open-key-file") }
         if directIo { args.append("--direct-io") }
         if writebackCache { args.append("--writeback-cache") }
         for o in fuseOptions { args += ["-o", o] }

@@ -20,6 +20,17 @@ enum Paths {
         return (cwd == "/" ? "" : cwd) + "/" + path
     }
 
+    /// Creates `path` and any missing parents (like mkdir -p); parents get mode 0755, `path` itself `mode`.
+    static func makeDirectories(_ path: String, mode: mode_t) throws {
+        var prefix = ""
+        let parts = path.split(separator: "/")
+        for (i, part) in parts.enumerated() {
+            prefix += "/" + part
+            if isDirectory(prefix) { continue }
+            if mkdir(prefix, i == parts.count - 1 ? mode : 0o755) != 0 && errno != EEXIST { throw Errno.current }
+        }
+    }
+
     static func isDirectory(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR

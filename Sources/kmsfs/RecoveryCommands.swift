@@ -13,22 +13,32 @@ struct OfflineOptions: ParsableArguments {
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
     var cipherDir: String
 
-    func open() throws -> (cipher: String, reader: OfflineReader) {
+    /// The volume's reader and name resolution (format 3: its volume key unwrapped, and its config
+    /// authenticated, first).
+    func open() throws -> (cipher: String, reader: OfflineReader, names: OfflineNames) {
         let cipher = try Paths.resolve(cipherDir)
         let volume = try VolumeAccess.loadConfig(cipher)
         let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil)
-        return (cipher, OfflineReader(volume: volume, keys: keys))
+        var nameCipher: NameCipher? = nil
+        if volume.formatVersion >= 3 {
+            let volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys)
+            if volume.encryptsNames { nameCipher = NameCipher(keys: volumeKeys) }
+        }
+        return (cipher, OfflineReader(volume: volume, keys: keys), OfflineNames(cipherDir: cipher, cipher: nameCipher))
     }
 }
 
 struct DecryptCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "decrypt",
-        abstract: "Decrypt one file of a volume without mounting it (recovery).",
+        abstract: "Decrypt a file, or with -r a directory tree, of a volume without mounting it (recovery).",
         discussion: """
-            PATH is the file's path inside the volume. The plaintext goes to standard output, or to --output \
-            (created with mode 0600, and only kept if the whole file decrypted). A corrupt chunk stops the \
-            command with exit status 1, unless --skip-corrupt writes zeros in its place and reports it.
+            PATH is the file's path inside the volume (plaintext names; they are resolved through the encrypted \
+            names). The plaintext goes to standard output, or to --output (created with mode 0600, and only kept \
+            if the whole file decrypted). A corrupt chunk stops the command with exit status 1, unless \
+            --skip-corrupt writes zeros in its place and reports it. With -r, PATH is a directory (or / for the \
+            whole volume) restored under the --output directory: directories, files and symbolic links with \
+            their modes; a file that fails is reported and left out, and the exit status is 1.
             """
     )
 
@@ -43,9 +53,21 @@ struct DecryptCommand: ParsableCommand {
     @Flag(name: .long, help: "Write zeros for chunks that fail authentication instead of stopping.")
     var skipCorrupt = false
 
+    @Flag(name: [.customShort("r"), .long], help: "Restore the directory tree at PATH into the --output directory.")
+    var recursive = false
+
     func run() throws {
-        let (cipher, reader) = try volume.open()
-        let backing = cipher + "/" + path.split(separator: "/").joined(separator: "/")
+        let (cipher, reader, names) = try volume.open()
+        if recursive {
+            guard let output else { throw CLIError("-r needs --output DIR") }
+            return try restoreTree(cipher: cipher, reader: reader, names: names, into: Paths.absolute(output))
+        }
+        let backing: String
+        do {
+            backing = cipher + "/" + (try names.backingPath(of: path))
+        } catch {
+            throw CLIError("\(error)")
+        }
         let label = "/" + path.split(separator: "/").joined(separator: "/")
         var fd: Int32 = 1
         var tmp: String? = nil
@@ -84,6 +106,102 @@ struct DecryptCommand: ParsableCommand {
     }
 }
 
+extension DecryptCommand {
+    /// Restores the tree at `path` into `target` (created if missing); exits 1 when anything failed.
+    func restoreTree(cipher: String, reader: OfflineReader, names: OfflineNames, into target: String) throws {
+        let start: String
+        do {
+            start = try names.backingPath(of: path)
+        } catch {
+            throw CLIError("\(error)")
+        }
+        guard Paths.isDirectory(start.isEmpty ? cipher : cipher + "/" + start) else { throw CLIError("\(path): not a directory in the volume") }
+        try? Paths.makeDirectories(target, mode: 0o700)
+        guard Paths.isDirectory(target) else { throw CLIError("cannot create \(target)") }
+        let config = try VolumeAccess.loadConfig(cipher)
+        var failed = 0, files = 0
+        func restore(_ rel: String, _ shown: String, _ out: String) throws {
+            for name in try Paths.entries(rel.isEmpty ? cipher : cipher + "/" + rel).sorted() {
+                if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: config) { continue }
+                var plain = name
+                if let c = names.cipher {
+                    guard let n = try names.mountName(name, in: rel, cipher: c), !n.contains(UInt8(ascii: "/")) else {
+                        printError("\(rel.isEmpty ? "" : rel + "/")\(name): a backing name that does not decrypt in its directory; skipped")
+                        failed += 1
+                        continue
+                    }
+                    plain = String(decoding: n, as: UTF8.self)
+                }
+                let child = rel.isEmpty ? name : rel + "/" + name
+                let label = shown + "/" + plain
+                let dest = out + "/" + plain
+                var st = stat()
+                guard lstat(cipher + "/" + child, &st) == 0 else { continue }
+                switch st.st_mode & S_IFMT {
+                case S_IFDIR:
+                    if mkdir(dest, 0o700) != 0 && errno != EEXIST {
+                        printError("\(label): cannot create \(dest): \(Errno.current)")
+                        failed += 1
+                        continue
+                    }
+                    try restore(child, label, dest)
+                    chmod(dest, st.st_mode & 0o7777)
+                case S_IFREG:
+                    files += 1
+                    let tmp = dest + ".kmsfs-partial"
+                    let fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+                    guard fd >= 0 else {
+                        printError("\(label): cannot create \(tmp): \(Errno.current)")
+                        failed += 1
+                        continue
+                    }
+                    do {
+                        let report = try reader.read(backingPath: cipher + "/" + child, label: label, stopAtCorrupt: !skipCorrupt) { bytes in
+                            if bytes.count > 0 { try FileIO.writeAll(fd, bytes.baseAddress!, count: bytes.count) }
+                        }
+                        close(fd)
+                        if !report.isIntact {
+                            failed += 1
+                            printError("\(label): \(report.corruptChunks.isEmpty ? "" : "corrupt chunks \(report.corruptChunks.map(String.init).joined(separator: ", "))")\(report.damagedTail ? " damaged tail" : "")")
+                        }
+                        if report.isIntact || skipCorrupt {
+                            rename(tmp, dest)
+                            chmod(dest, st.st_mode & 0o7777)
+                        } else {
+                            unlink(tmp)
+                        }
+                    } catch {
+                        close(fd)
+                        unlink(tmp)
+                        printError("\(label): \(error)")
+                        failed += 1
+                    }
+                case S_IFLNK:
+                    var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+                    let n = readlink(cipher + "/" + child, &raw, raw.count - 1)
+                    let stored = n > 0 ? raw[0..<n].map { UInt8(bitPattern: $0) } : []
+                    let linkTarget: [UInt8]?
+                    if let c = names.cipher {
+                        linkTarget = String(validating: stored, as: UTF8.self).flatMap { c.decryptLinkTarget($0) }
+                    } else {
+                        linkTarget = stored
+                    }
+                    guard let t = linkTarget, symlink(String(decoding: t, as: UTF8.self), dest) == 0 else {
+                        printError("\(label): cannot restore the symbolic link")
+                        failed += 1
+                        continue
+                    }
+                default:
+                    printError("\(label): a special file; not restored")
+                }
+            }
+        }
+        try restore(start, start.isEmpty ? "" : "/" + path.split(separator: "/").joined(separator: "/"), target)
+        print("\(files) files restored into \(target)\(failed > 0 ? ", \(failed) failed" : "")")
+        if failed > 0 { throw ExitCode(1) }
+    }
+}
+
 struct VerifyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
@@ -97,17 +215,25 @@ struct VerifyCommand: ParsableCommand {
     var paths: [String] = []
 
     func run() throws {
-        let (cipher, reader) = try volume.open()
-        var files: [String] = []
+        let (cipher, reader, names) = try volume.open()
+        // (backing path, plaintext path) of each file.
+        var files: [(String, String)] = []
         if paths.isEmpty {
-            try walk(cipher, "", into: &files)
+            try walk(cipher, "", "", config: try VolumeAccess.loadConfig(cipher), names: names, into: &files)
         } else {
-            files = paths.map { $0.split(separator: "/").joined(separator: "/") }
+            for p in paths {
+                let rel = p.split(separator: "/").joined(separator: "/")
+                do {
+                    files.append((try names.backingPath(of: rel), rel))
+                } catch {
+                    throw CLIError("\(error)")
+                }
+            }
         }
         var damaged = 0, bytes = 0
-        for rel in files {
+        for (backing, rel) in files {
             do {
-                let report = try reader.read(backingPath: cipher + "/" + rel, label: "/" + rel) { _ in }
+                let report = try reader.read(backingPath: cipher + "/" + backing, label: "/" + rel) { _ in }
                 bytes += report.plaintextSize
                 if !report.isIntact {
                     damaged += 1
@@ -125,16 +251,31 @@ struct VerifyCommand: ParsableCommand {
         if damaged > 0 { throw ExitCode(1) }
     }
 
-    /// Regular files under `dir` (relative paths), skipping the volume config at the top.
-    private func walk(_ root: String, _ rel: String, into files: inout [String]) throws {
-        for name in try Paths.entries(rel.isEmpty ? root : root + "/" + rel).sorted() {
+    /// Regular files under backing directory `rel` (plaintext path `shown`), as (backing, plaintext) relative
+    /// paths, skipping kmsfs's own files; names that do not decrypt are reported and skipped.
+    private func walk(_ root: String, _ rel: String, _ shown: String, config: VolumeConfig, names: OfflineNames,
+                      into files: inout [(String, String)]) throws {
+        var children: [(String, String)] = []
+        for name in try Paths.entries(rel.isEmpty ? root : root + "/" + rel) {
+            if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: config) { continue }
+            var plain = name
+            if let c = names.cipher {
+                guard let n = try names.mountName(name, in: rel, cipher: c) else {
+                    printError("\(rel.isEmpty ? "" : rel + "/")\(name): a backing name that does not decrypt in its directory; skipped")
+                    continue
+                }
+                plain = String(decoding: n, as: UTF8.self)
+            }
+            children.append((name, plain))
+        }
+        for (name, plain) in children.sorted(by: { $0.1 < $1.1 }) {
             let child = rel.isEmpty ? name : rel + "/" + name
-            if PlaintextNames().mountName(name, inRoot: rel.isEmpty) == nil { continue }
+            let childShown = shown.isEmpty ? plain : shown + "/" + plain
             var st = stat()
             guard lstat(root + "/" + child, &st) == 0 else { continue }
             switch st.st_mode & S_IFMT {
-            case S_IFDIR: try walk(root, child, into: &files)
-            case S_IFREG: files.append(child)
+            case S_IFDIR: try walk(root, child, childShown, config: config, names: names, into: &files)
+            case S_IFREG: files.append((child, childShown))
             default: break
             }
         }
@@ -144,4 +285,39 @@ struct VerifyCommand: ParsableCommand {
 func printError(_ s: String) {
     var bytes = Array(("kmsfs: " + s + "\n").utf8)
     _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
+}
+
+struct PathCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "path",
+        abstract: "Map a path inside the volume to its backing path, or back (--reverse).",
+        discussion: """
+            For an administrator restoring one file from a backup of the backing directory: prints the backing \
+            path (relative to CIPHERDIR) of a plaintext PATH, or with --reverse the plaintext path of a backing \
+            path. Needs the volume key (one unwrap); the file itself is not read.
+            """
+    )
+
+    @OptionGroup var volume: OfflineOptions
+
+    @Flag(name: .long, help: "PATH is a backing path (relative to CIPHERDIR, or under it); print its plaintext path.")
+    var reverse = false
+
+    @Argument(help: ArgumentHelp("The path to map.", valueName: "path"))
+    var path: String
+
+    func run() throws {
+        let (cipher, _, names) = try volume.open()
+        do {
+            if reverse {
+                var rel = path
+                if rel.hasPrefix(cipher + "/") { rel = String(rel.dropFirst(cipher.count + 1)) }
+                print(try names.plaintextPath(of: rel))
+            } else {
+                print(try names.backingPath(of: path))
+            }
+        } catch {
+            throw CLIError("\(error)")
+        }
+    }
 }

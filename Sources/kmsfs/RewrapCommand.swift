@@ -52,6 +52,7 @@ struct RewrapCommand: ParsableCommand {
     func run() throws {
         let cipher = try Paths.resolve(cipherDir)
         var volume = try VolumeAccess.loadConfig(cipher)
+        let original = volume
         let dirFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
         defer { close(dirFd) }
@@ -133,6 +134,18 @@ struct RewrapCommand: ParsableCommand {
             throw CLIError("unknown key provider \"\(volume.keyProvider.type)\"")
         }
 
+        // Format 3: the volume key is re-wrapped with every config written (under the keys that config names), and
+        // the config authenticated again; first, the volume key opens (and the config authenticates) as it is.
+        var volumeKeys: VolumeKeys? = nil
+        if original.formatVersion >= 3 {
+            volumeKeys = try VolumeAccess.openVolumeKey(original, cipher: cipher,
+                                                        keys: KeyService(provider: provider, keyIds: originalKeyIds, audit: nil))
+        }
+        defer { volumeKeys?.wipe() }
+        let writeConfig = { (config: VolumeConfig) throws in
+            try self.writeConfig(config, cipher, provider: provider, volumeKeys: volumeKeys)
+        }
+
         // A local volume is mounted with one key file. So a local rotation first wraps every file under both
         // keys, then switches the config to the new key file, then drops the old key: at every moment, the key
         // file the config names opens every file.
@@ -151,14 +164,14 @@ struct RewrapCommand: ParsableCommand {
             uniformLength = max(needed, volume.headerLength ?? 0)
             if volume.headerLength != uniformLength {
                 volume.headerLength = nil
-                try writeConfig(volume, cipher)
+                try writeConfig(volume)
             }
         }
         var allUniform = true
         for (n, pass) in passes.enumerated() {
             let summary = try rewrap(cipher: cipher, volume: volume, provider: provider, targets: pass, headerLength: uniformLength)
             if summary.longer > 0 { allUniform = false }
-            if n == 0 { try writeConfig(volume, cipher) }
+            if n == 0 { try writeConfig(volume) }
             if n == passes.count - 1 {
                 print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, 0 failed")
             }
@@ -166,7 +179,7 @@ struct RewrapCommand: ParsableCommand {
         if let h = uniformLength, volume.headerLength != h {
             if allUniform {
                 volume.headerLength = h
-                try writeConfig(volume, cipher)
+                try writeConfig(volume)
             } else {
                 printError("some files needed headers longer than \(h) bytes: sizes in this volume are read from each file's header")
             }
@@ -174,7 +187,18 @@ struct RewrapCommand: ParsableCommand {
         print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
     }
 
-    private func writeConfig(_ volume: VolumeConfig, _ cipher: String) throws {
+    private func writeConfig(_ volume: VolumeConfig, _ cipher: String, provider: KeyProvider, volumeKeys: VolumeKeys?) throws {
+        var volume = volume
+        if let vk = volumeKeys, let stored = volume.volumeKey {
+            do {
+                let ids = volume.keyProvider.keyIds
+                volume.volumeKey = try KeyService(provider: provider, keyIds: ids, audit: nil)
+                    .rewrapVolumeKey(stored, volumeId: volume.volumeId, to: ids)
+                try volume.authenticate(with: vk)
+            } catch let e as KeyError {
+                throw CLIError("cannot re-wrap the volume key under \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")")
+            }
+        }
         do {
             try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try volume.encoded(), mode: 0o644)
         } catch {

@@ -15,24 +15,44 @@ enum VolumeAccess {
         } catch {
             throw CLIError("cannot read \(path): \(error)")
         }
+        let config: VolumeConfig
         do {
-            return try VolumeConfig.decode(bytes)
+            config = try VolumeConfig.decode(bytes)
         } catch {
             throw CLIError("\(path): \(error)")
         }
+        // A config of an older format put over a volume with encrypted names (a downgrade, which would drop the
+        // MAC check and could name a KMS endpoint) is refused.
+        if config.formatVersion < 3 && Paths.exists(cipher + "/" + NameCipher.directoryIdFile) {
+            throw CLIError("\(path): the config says format \(config.formatVersion), but the volume has encrypted names (\(NameCipher.directoryIdFile)): the config was replaced; restore the volume's own config")
+        }
+        return config
     }
 
     static func keyService(_ volume: VolumeConfig, cipher: String, keyFile: String?, audit: AuditLog?,
-                           maxInFlight: Int = KeyService.defaultMaxInFlight, policy: KMSPolicy = .defaults) throws -> KeyService {
+                           maxInFlight: Int = KeyService.defaultMaxInFlight, policy: KMSPolicy = .defaults,
+                           allowOpenKeyFile: Bool = false) throws -> KeyService {
         do {
             let provider = try ProviderFactory.makeProvider(
-                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment, policy: policy))
+                volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment, policy: policy,
+                                               allowOpenKeyFile: allowOpenKeyFile))
             return KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit, maxInFlight: maxInFlight,
                               policy: policy)
         } catch let e as KeyError {
             throw CLIError(e.message.isEmpty ? e.description : e.message)
         } catch let e as FormatError {
             throw CLIError("\(VolumeConfig.path(in: cipher)): \(e)")
+        }
+    }
+
+    /// Unwraps the volume key of a format 3 volume (and authenticates its config), with one clear line on failure.
+    static func openVolumeKey(_ volume: VolumeConfig, cipher: String, keys: KeyService) throws -> VolumeKeys {
+        do {
+            return try keys.openVolumeKey(volume)
+        } catch let e as KeyError {
+            throw CLIError("cannot unwrap the volume key of \(cipher) with key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")\(e.alsoTriedText)")
+        } catch {
+            throw CLIError("\(VolumeConfig.path(in: cipher)): \(error)")
         }
     }
 

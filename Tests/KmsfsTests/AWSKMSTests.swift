@@ -94,9 +94,13 @@ struct AWSKMSTests {
         #expect(try P.readFile(v.path("f")) == data)
         #expect(v.auditLines().contains { $0["op"] as? String == "GenerateDataKey" && $0["keyId"] as? String == arn && $0["result"] as? String == "ok" })
         #expect(v.auditLines().contains { $0["op"] as? String == "Decrypt" && $0["path"] as? String == "/f" })
-        #expect(proxy.count("GenerateDataKey") == 1 && proxy.count("Decrypt") == 1)
-        // Every call carried the file's encryption context.
-        let decrypt = proxy.server.requests.first { $0.kmsOperation == "Decrypt" }!
+        #expect(proxy.fileCount("GenerateDataKey") == 1 && proxy.fileCount("Decrypt") == 1)
+        // The volume key: made at init, unwrapped once at mount, under its own context.
+        let volumeCalls = proxy.server.requests.filter { ($0.json["EncryptionContext"] as? [String: String])?["kmsfs:purpose"] == "volume-key" }
+        #expect(volumeCalls.map(\.kmsOperation) == ["GenerateDataKey", "Decrypt"])
+        #expect(volumeCalls.allSatisfy { ($0.json["EncryptionContext"] as? [String: String])?["kmsfs:volume-id"] == config.volumeId })
+        // Every file call carried the file's encryption context.
+        let decrypt = proxy.server.requests.first { $0.kmsOperation == "Decrypt" && ($0.json["EncryptionContext"] as? [String: String])?["kmsfs:file-id"] != nil }!
         let context = decrypt.json["EncryptionContext"] as? [String: String]
         #expect(context?["app"] == "kmsfs" && context?["kmsfs:volume-id"] == config.volumeId && context?["kmsfs:file-id"]?.count == 32)
         #expect(decrypt.json["KeyId"] as? String == arn)
@@ -181,7 +185,7 @@ struct AWSKMSTests {
         let v = try volume(keys: [k1, k2], proxy: proxy)
         try P.writeFile(v.path("f"), Array("both keys".utf8))
         try #require(v.waitForKeysWiped("f"))
-        #expect(proxy.count("GenerateDataKey") == 1 && proxy.count("Encrypt") == 1)
+        #expect(proxy.fileCount("GenerateDataKey") == 1 && proxy.fileCount("Encrypt") == 1)
         let header = try FileHeader(decoding: try P.readFile(v.backing("f")))
         #expect(header.wrappedKeys.map(\.keyId) == [k1, k2])
 
@@ -228,7 +232,7 @@ struct AWSKMSTests {
         let r = try run(kmsfsBinary, ["rewrap", "--key-id", new, v.cipher], environment: v.environment)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.stdout.contains("7 files: 6 rewrapped, 1 already under the new keys, 0 failed"), "\(r.stdout)")
-        #expect(proxy.count("ReEncrypt") == 6)
+        #expect(proxy.fileCount("ReEncrypt") == 6)
         let reEncrypt = proxy.server.requests.first { $0.kmsOperation == "ReEncrypt" }!
         #expect(reEncrypt.json["DestinationKeyId"] as? String == new && reEncrypt.json["SourceKeyId"] as? String == old)
         #expect(reEncrypt.json["SourceEncryptionContext"] as? [String: String] == reEncrypt.json["DestinationEncryptionContext"] as? [String: String])

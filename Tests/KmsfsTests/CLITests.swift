@@ -6,6 +6,24 @@ import Testing
 
 @Suite("Command line")
 struct CLITests {
+    @Test("init creates missing parent directories; a key file other users can read is refused at mount unless --allow-open-key-file")
+    func keyFileModeAndParents() throws {
+        let dir = try TempDir()
+        let env = ["XDG_CONFIG_HOME": dir.path + "/cfg", "XDG_STATE_HOME": dir.path + "/state"]
+        let cipher = dir.path + "/deep/er/cipher", mnt = dir.path + "/mnt"
+        let made = try run(kmsfsBinary, ["init", cipher], environment: env)
+        #expect(made.status == 0, "\(made.stderr)")
+        try syscall { mkdir(mnt, 0o755) }
+        let keys = try FileManager.default.contentsOfDirectory(atPath: dir.path + "/cfg/kmsfs/keys")
+        let key = dir.path + "/cfg/kmsfs/keys/" + keys[0]
+        try syscall { chmod(key, 0o644) }
+        let refused = try run(kmsfsBinary, ["mount", cipher, mnt], environment: env)
+        #expect(refused.status == 1 && refused.stderr.contains("is open to other users (mode 644): chmod 600 it"), "\(refused.stderr)")
+        let allowed = try run(kmsfsBinary, ["mount", "--allow-open-key-file", cipher, mnt], environment: env)
+        #expect(allowed.status == 0, "\(allowed.stderr)")
+        #expect(try run(kmsfsBinary, ["unmount", mnt], environment: env).status == 0)
+    }
+
     @Test("init creates the config and a 0600 key file, says where it is, and refuses to overwrite anything")
     func initVolume() throws {
         let dir = try TempDir()
@@ -17,7 +35,7 @@ struct CLITests {
         #expect(config.encryptionContext == ["team": "storage", "env": "test"])
         #expect(config.chunkSize == 4096)
         // Format 2: one header length for every file, enough for the context and the key.
-        #expect(config.formatVersion == 2 && config.headerLength == 512)
+        #expect(config.formatVersion == 3 && config.headerLength == 512 && config.encryptsNames)
         let keyPath = dir.path + "/cfg/kmsfs/keys/\(config.volumeId).key"
         #expect(r.stdout.contains(keyPath) && r.stdout.contains("Back this key file up"))
         var st = stat()
@@ -54,9 +72,10 @@ struct CLITests {
         let v = try MountedVolume(chunkSize: 4096, initArgs: ["--context", "dept=qa"])
         try P.writeFile(v.path("f"), Array(repeating: 1, count: 10000))
         try v.unmount()
+        let f = v.backing("f")
         // No key file at all: info must not need it.
         try FileManager.default.removeItem(atPath: v.configHome)
-        let r = try run(kmsfsBinary, ["info", "--json", v.backing("f")])
+        let r = try run(kmsfsBinary, ["info", "--json", f])
         #expect(r.status == 0, "\(r.stderr)")
         let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
         #expect(json["formatVersion"] as? Int == 1)
@@ -68,7 +87,7 @@ struct CLITests {
         let wrapped = (json["wrappedKeys"] as! [[String: String]])[0]
         #expect(wrapped["provider"] == "local" && wrapped["keyId"]!.hasPrefix("local:"))
         #expect(Data(base64Encoded: wrapped["blob"]!)?.count == 61)
-        let text = try run(kmsfsBinary, ["info", v.backing("f")])
+        let text = try run(kmsfsBinary, ["info", f])
         #expect(text.status == 0 && text.stdout.contains("plaintext size: 10000"))
         let bad = try run(kmsfsBinary, ["info", v.cipher + "/kmsfs.conf"])
         #expect(bad.status != 0 && bad.stderr.contains("not a kmsfs file"))
@@ -76,12 +95,12 @@ struct CLITests {
 
     @Test("Every command has --help; --version names the format; unmount refuses what is not a kmsfs mount")
     func helpVersionUnmount() throws {
-        for command in [[], ["init"], ["mount"], ["unmount"], ["info"], ["decrypt"], ["verify"]] {
+        for command in [[], ["init"], ["mount"], ["unmount"], ["info"], ["decrypt"], ["verify"], ["path"]] {
             let r = try run(kmsfsBinary, command + ["--help"])
             #expect(r.status == 0 && r.stdout.contains("USAGE:"), "\(command)")
         }
         let v = try run(kmsfsBinary, ["--version"])
-        #expect(v.status == 0 && v.stdout.contains("on-disk format 2; reads 1 and 2"))
+        #expect(v.status == 0 && v.stdout.contains("on-disk format 3; reads 1 to 3"))
         let dir = try TempDir()
         let u = try run(kmsfsBinary, ["unmount", dir.path])
         #expect(u.status != 0 && u.stderr.contains("is not a kmsfs mount"))

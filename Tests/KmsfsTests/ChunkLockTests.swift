@@ -24,7 +24,7 @@ struct ChunkLockTests {
     func concurrentHandlers() throws {
         let dir = try TempDir()
         let fs = try makeFilesystem(dir)
-        let (_, _, first) = try fs.create(fs.inodes.root, "f", 0o644, O_RDWR, Caller(uid: 0, gid: 0))
+        let (_, _, first) = try fs.create(fs.inodes.root, Array("f".utf8), 0o644, O_RDWR, Caller(uid: 0, gid: 0))
         let size = 4 * 4096
         let zeros = [UInt8](repeating: 0, count: size)
         _ = try zeros.withUnsafeBytes { try fs.write(first, from: $0.baseAddress!, count: size, offset: 0) }

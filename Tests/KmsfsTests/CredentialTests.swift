@@ -193,9 +193,13 @@ struct CredentialTests {
         try P.writeFile(v.path("f"), [1, 2, 3])
         try v.unmount()
         #expect(try v.offlineContents("f") == [1, 2, 3])
+        // Mounting unwraps the volume key: with a wrong secret the mount is refused, with one clear line.
+        let refusedMount = try run(kmsfsBinary, ["mount", v.cipher, v.mount], environment: v.environment.merging(wrong) { $1 })
+        #expect(refusedMount.status == 1 && refusedMount.stderr.contains("cannot unwrap the volume key of \(v.cipher) with key \(auth.keyArn): SignatureDoesNotMatch"),
+                "\(refusedMount.stderr)")
 
-        // The same volume mounted with a wrong secret mounts (no KMS call) but cannot open files.
-        let bad = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn], environment: right)
+        // A format 2 volume (no volume key) mounted with a wrong secret mounts (no KMS call) but cannot open files.
+        let bad = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn, "--format-version", "2"], environment: right)
         try P.writeFile(bad.path("f"), [7])
         try bad.unmount()
         let wrongMount = try MountedVolumeRestart(bad, environment: wrong)
@@ -207,7 +211,15 @@ struct CredentialTests {
     @Test("A principal denied kms:Decrypt gets EACCES on first read, with one log line naming the file, key and error")
     func accessDenied() throws {
         let auth = try AuthMoto.shared.get()
-        let v = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn], environment: auth.environment(id: auth.good.id, secret: auth.good.secret))
+        let good = auth.environment(id: auth.good.id, secret: auth.good.secret)
+        let noDecrypt = auth.environment(id: auth.noDecrypt.id, secret: auth.noDecrypt.secret)
+        // Format 3: the volume key cannot be unwrapped, so the mount is refused with one line.
+        let v3 = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn], environment: good)
+        try v3.unmount()
+        let refused = try run(kmsfsBinary, ["mount", v3.cipher, v3.mount], environment: v3.environment.merging(noDecrypt) { $1 })
+        #expect(refused.status == 1 && refused.stderr.contains("cannot unwrap the volume key") && refused.stderr.contains("AccessDenied"), "\(refused.stderr)")
+        // Format 2 (no volume key): the mount goes on, and each file's open is refused.
+        let v = try MountedVolume(initArgs: ["--kms", "aws", "--key-id", auth.keyArn, "--format-version", "2"], environment: good)
         try P.writeFile(v.path("secret"), Array("top".utf8))
         try v.unmount()
         let denied = try MountedVolumeRestart(v, environment: auth.environment(id: auth.noDecrypt.id, secret: auth.noDecrypt.secret))

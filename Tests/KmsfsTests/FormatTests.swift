@@ -277,7 +277,7 @@ struct FormatTests {
     @Test("Volume configs round-trip and bad ones are refused with a reason")
     func volumeConfig() throws {
         let config = VolumeConfig(volumeId: try VolumeConfig.newVolumeId(), chunkSize: 65536, encryptionContext: ["a": "b"],
-                                  keyProvider: KeyProviderConfig(type: "local", keyIds: ["local:0011223344556677"]))
+                                  keyProvider: KeyProviderConfig(type: "local", keyIds: ["local:0011223344556677"]), formatVersion: 2)
         #expect(try VolumeConfig.decode(try config.encoded()) == config)
         #expect(throws: FormatError.self) { try VolumeConfig.decode(Array("{".utf8)) }
         var bad = config; bad.chunkSize = 1000

@@ -193,7 +193,17 @@ final class MountedVolume {
 
     var daemonLogText: String { (try? String(contentsOfFile: daemonLog, encoding: .utf8)) ?? "" }
 
+    /// Audit lines of files' keys (the volume key's lines, one unwrap per mount and its wipe, are in
+    /// `volumeKeyAuditLines`).
     func auditLines() -> [[String: Any]] {
+        allAuditLines().filter { $0["path"] as? String != KeyService.volumeKeySubject.path }
+    }
+
+    func volumeKeyAuditLines() -> [[String: Any]] {
+        allAuditLines().filter { $0["path"] as? String == KeyService.volumeKeySubject.path }
+    }
+
+    func allAuditLines() -> [[String: Any]] {
         guard let text = try? String(contentsOfFile: auditLog, encoding: .utf8) else { return [] }
         return text.split(separator: "\n").compactMap {
             try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
@@ -234,7 +244,50 @@ final class MountedVolume {
     }
 
     func path(_ name: String) -> String { mount + "/" + name }
-    func backing(_ name: String) -> String { cipher + "/" + name }
+    /// The backing path of plaintext path `name` (through the encrypted names, resolved offline); kmsfs's own
+    /// files (the config, its lease, the journal) are at the top under their own names.
+    func backing(_ name: String) -> String {
+        if name.hasPrefix("kmsfs.conf") || name.contains(".kmsfs-new.") {
+            // Reserved names: the directory part is resolved, the last component is kept.
+            let parent = (name as NSString).deletingLastPathComponent
+            let base = (name as NSString).lastPathComponent
+            return (parent.isEmpty ? cipher : backing(parent)) + "/" + base
+        }
+        guard let names = try? offlineNames(), let rel = try? names.backingPath(of: name) else { return cipher + "/" + name }
+        return rel.isEmpty ? cipher : cipher + "/" + rel
+    }
+
+    private var cachedNames: OfflineNames?
+    private var cachedKeys: VolumeKeys?
+
+    /// The volume key's derived keys (unwrapped through the provider once).
+    func volumeKeys() throws -> VolumeKeys {
+        if let k = cachedKeys { return k }
+        let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: cipher)))
+        let provider = try ProviderFactory.makeProvider(volume: volume, options: .init(environment: environment))
+        let k = try KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: nil).openVolumeKey(volume)
+        cachedKeys = k
+        return k
+    }
+
+    /// Changes the volume config as an administrator holding the volume key would (authenticated again).
+    func rewriteConfig(_ change: (inout VolumeConfig) -> Void) throws {
+        var config = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: cipher)))
+        change(&config)
+        if config.formatVersion >= 3 { try config.authenticate(with: try volumeKeys()) }
+        try FileIO.writeFileAtomically(VolumeConfig.path(in: cipher), contents: try config.encoded())
+    }
+
+    /// Offline name resolution of this volume (the volume key unwrapped through the provider once).
+    func offlineNames() throws -> OfflineNames {
+        if let n = cachedNames { return n }
+        let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: cipher)))
+        var cipherNames: NameCipher? = nil
+        if volume.encryptsNames { cipherNames = NameCipher(keys: try volumeKeys()) }
+        let n = OfflineNames(cipherDir: cipher, cipher: cipherNames)
+        cachedNames = n
+        return n
+    }
 
     /// The volume's config and a key service over its local key file, for offline checks.
     func offlineReader() throws -> OfflineReader {

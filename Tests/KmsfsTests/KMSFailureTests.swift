@@ -30,10 +30,12 @@ struct KMSFailureTests {
         let v = try volume(key, proxy)
         try P.writeFile(v.path("f"), [1, 2, 3])
         #expect(v.waitForAudit("DiscardKey", count: 1))
+        let atMount = proxy.count("Decrypt")  // the volume key's
+        #expect(atMount == 1)
 
         proxy.set(.throttle(remaining: 2), forKey: key)
         #expect(try P.readFile(v.path("f")) == [1, 2, 3])
-        #expect(proxy.count("Decrypt") == 3)
+        #expect(proxy.count("Decrypt") == atMount + 3)
         #expect(v.auditLines().filter { $0["op"] as? String == "Decrypt" }.map { $0["result"] as? String } == ["ok"])
         #expect(v.waitForAudit("DiscardKey", count: 2))
 
@@ -170,7 +172,8 @@ struct KMSFailureTests {
         let initFetches = fetches.load(ordering: .relaxed)
         try P.writeFile(v.path("a"), [1])
         let afterFirst = fetches.load(ordering: .relaxed)
-        #expect(afterFirst == initFetches + 1)
+        // The mount's unwrap of the volume key fetched credentials already; the first create may reuse them.
+        #expect(afterFirst <= initFetches + 1)
         usleep(2_600_000)
         try P.writeFile(v.path("b"), [2])
         #expect(fetches.load(ordering: .relaxed) == afterFirst + 1)

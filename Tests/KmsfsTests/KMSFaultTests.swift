@@ -104,7 +104,7 @@ struct KMSFaultTests {
         for i in 0..<5 { #expect(try wrappedKeyIds(v, "new\(i)") == [b]) }
         #expect(try P.readFile(v.path("old")) == [1])
         // Only the first call for key A went out (and was held until the deadline); none since.
-        #expect(proxy.count("GenerateDataKey", key: a) == 2 && proxy.count("Decrypt", key: a) == 0)
+        #expect(proxy.fileCount("GenerateDataKey", key: a) == 2 && proxy.fileCount("Decrypt", key: a) == 0)
         #expect(v.daemonLogText.contains("new file /new0 wrapped without \(a): Timeout (gave up at the deadline"))
         #expect(v.daemonLogText.contains("new file /new1 wrapped without \(a): Timeout (not asked: it failed so"))
         proxy.set(.none, forKey: a)
@@ -124,8 +124,8 @@ struct KMSFaultTests {
         for i in 0..<5 { try P.writeFile(v.path("new\(i)"), [UInt8(10 + i)]) }
         for i in 0..<5 { #expect(try wrappedKeyIds(v, "new\(i)") == [b]) }
         // Key A was asked once; the other creates went straight to key B.
-        #expect(proxy.count("GenerateDataKey", key: a) == 1 + 3)
-        #expect(proxy.count("GenerateDataKey", key: b) == 5)
+        #expect(proxy.fileCount("GenerateDataKey", key: a) == 1 + 3)
+        #expect(proxy.fileCount("GenerateDataKey", key: b) == 5)
         #expect(v.daemonLogText.contains("new file /new0 wrapped without \(a): \(errorType)"))
         #expect(v.daemonLogText.contains("kmsfs rewrap adds the missing keys later"))
 
@@ -133,7 +133,7 @@ struct KMSFaultTests {
         for i in 0..<5 { #expect(try P.readFile(v.path("new\(i)")) == [UInt8(10 + i)]) }
         // Key A was asked to Decrypt once (refusals are remembered per key and operation: a key policy may allow
         // one and not the other); the other opens went straight to key B.
-        #expect(proxy.count("Decrypt", key: a) == 1)
+        #expect(proxy.fileCount("Decrypt", key: a) == 1)
         #expect(v.daemonLogText.contains("/old0: unwrapped with key \(b) after \(a): \(errorType)"))
         // The audit log records the refused call.
         #expect(v.auditLines().contains { $0["op"] as? String == "GenerateDataKey" && $0["keyId"] as? String == a

@@ -158,7 +158,7 @@ struct AWSKeyPoolTests {
         #expect(waitFor(seconds: 60) { result.withLock { $0 } != nil })
         let r = result.withLock { $0 }
         #expect(r?.status == 0, "\(r?.stderr ?? "")")
-        #expect(proxy.count("ReEncrypt") == 12)
+        #expect(proxy.fileCount("ReEncrypt") == 12)
         for i in 0..<12 {
             let header = try FileHeader(decoding: try P.readFile(v.backing("f\(i)")))
             #expect(header.wrappedKeys.map(\.keyId) == [k2])

@@ -87,6 +87,16 @@ final class TestHTTPServer: @unchecked Sendable {
 
     func count(_ op: String) -> Int { requests.filter { $0.kmsOperation == op }.count }
 
+    /// Calls of `op` for the data keys of files (their encryption context names a file, not the volume key),
+    /// optionally only those that named `keyId`.
+    func fileCount(_ op: String, key keyId: String? = nil) -> Int {
+        requests.filter { r in
+            r.kmsOperation == op
+                && ((r.json["EncryptionContext"] ?? r.json["SourceEncryptionContext"]) as? [String: String])?["kmsfs:file-id"] != nil
+                && (keyId == nil || ["KeyId", "SourceKeyId", "DestinationKeyId"].contains { r.json[$0] as? String == keyId })
+        }.count
+    }
+
     /// Calls of `op` that named `keyId` (KeyId, SourceKeyId or DestinationKeyId).
     func count(_ op: String, key keyId: String) -> Int {
         requests.filter { r in

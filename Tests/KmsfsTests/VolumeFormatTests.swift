@@ -24,9 +24,7 @@ struct VolumeFormatTests {
         #expect(v.auditLines().count == audit)
         // In a volume whose header lengths differ, sizes do come from the headers (the same log line shows it).
         try v.unmount()
-        var config = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
-        config.headerLength = nil
-        try FileIO.writeFileAtomically(VolumeConfig.path(in: v.cipher), contents: try config.encoded())
+        try v.rewriteConfig { $0.headerLength = nil }
         try v.start(["--debug"])
         #expect(try P.stat(v.path("d/f199")).st_size == 199 * 37)
         #expect(v.daemonLogText.contains("reading the header prefix"))
@@ -34,7 +32,7 @@ struct VolumeFormatTests {
 
     @Test("A format 1 volume, whose files each have their own header length, still mounts, reads and grows")
     func formatOneVolume() throws {
-        let v = try MountedVolume()
+        let v = try MountedVolume(initArgs: ["--format-version", "2"])
         var rng = SeededRandom(seed: 21)
         let data = rng.bytes(3 * 4096 + 99)
         try P.writeFile(v.path("old"), data)
@@ -64,16 +62,17 @@ struct VolumeFormatTests {
         let long = String(repeating: "x", count: 700)
         let v = try MountedVolume(initArgs: ["--context", "note=\(long)"])
         try v.unmount()
-        var config = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
-        #expect(config.headerLength == 1024)
-        config.headerLength = 512
-        try FileIO.writeFileAtomically(VolumeConfig.path(in: v.cipher), contents: try config.encoded())
+        #expect(try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher))).headerLength == 1024)
+        try v.rewriteConfig { $0.headerLength = 512 }
         try v.start()
         try P.writeFile(v.path("f"), Array("longer header".utf8))
         #expect(try P.readFile(v.path("f")) == Array("longer header".utf8))
         #expect(try P.stat(v.path("f")).st_size == 13)
         #expect(v.daemonLogText.contains("more than the volume's uniform 512"))
-        #expect(try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher))).headerLength == nil)
+        let changed = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        #expect(changed.headerLength == nil)
+        // The mount authenticated the config it changed.
+        #expect(throws: Never.self) { try changed.checkAuthenticity(with: try v.volumeKeys()) }
         try v.remount()
         #expect(try P.stat(v.path("f")).st_size == 13)
         #expect(try P.readFile(v.path("f")) == Array("longer header".utf8))

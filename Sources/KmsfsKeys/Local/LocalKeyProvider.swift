@@ -54,8 +54,9 @@ public enum LocalKeyFile {
         return base + "/kmsfs/keys/" + volumeId + ".key"
     }
 
-    /// Loads a key file. Errors name the file and the problem, never its contents.
-    public static func load(path: String) throws -> LocalMasterKey {
+    /// Loads a key file. Errors name the file and the problem, never its contents. A file other users may read
+    /// or write is refused (as ssh refuses such private keys) unless `allowOpen`.
+    public static func load(path: String, allowOpen: Bool = false) throws -> LocalMasterKey {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         if fd < 0 {
             let e = Errno.current
@@ -68,7 +69,12 @@ public enum LocalKeyFile {
             throw KeyError(.keyUnavailable, errorType: "KeyFileInvalid", keyId: path, message: "key file \(path) is not a regular file")
         }
         if st.st_mode & 0o077 != 0 {
-            Log.warning("key file \(path) is readable by other users (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 600 it")
+            let mode = String(st.st_mode & 0o777, radix: 8)
+            guard allowOpen else {
+                throw KeyError(.keyUnavailable, errorType: "KeyFileTooOpen", keyId: path,
+                               message: "key file \(path) is open to other users (mode \(mode)): chmod 600 it (or mount with --allow-open-key-file)")
+            }
+            Log.warning("key file \(path) is open to other users (mode \(mode)), accepted because of --allow-open-key-file; chmod 600 it")
         }
         let buffer = try SecureBytes(count: maximumSize + 1)
         let n = try buffer.withUnsafeMutableBytes { b in try FileIO.pread(fd, b.baseAddress!, count: b.count, offset: 0) }

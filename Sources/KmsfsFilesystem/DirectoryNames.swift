@@ -1,0 +1,128 @@
+import Glibc
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+/// Names in directories: the directory ID files of encrypted names, long names' siblings, and mount paths
+/// for log lines. The handlers reach every entry through `withEntry`.
+extension EncryptedFilesystem {
+    /// Runs `body` with a descriptor of directory `parent` and the backing name of its entry `name`.
+    func withEntry<R>(_ parent: Inode, _ name: [UInt8], creating: Bool, _ body: (Int32, BackingName) throws -> R) throws -> R {
+        try inodes.withDirectory(parent) { dfd in
+            let dir = try nameDirectory(parent, fd: dfd)
+            return try body(dfd, try names.backingName(name, in: dir, creating: creating))
+        }
+    }
+
+    /// What the name mapping needs to know of directory `dir`, reached through `fd`.
+    func nameDirectory(_ dir: Inode, fd: Int32) throws -> NameDirectory {
+        let inRoot = dir === inodes.root
+        guard names.usesDirectoryIds else { return NameDirectory(inRoot: inRoot, id: [], fd: fd) }
+        if let id = inodes.directoryId(of: dir) { return NameDirectory(inRoot: inRoot, id: id, fd: fd) }
+        let id = try readDirectoryId(fd, of: dir)
+        inodes.setDirectoryId(id, of: dir)
+        return NameDirectory(inRoot: inRoot, id: id, fd: fd)
+    }
+
+    /// Reads the ID file of the backing directory `fd`. A directory that has none, or a damaged one, and holds
+    /// nothing else (a crash during mkdir) is given a new one; otherwise the directory cannot be used (EIO).
+    private func readDirectoryId(_ fd: Int32, of dir: Inode) throws -> [UInt8] {
+        guard let cipher = names.xattrCipher else { return [] }
+        let contents = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd)
+        if let c = contents, let id = cipher.directoryId(fromFile: c) { return id }
+        let why = contents == nil ? "has no directory ID file (\(NameCipher.directoryIdFile))"
+                                  : "has a directory ID file that is not this volume's, or was altered"
+        if !readOnly, EncryptedFilesystem.holdsOnlyOwnEntries(fd, inRoot: dir === inodes.root) {
+            Log.info("backing directory of \(mountPath(of: dir)) \(why) and is empty: giving it a new ID")
+            return try writeDirectoryId(fd)
+        }
+        FailureLog.shared.log(.error, kind: "directory-id", "cannot use directory \(mountPath(of: dir)): its backing directory \(why); its entries cannot be decrypted")
+        throw Errno.EIO
+    }
+
+    /// Gives backing directory `fd` a new ID file (replacing any) and returns the ID.
+    @discardableResult
+    func writeDirectoryId(_ fd: Int32) throws -> [UInt8] {
+        guard let cipher = names.xattrCipher else { return [] }
+        let (id, contents) = try cipher.newDirectoryIdFile()
+        unlinkat(fd, NameCipher.directoryIdFile, 0)
+        let f = try syscall { openat(fd, NameCipher.directoryIdFile, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o444) }
+        defer { close(f) }
+        try contents.withUnsafeBytes { _ = try FileIO.pwrite(f, $0.baseAddress!, count: $0.count, offset: 0) }
+        return id
+    }
+
+    /// True when backing directory `fd` holds nothing but kmsfs's own entries.
+    static func holdsOnlyOwnEntries(_ fd: Int32, inRoot: Bool) -> Bool {
+        ownEntries(fd, inRoot: inRoot) != nil
+    }
+
+    /// kmsfs's own entries of backing directory `fd` (directory ID, temporary files, long-name siblings whose
+    /// entry is gone; at the top, the config and its companions too, which are never removed), or nil when it
+    /// holds anything else.
+    static func ownEntries(_ fd: Int32, inRoot: Bool = false) -> [String]? {
+        let listFd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard listFd >= 0, let stream = fdopendir(listFd) else {
+            if listFd >= 0 { close(listFd) }
+            return nil
+        }
+        defer { closedir(stream) }
+        var own: [String] = []
+        var all = Set<String>()
+        while let entry = Glibc.readdir(stream) {
+            let n = EncryptedFilesystem.name(of: entry)
+            if n != "." && n != ".." { all.insert(n) }
+        }
+        for n in all {
+            if inRoot && PlaintextNames.isReserved(n) { continue }
+            if n == NameCipher.directoryIdFile || TemporaryNames.isTemporary(n) {
+                own.append(n)
+            } else if n.hasPrefix(NameCipher.longPrefix) && n.hasSuffix(NameCipher.longSuffix)
+                        && !all.contains(String(n.dropLast(NameCipher.longSuffix.count))) {
+                own.append(n)
+            } else {
+                return nil
+            }
+        }
+        return own
+    }
+
+    /// Before a long name is given to an entry: its sibling holding the full encrypted name.
+    func placeSibling(_ b: BackingName, in dfd: Int32) throws {
+        guard let sibling = b.sibling, let text = b.longText else { return }
+        let f = try syscall { openat(dfd, sibling, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o644) }
+        defer { close(f) }
+        let bytes = Array(text.utf8)
+        try bytes.withUnsafeBytes { _ = try FileIO.pwrite(f, $0.baseAddress!, count: $0.count, offset: 0) }
+    }
+
+    /// After a long name was removed: its sibling, unless another entry took the name meanwhile.
+    func removeSibling(_ b: BackingName, in dfd: Int32) {
+        guard let sibling = b.sibling else { return }
+        var st = stat()
+        if fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) != 0 { unlinkat(dfd, sibling, 0) }
+    }
+
+    /// The current mount path of a node, for log lines and the audit log ("?" once its names are gone).
+    func mountPath(of inode: Inode) -> String {
+        guard let chain = inodes.chain(of: inode) else { return "?" }
+        if chain.isEmpty { return "/" }
+        var path = ""
+        for (parent, name) in chain {
+            path += "/" + (shownName(name, in: parent).map { String(decoding: $0, as: UTF8.self) } ?? "?")
+        }
+        return path
+    }
+
+    /// The mount name of backing entry `name` of `parent`, if it has one.
+    func shownName(_ name: String, in parent: Inode) -> [UInt8]? {
+        if !names.usesDirectoryIds { return names.mountName(name, in: NameDirectory(inRoot: parent === inodes.root, id: [], fd: -1)) }
+        return try? inodes.withDirectory(parent) { dfd in names.mountName(name, in: try nameDirectory(parent, fd: dfd)) }
+    }
+
+    /// The mount path of entry `name` of `parent`.
+    func mountPath(of parent: Inode, _ name: [UInt8]) -> String {
+        let p = mountPath(of: parent)
+        return (p == "/" ? "" : p) + "/" + String(decoding: name, as: UTF8.self)
+    }
+}

@@ -1,0 +1,142 @@
+import KmsfsCrypto
+
+/// The volume key as stored in the volume config (format 3): the key wrapped by each configured provider key,
+/// and its public commitment. The plaintext key never touches the disk.
+public struct VolumeKeyConfig: Codable, Equatable, Sendable {
+    public struct Wrapped: Codable, Equatable, Sendable {
+        public var provider: String
+        public var keyId: String
+        /// Standard base64 of the provider's ciphertext.
+        public var blob: String
+
+        public init(_ w: WrappedKey) {
+            provider = w.provider
+            keyId = w.keyId
+            blob = Base64.encode(w.blob)
+        }
+
+        public var wrappedKey: WrappedKey? {
+            Base64.decode(blob).map { WrappedKey(provider: provider, keyId: keyId, blob: $0) }
+        }
+    }
+
+    public var wrappedKeys: [Wrapped]
+    /// Lower-case hex of the 32-byte key commitment (`VolumeKeys.commitment`).
+    public var commitment: String
+
+    public init(wrappedKeys: [WrappedKey], commitment: [UInt8]) {
+        self.wrappedKeys = wrappedKeys.map(Wrapped.init)
+        self.commitment = Hex.encode(commitment)
+    }
+}
+
+/// What a volume key is used for, derived from it with HKDF-SHA256 (salt: the 16-byte volume ID):
+///
+///   name key            info "kmsfs v3 name key"            64 bytes, AES-256-SIV of file names
+///   xattr name key      info "kmsfs v3 xattr name key"      64 bytes, AES-256-SIV of extended attribute names
+///   metadata key        info "kmsfs v3 metadata key"        32 bytes, AES-256-GCM of symlink targets and xattr values
+///   directory ID key    info "kmsfs v3 directory id key"    32 bytes, HMAC-SHA256 of directory ID files
+///   config key          info "kmsfs v3 config key"          32 bytes, HMAC-SHA256 of the volume config
+///   commitment          info "kmsfs v3 volume key commitment" 32 bytes, public, stored in the config
+///
+/// The volume key itself is wiped once these are derived; the derived keys live in locked memory for the mount
+/// and are wiped by `wipe()` at unmount.
+public final class VolumeKeys: Sendable {
+    public let volumeId: [UInt8]
+    public let names: AESSIV
+    public let xattrNames: AESSIV
+    public let metadata: SecureBytes
+    public let directoryIds: SecureBytes
+    public let config: SecureBytes
+    public let commitment: [UInt8]
+
+    public static let keySize = 32
+    static let infos = ["kmsfs v3 name key", "kmsfs v3 xattr name key", "kmsfs v3 metadata key",
+                        "kmsfs v3 directory id key", "kmsfs v3 config key", "kmsfs v3 volume key commitment"]
+
+    /// Derives the keys of volume `volumeId` (32 hex digits) from its volume key.
+    public init(volumeKey: SecureBytes, volumeId: String) throws {
+        precondition(volumeKey.count == VolumeKeys.keySize)
+        guard let id = Hex.decode(volumeId), id.count == 16 else { throw FormatError.invalidConfig("volumeId must be 32 hex digits") }
+        self.volumeId = id
+        let salt = id
+        func derive(_ info: String, _ length: Int) throws -> SecureBytes {
+            try Digest.hkdfSHA256(ikm: volumeKey, salt: salt, info: Array(info.utf8), length: length)
+        }
+        names = try AESSIV(key: try derive(VolumeKeys.infos[0], 64))
+        xattrNames = try AESSIV(key: try derive(VolumeKeys.infos[1], 64))
+        metadata = try derive(VolumeKeys.infos[2], 32)
+        directoryIds = try derive(VolumeKeys.infos[3], 32)
+        config = try derive(VolumeKeys.infos[4], 32)
+        commitment = try derive(VolumeKeys.infos[5], 32).withUnsafeBytes { Array($0) }
+    }
+
+    /// Overwrites every derived key (at unmount).
+    public func wipe() {
+        names.wipe()
+        xattrNames.wipe()
+        metadata.wipe()
+        directoryIds.wipe()
+        config.wipe()
+    }
+
+    /// The commitment of a volume key, without deriving the rest.
+    public static func commitment(of volumeKey: SecureBytes, volumeId: String) throws -> [UInt8] {
+        guard let id = Hex.decode(volumeId), id.count == 16 else { throw FormatError.invalidConfig("volumeId must be 32 hex digits") }
+        return try Digest.hkdfSHA256Public(ikm: volumeKey, salt: id, info: Array(infos[5].utf8), length: 32)
+    }
+
+    /// The encryption context the volume key is wrapped under: a key policy can allow it apart from data keys.
+    public static func context(volumeId: String) -> EncryptionContext {
+        EncryptionContext([EncryptionContext.volumeIdKey: volumeId, EncryptionContext.purposeKey: EncryptionContext.volumeKeyPurpose])
+    }
+
+    /// HMAC-SHA256 under the config key.
+    public func configMAC(_ data: [UInt8]) throws -> [UInt8] {
+        try hmac(config, data)
+    }
+
+    func hmac(_ key: SecureBytes, _ data: [UInt8]) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 32)
+        try key.withUnsafeBytes { (k) in
+            try data.withUnsafeBytes { (d) in
+                try out.withUnsafeMutableBytes { o in try Digest.hmacSHA256(key: k, data: d, into: o.baseAddress!) }
+            }
+        }
+        return out
+    }
+
+    /// AES-256-GCM under the metadata key: nonce || ciphertext || tag, with a fresh random nonce.
+    func sealMetadata(_ plaintext: [UInt8], ad: [UInt8]) throws -> [UInt8] {
+        let gcm = try AESGCM(key: metadata)
+        var out = [UInt8](repeating: 0, count: AESGCM.nonceSize + plaintext.count + AESGCM.tagSize)
+        try out.withUnsafeMutableBytes { o in
+            try SecureRandom.fill(UnsafeMutableRawBufferPointer(start: o.baseAddress!, count: AESGCM.nonceSize))
+            try ad.withUnsafeBytes { a in
+                try plaintext.withUnsafeBytes { p in
+                    try gcm.seal(nonce: o.baseAddress!, aad: a, plaintext: p, ciphertext: o.baseAddress! + AESGCM.nonceSize,
+                                 tag: o.baseAddress! + AESGCM.nonceSize + plaintext.count)
+                }
+            }
+        }
+        return out
+    }
+
+    /// The plaintext of `sealMetadata`'s output, or nil when it does not authenticate under `ad`.
+    func openMetadata(_ sealed: [UInt8], ad: [UInt8]) -> [UInt8]? {
+        let overhead = AESGCM.nonceSize + AESGCM.tagSize
+        guard sealed.count >= overhead, let gcm = try? AESGCM(key: metadata) else { return nil }
+        let n = sealed.count - overhead
+        var out = [UInt8](repeating: 0, count: n)
+        let ok = sealed.withUnsafeBytes { s in
+            ad.withUnsafeBytes { a in
+                out.withUnsafeMutableBytes { o in
+                    gcm.open(nonce: s.baseAddress!, aad: a,
+                             ciphertext: UnsafeRawBufferPointer(start: s.baseAddress! + AESGCM.nonceSize, count: n),
+                             tag: s.baseAddress! + AESGCM.nonceSize + n, plaintext: o.baseAddress ?? UnsafeMutableRawPointer(mutating: s.baseAddress!))
+                }
+            }
+        }
+        return ok ? out : nil
+    }
+}

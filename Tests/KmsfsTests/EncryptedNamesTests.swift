@@ -1,0 +1,305 @@
+import CSystem
+import Foundation
+import Glibc
+import KmsfsFilesystem
+import KmsfsFormat
+import KmsfsSystem
+import Testing
+
+/// Byte-exact paths: names need not be UTF-8.
+private func cPath(_ bytes: [UInt8]) -> [CChar] { (bytes + [0]).map { CChar(bitPattern: $0) } }
+
+private func entries(_ dir: [UInt8]) throws -> Set<[UInt8]> {
+    guard let d = cPath(dir).withUnsafeBufferPointer({ opendir($0.baseAddress!) }) else { throw Errno.current }
+    defer { closedir(d) }
+    var out = Set<[UInt8]>()
+    while let e = readdir(d) {
+        let name = withUnsafeBytes(of: e.pointee.d_name) { raw in Array(raw.prefix(while: { $0 != 0 })) }
+        if name != [46] && name != [46, 46] { out.insert(name) }
+    }
+    return out
+}
+
+private func writeBytes(_ path: [UInt8], _ data: [UInt8]) throws {
+    let fd = try syscall { cPath(path).withUnsafeBufferPointer { Glibc.open($0.baseAddress!, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) } }
+    defer { close(fd) }
+    try P.write(fd, data)
+}
+
+private func readBytes(_ path: [UInt8]) throws -> [UInt8] {
+    let fd = try syscall { cPath(path).withUnsafeBufferPointer { Glibc.open($0.baseAddress!, O_RDONLY | O_CLOEXEC) } }
+    defer { close(fd) }
+    return try P.pread(fd, 1 << 20, 0)
+}
+
+/// Every file of a backing tree with its contents, and every name, symlink target and extended attribute in it.
+private func backingBytes(_ root: String) throws -> [UInt8] {
+    var all: [UInt8] = []
+    let walker = FileManager.default.enumerator(atPath: root)!
+    while let rel = walker.nextObject() as? String {
+        let p = root + "/" + rel
+        all += Array(rel.utf8) + [0]
+        var st = stat()
+        guard lstat(p, &st) == 0 else { continue }
+        if st.st_mode & S_IFMT == S_IFREG { all += (try? P.readFile(p)) ?? [] }
+        if st.st_mode & S_IFMT == S_IFLNK { all += Array(((try? FileManager.default.destinationOfSymbolicLink(atPath: p)) ?? "").utf8) }
+        var names = [CChar](repeating: 0, count: 65536)
+        let n = llistxattr(p, &names, names.count)
+        if n > 0 {
+            all += names[0..<n].map { UInt8(bitPattern: $0) }
+            for name in names[0..<n].split(separator: 0) {
+                var value = [UInt8](repeating: 0, count: 65536)
+                let m = lgetxattr(p, Array(name) + [0], &value, value.count)
+                if m > 0 { all += value[0..<m] }
+            }
+        }
+    }
+    return all
+}
+
+private func linkTarget(_ path: String) throws -> String {
+    var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = try syscall { readlink(path, &raw, raw.count - 1) }
+    return String(decoding: raw[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+private func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
+    guard !needle.isEmpty, haystack.count >= needle.count else { return false }
+    let first = needle[0]
+    var i = 0
+    while i <= haystack.count - needle.count {
+        if haystack[i] == first && Array(haystack[i..<i + needle.count]) == needle { return true }
+        i += 1
+    }
+    return false
+}
+
+@Suite("Encrypted names, symlink targets and extended attributes (format 3)")
+struct EncryptedNamesTests {
+    @Test("Long names, every byte value a name may hold, a directory renamed with its children, hard links across directories, long symlink targets, xattrs; all kept over a remount")
+    func throughTheMount() throws {
+        let v = try MountedVolume()
+        let m = Array(v.mount.utf8) + [47]
+        // Every byte but NUL and "/", in one name (254 bytes), a 255-byte name, and a short one.
+        let allBytes = (1...255).map { UInt8($0) }.filter { $0 != 47 }
+        let longest = [UInt8](repeating: 0x61, count: 255)
+        let invalidUTF8: [UInt8] = [0xff, 0xfe, 0x80, 0x41]
+        for (i, name) in [allBytes, longest, invalidUTF8, Array("short".utf8)].enumerated() {
+            try writeBytes(m + name, Array("content \(i)".utf8))
+        }
+        #expect(P.errno { try writeBytes(m + longest + [0x61], [1]) } == ENAMETOOLONG)
+        try syscall { mkdir(v.path("dir"), 0o755) }
+        try syscall { mkdir(v.path("dir/sub"), 0o700) }
+        try P.writeFile(v.path("dir/sub/child"), Array("child".utf8))
+        try P.writeFile(v.path("dir/" + String(repeating: "é", count: 127)), Array("long child".utf8))
+        try syscall { link(v.path("short"), v.path("dir/hardlink")) }
+        let target = String(repeating: "t/", count: 1400) + "end"  // 2803 bytes
+        try syscall { symlink(target, v.path("dir/longlink")) }
+        var lst = stat()
+        try syscall { lstat(v.path("dir/longlink"), &lst) }
+        #expect(lst.st_size == off_t(target.utf8.count))
+        #expect(P.errno { try syscall { symlink(String(repeating: "x", count: 3100), v.path("toolong")) } } == ENAMETOOLONG)
+        try syscall { setxattr(v.path("short"), "user.comment", "a secret note", 13, 0) }
+        try syscall { setxattr(v.path("dir"), "user.dirnote", "on a directory", 14, 0) }
+
+        func check() throws {
+            #expect(try entries(Array(v.mount.utf8)) == [allBytes, longest, invalidUTF8, Array("short".utf8), Array("renamed".utf8)])
+            for (i, name) in [allBytes, longest, invalidUTF8, Array("short".utf8)].enumerated() where i != 3 {
+                #expect(try readBytes(m + name) == Array("content \(i)".utf8))
+            }
+            #expect(try linkTarget(v.path("renamed/longlink")) == target)
+            #expect(try P.readFile(v.path("renamed/sub/child")) == Array("child".utf8))
+            #expect(try P.readFile(v.path("renamed/" + String(repeating: "é", count: 127))) == Array("long child".utf8))
+            #expect(try P.readFile(v.path("renamed/hardlink")) == Array("content 3".utf8))
+            #expect(try P.stat(v.path("short")).st_nlink == 2)
+            var value = [CChar](repeating: 0, count: 64)
+            let n = getxattr(v.path("short"), "user.comment", &value, value.count)
+            #expect(n == 13 && String(cString: Array(value[0..<13]) + [0]) == "a secret note")
+            #expect(getxattr(v.path("short"), "user.comment", nil, 0) == 13)
+            var list = [CChar](repeating: 0, count: 256)
+            let l = listxattr(v.path("renamed"), &list, list.count)
+            #expect(l > 0 && String(cString: Array(list[0..<l])) == "user.dirnote")
+        }
+        // A directory rename moves the directory alone in the backing store: its children keep their names.
+        let before = try FileManager.default.contentsOfDirectory(atPath: v.backing("dir")).sorted()
+        try syscall { Glibc.rename(v.path("dir"), v.path("renamed")) }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.backing("renamed")).sorted() == before)
+        try check()
+        try v.remount()
+        try check()
+        // Removing everything leaves an empty backing directory but for kmsfs's own files.
+        for name in [allBytes, longest, invalidUTF8, Array("short".utf8)] {
+            try syscall { cPath(m + name).withUnsafeBufferPointer { unlink($0.baseAddress!) } }
+        }
+        try FileManager.default.removeItem(atPath: v.path("renamed"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount).isEmpty)
+        let left = try FileManager.default.contentsOfDirectory(atPath: v.cipher).filter { !$0.hasPrefix("kmsfs.conf") }
+        #expect(left == [NameCipher.directoryIdFile], "\(left)")
+    }
+
+    @Test("No name, symlink target, xattr name or value, or other user-supplied string appears anywhere in the backing directory")
+    func nothingLeaks() throws {
+        let v = try MountedVolume(initArgs: ["--context", "tenant=acme-corp-tenant"])
+        let secrets = ["quarterly-results-draft", "medical-records", "passwords.kdbx", "symlink-destination-secret",
+                       "user.attribute-name-secret", "attribute-value-secret", "a-very-long-directory-name-" + String(repeating: "z", count: 200)]
+        try syscall { mkdir(v.path(secrets[1]), 0o755) }
+        try syscall { mkdir(v.path(secrets[1] + "/" + secrets[6]), 0o755) }
+        try P.writeFile(v.path(secrets[1] + "/" + secrets[0]), Array("contents of \(secrets[0])".utf8))
+        try P.writeFile(v.path(secrets[1] + "/" + secrets[6] + "/" + secrets[2]), [1, 2, 3])
+        try syscall { symlink("/home/" + secrets[3], v.path(secrets[1] + "/link")) }
+        try syscall { setxattr(v.path(secrets[1] + "/" + secrets[0]), secrets[4], secrets[5], secrets[5].utf8.count, 0) }
+        try syscall { setxattr(v.path(secrets[1]), secrets[4], secrets[5], secrets[5].utf8.count, 0) }
+        try v.unmount()
+        let stored = try backingBytes(v.cipher)
+        for s in secrets + ["contents of", "link", "home", "attribute"] {
+            #expect(!contains(stored, Array(s.utf8)), "\(s) is in the backing directory")
+        }
+        // The user's context is in file headers by design (it is the KMS encryption context), and nothing else.
+        #expect(contains(stored, Array("acme-corp-tenant".utf8)))
+    }
+
+    @Test("An entry moved to another backing directory, an altered name, a damaged directory ID, symlink target or xattr value: skipped or EIO, with a log line; never garbage")
+    func tamperingIsDetected() throws {
+        let v = try MountedVolume()
+        try syscall { mkdir(v.path("a"), 0o755) }
+        try syscall { mkdir(v.path("b"), 0o755) }
+        try syscall { mkdir(v.path("c"), 0o755) }
+        try P.writeFile(v.path("a/moved"), [1])
+        try P.writeFile(v.path("a/stays"), [2])
+        try P.writeFile(v.path("b/altered"), [3])
+        try P.writeFile(v.path("c/x"), [4])
+        try P.writeFile(v.path("f"), [5])
+        try P.writeFile(v.path("g"), [6])
+        try syscall { symlink("target", v.path("link")) }
+        try syscall { setxattr(v.path("f"), "user.k", "value-f", 7, 0) }
+        try syscall { setxattr(v.path("g"), "user.k", "value-g", 7, 0) }
+        let moved = v.backing("a/moved"), altered = v.backing("b/altered")
+        let link = v.backing("link"), dirId = v.backing("c") + "/" + NameCipher.directoryIdFile
+        let f = v.backing("f"), g = v.backing("g")
+        try v.unmount()
+
+        // Moved from a to b in the backing store: it no longer decrypts in b.
+        try syscall { Glibc.rename(moved, v.backing("b") + "/" + (moved as NSString).lastPathComponent) }
+        // One character of a name changed.
+        var chars = Array(altered.utf8)
+        chars[chars.count - 3] = chars[chars.count - 3] == UInt8(ascii: "A") ? UInt8(ascii: "B") : UInt8(ascii: "A")
+        try syscall { Glibc.rename(altered, String(decoding: chars, as: UTF8.self)) }
+        // A directory ID file damaged.
+        var id = try P.readFile(dirId)
+        id[20] ^= 1
+        try syscall { chmod(dirId, 0o644) }
+        try P.writeFile(dirId, id)
+        // A symlink target replaced by another valid-looking one.
+        let stored = try FileManager.default.destinationOfSymbolicLink(atPath: link)
+        try syscall { unlink(link) }
+        try syscall { symlink(String(stored.reversed()), link) }
+        // g's attribute value copied onto f.
+        var value = [UInt8](repeating: 0, count: 256)
+        var names = [CChar](repeating: 0, count: 256)
+        let nl = listxattr(g, &names, names.count)
+        let stored_name = Array(names[0..<nl].split(separator: 0)[0]) + [0]
+        let vl = getxattr(g, stored_name, &value, value.count)
+        try syscall { setxattr(f, stored_name, value, vl, 0) }
+
+        try v.start()
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("a")) == ["stays"])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("b")).isEmpty)
+        #expect(P.errno { try P.readFile(v.path("b/moved")) } == ENOENT)
+        #expect(P.errno { try FileManager.default.contentsOfDirectory(atPath: v.path("c")) } != nil)
+        #expect(P.errno { try P.readFile(v.path("c/x")) } == EIO)
+        #expect(P.errno { _ = try FileManager.default.destinationOfSymbolicLink(atPath: v.path("link")) } != nil)
+        var out = [CChar](repeating: 0, count: 64)
+        #expect(getxattr(v.path("f"), "user.k", &out, out.count) == -1 && Glibc.errno == EIO)
+        #expect(getxattr(v.path("g"), "user.k", &out, out.count) == 7)
+        let log = v.daemonLogText
+        #expect(log.contains("left out of the listing") && log.contains("does not decrypt in this directory"))
+        #expect(log.contains("cannot use directory /c") && log.contains("directory ID file that is not this volume's, or was altered"))
+        #expect(log.contains("cannot read symbolic link /link"))
+        #expect(log.contains("cannot read extended attribute user.k of /f"))
+    }
+
+    @Test("A config that was changed, or that names a KMS endpoint, is refused at mount with one line; the names mode cannot be turned off")
+    func configIsAuthenticated() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("f"), [1])
+        try v.unmount()
+        let path = VolumeConfig.path(in: v.cipher)
+        let original = try FileIO.readFile(path)
+        var config = try VolumeConfig.decode(original)
+        for change in [{ (c: inout VolumeConfig) in c.names = VolumeConfig.plaintextNames },
+                       { (c: inout VolumeConfig) in c.chunkSize = 8192 },
+                       { (c: inout VolumeConfig) in c.encryptionContext = ["x": "y"] },
+                       { (c: inout VolumeConfig) in c.headerLength = 1024 }] {
+            var bad = config
+            change(&bad)
+            try FileIO.writeFileAtomically(path, contents: try bad.encoded())
+            let r = try run(kmsfsBinary, ["mount", v.cipher, v.mount], environment: v.environment)
+            #expect(r.status == 1 && r.stderr.contains("the volume config was changed by someone without the volume key"), "\(r.stderr)")
+            #expect(r.stderr.split(separator: "\n").count == 1)
+        }
+        // Downgraded to format 2 (no MAC to check, names shown as stored): refused.
+        var old = config
+        old.formatVersion = 2
+        old.names = nil
+        old.volumeKey = nil
+        old.mac = nil
+        try FileIO.writeFileAtomically(path, contents: try old.encoded())
+        let d = try run(kmsfsBinary, ["mount", v.cipher, v.mount], environment: v.environment)
+        #expect(d.status == 1 && d.stderr.contains("the config says format 2, but the volume has encrypted names"), "\(d.stderr)")
+        config.keyProvider.endpoint = "http://127.0.0.1:1"
+        try FileIO.writeFileAtomically(path, contents: try config.encoded())
+        let e = try run(kmsfsBinary, ["mount", v.cipher, v.mount], environment: v.environment)
+        #expect(e.status == 1 && e.stderr.contains("the KMS endpoint is never taken from the volume"), "\(e.stderr)")
+        try FileIO.writeFileAtomically(path, contents: original)
+        try v.start()
+        #expect(try P.readFile(v.path("f")) == [1])
+        // The volume key is unwrapped once per mount, under its own context, and wiped at unmount.
+        try v.unmount()
+        let volumeKeyOps = v.volumeKeyAuditLines().map { $0["op"] as? String ?? "" }
+        #expect(volumeKeyOps == ["Decrypt", "DiscardKey", "Decrypt", "DiscardKey"], "\(volumeKeyOps)")
+    }
+
+    @Test("--plaintext-names keeps names visible (and kmsfs's own names reserved), with an authenticated config")
+    func plaintextNames() throws {
+        let v = try MountedVolume(initArgs: ["--plaintext-names"])
+        try P.writeFile(v.path("visible.txt"), [1])
+        try syscall { symlink("target-visible", v.path("l")) }
+        #expect(FileManager.default.fileExists(atPath: v.cipher + "/visible.txt"))
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: v.cipher + "/l") == "target-visible")
+        #expect(P.errno { try P.open(v.path(VolumeConfig.fileName), O_WRONLY | O_CREAT) } == EPERM)
+        #expect(P.errno { try syscall { Glibc.rename(v.path("visible.txt"), v.path(VolumeConfig.fileName)) } } == EPERM)
+        #expect(P.errno { try P.writeFile(v.path(".kmsfs-new.x"), [1]) } == EPERM)
+        try v.unmount()
+        let config = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        #expect(config.formatVersion == 3 && !config.encryptsNames && config.mac != nil)
+        #expect(throws: Never.self) { try config.checkAuthenticity(with: try v.volumeKeys()) }
+        let info = try run(kmsfsBinary, ["info", v.cipher], environment: v.environment)
+        #expect(info.status == 0 && info.stdout.contains("names: plaintext"), "\(info.stdout)\(info.stderr)")
+    }
+
+    @Test("Offline tools take plaintext paths: decrypt -r restores a tree, verify names files, path maps both ways")
+    func offlineTools() throws {
+        let v = try MountedVolume()
+        try syscall { mkdir(v.path("docs"), 0o755) }
+        try syscall { mkdir(v.path("docs/deep"), 0o755) }
+        try P.writeFile(v.path("docs/a.txt"), Array("alpha".utf8))
+        try P.writeFile(v.path("docs/deep/b.bin"), [UInt8](repeating: 7, count: 10000))
+        try syscall { symlink("a.txt", v.path("docs/link")) }
+        try v.unmount()
+        let one = try run(kmsfsBinary, ["decrypt", v.cipher, "docs/a.txt"], environment: v.environment)
+        #expect(one.status == 0 && one.stdout == "alpha", "\(one.stderr)")
+        let verify = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(verify.status == 0 && verify.stdout.contains("2 files, 10005 bytes checked: all intact"), "\(verify.stdout)\(verify.stderr)")
+        let out = v.dir.path + "/restored"
+        let tree = try run(kmsfsBinary, ["decrypt", "-r", "-o", out, v.cipher, "docs"], environment: v.environment)
+        #expect(tree.status == 0, "\(tree.stderr)")
+        #expect(try P.readFile(out + "/a.txt") == Array("alpha".utf8))
+        #expect(try P.readFile(out + "/deep/b.bin") == [UInt8](repeating: 7, count: 10000))
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: out + "/link") == "a.txt")
+        let forward = try run(kmsfsBinary, ["path", v.cipher, "/docs/deep/b.bin"], environment: v.environment)
+        let backing = forward.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(forward.status == 0 && v.cipher + "/" + backing == v.backing("docs/deep/b.bin"), "\(forward.stdout)\(forward.stderr)")
+        let back = try run(kmsfsBinary, ["path", "--reverse", v.cipher, backing], environment: v.environment)
+        #expect(back.status == 0 && back.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "/docs/deep/b.bin", "\(back.stdout)\(back.stderr)")
+    }
+}
