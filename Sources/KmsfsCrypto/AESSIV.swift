@@ -1,4 +1,5 @@
 import CLibCrypto
+import Synchronization
 
 /// AES-SIV (RFC 5297) with AES-256 (a 64-byte key: 32 bytes for S2V's CMAC, 32 for CTR): deterministic
 /// authenticated encryption. The same plaintext and associated data always give the same ciphertext, which is
@@ -14,6 +15,7 @@ public final class AESSIV: @unchecked Sendable {
 
     nonisolated(unsafe) private static let cipher: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-SIV", nil)
     private let key: SecureBytes
+    private let wiped = Atomic<Bool>(false)
 
     public init(key: SecureBytes) throws {
         precondition(key.count == AESSIV.keySize, "AES-256-SIV needs a 64-byte key")
@@ -22,10 +24,14 @@ public final class AESSIV: @unchecked Sendable {
     }
 
     /// Overwrites the key (at unmount); later calls fail.
-    public func wipe() { key.wipe() }
+    public func wipe() {
+        wiped.store(true, ordering: .relaxed)
+        key.wipe()
+    }
 
     /// A context keyed for encryption or decryption; freed (and cleansed) by the caller.
     private func context(encrypt: Bool) throws -> OpaquePointer {
+        guard !wiped.load(ordering: .relaxed) else { throw CryptoError.openSSL("AES-256-SIV key already wiped") }
         guard let ctx = EVP_CIPHER_CTX_new() else { throw CryptoError.openSSL("EVP_CIPHER_CTX_new") }
         let ok = key.withUnsafeBytes { k in
             EVP_CipherInit_ex(ctx, AESSIV.cipher, nil, k.baseAddress!.assumingMemoryBound(to: UInt8.self), nil, encrypt ? 1 : 0)

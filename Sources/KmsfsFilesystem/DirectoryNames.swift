@@ -60,7 +60,7 @@ extension EncryptedFilesystem {
     /// kmsfs's own entries of backing directory `fd` (directory ID, temporary files, long-name siblings whose
     /// entry is gone; at the top, the config and its companions too, which are never removed), or nil when it
     /// holds anything else.
-    static func ownEntries(_ fd: Int32, inRoot: Bool = false) -> [String]? {
+    static func ownEntries(_ fd: Int32, inRoot: Bool = false, encryptedNames: Bool = true) -> [String]? {
         let listFd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard listFd >= 0, let stream = fdopendir(listFd) else {
             if listFd >= 0 { close(listFd) }
@@ -75,9 +75,9 @@ extension EncryptedFilesystem {
         }
         for n in all {
             if inRoot && PlaintextNames.isReserved(n) { continue }
-            if n == NameCipher.directoryIdFile || TemporaryNames.isTemporary(n) {
+            if TemporaryNames.isTemporary(n) || (encryptedNames && n == NameCipher.directoryIdFile) {
                 own.append(n)
-            } else if n.hasPrefix(NameCipher.longPrefix) && n.hasSuffix(NameCipher.longSuffix)
+            } else if encryptedNames && n.hasPrefix(NameCipher.longPrefix) && n.hasSuffix(NameCipher.longSuffix)
                         && !all.contains(String(n.dropLast(NameCipher.longSuffix.count))) {
                 own.append(n)
             } else {
@@ -90,10 +90,20 @@ extension EncryptedFilesystem {
     /// Before a long name is given to an entry: its sibling holding the full encrypted name.
     func placeSibling(_ b: BackingName, in dfd: Int32) throws {
         guard let sibling = b.sibling, let text = b.longText else { return }
-        let f = try syscall { openat(dfd, sibling, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o644) }
-        defer { close(f) }
         let bytes = Array(text.utf8)
-        try bytes.withUnsafeBytes { _ = try FileIO.pwrite(f, $0.baseAddress!, count: $0.count, offset: 0) }
+        if EncryptedNames.readSibling(sibling, in: dfd) == bytes { return }
+        // Written whole under a temporary name, then renamed over: a crash never leaves a long name without its text.
+        let temp = TemporaryNames.make()
+        let f = try syscall { openat(dfd, temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644) }
+        do {
+            try bytes.withUnsafeBytes { _ = try FileIO.pwrite(f, $0.baseAddress!, count: $0.count, offset: 0) }
+            close(f)
+            try syscall { renameat(dfd, temp, dfd, sibling) }
+        } catch {
+            close(f)
+            unlinkat(dfd, temp, 0)
+            throw error
+        }
     }
 
     /// After a long name was removed: its sibling, unless another entry took the name meanwhile.

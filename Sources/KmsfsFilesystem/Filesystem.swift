@@ -437,7 +437,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 let e = Errno.current
                 // A directory that looks empty through the mount still holds kmsfs's own files (its directory
                 // ID, and files a crash left half made under a temporary name): remove them, then the directory.
-                guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name) else { throw e }
+                guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name, encryptedNames: names.usesDirectoryIds) else { throw e }
                 try syscall { unlinkat(dfd, b.name, flags) }
             }
             removeSibling(b, in: dfd)
@@ -448,11 +448,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Removes kmsfs's own files in directory `name` of `dfd` (see `ownEntries`) if they are all it holds; true
     /// when it did. Creates in that directory cannot run meanwhile: the kernel holds its lock during rmdir.
-    static func removeLeftovers(in dfd: Int32, _ name: String) -> Bool {
+    static func removeLeftovers(in dfd: Int32, _ name: String, encryptedNames: Bool) -> Bool {
         let fd = openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        guard let own = ownEntries(fd), !own.isEmpty else { return false }
+        guard let own = ownEntries(fd, encryptedNames: encryptedNames), !own.isEmpty else { return false }
         for l in own {
             if TemporaryNames.isTemporary(l) {
                 Log.info("removing a file left half made by a crash: \(l) in the backing directory being removed")
@@ -474,7 +474,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 let exists = fstatat(ndfd, to.name, &target, AT_SYMLINK_NOFOLLOW) == 0
                 try placeSibling(to, in: ndfd)
                 do {
-                    try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
+                    if kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) != 0 {
+                        // A directory replaced by a rename looks empty through the mount but still holds its
+                        // directory ID: remove kmsfs's own files from it, then rename again.
+                        let e = Errno.current
+                        guard e.code == ENOTEMPTY, exists, target.st_mode & S_IFMT == S_IFDIR, !exchange,
+                              EncryptedFilesystem.removeLeftovers(in: ndfd, to.name, encryptedNames: names.usesDirectoryIds) else { throw e }
+                        try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
+                    }
                 } catch {
                     removeSibling(to, in: ndfd)
                     throw error

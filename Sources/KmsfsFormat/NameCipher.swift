@@ -80,7 +80,7 @@ public struct NameCipher: Sendable {
     /// The encoded text in a long name's sibling file, checked against the hash in the name; nil when they differ.
     public static func checkLongName(_ backingName: String, sibling contents: [UInt8]) -> String? {
         guard contents.count <= 1024, let text = String(validating: contents, as: UTF8.self),
-              longName(of: text) == backingName else { return nil }
+              text.utf8.count > maxStoredName, longName(of: text) == backingName else { return nil }
         return text
     }
 

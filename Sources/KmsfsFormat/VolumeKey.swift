@@ -1,4 +1,5 @@
 import KmsfsCrypto
+import Synchronization
 
 /// The volume key as stored in the volume config (format 3): the key wrapped by each configured provider key,
 /// and its public commitment. The plaintext key never touches the disk.
@@ -71,8 +72,11 @@ public final class VolumeKeys: Sendable {
         commitment = try derive(VolumeKeys.infos[5], 32).withUnsafeBytes { Array($0) }
     }
 
-    /// Overwrites every derived key (at unmount).
+    private let wiped = Atomic<Bool>(false)
+
+    /// Overwrites every derived key (at unmount); every later use fails.
     public func wipe() {
+        wiped.store(true, ordering: .relaxed)
         names.wipe()
         xattrNames.wipe()
         metadata.wipe()
@@ -97,6 +101,7 @@ public final class VolumeKeys: Sendable {
     }
 
     func hmac(_ key: SecureBytes, _ data: [UInt8]) throws -> [UInt8] {
+        guard !wiped.load(ordering: .relaxed) else { throw CryptoError.openSSL("volume keys already wiped") }
         var out = [UInt8](repeating: 0, count: 32)
         try key.withUnsafeBytes { (k) in
             try data.withUnsafeBytes { (d) in
@@ -108,6 +113,7 @@ public final class VolumeKeys: Sendable {
 
     /// AES-256-GCM under the metadata key: nonce || ciphertext || tag, with a fresh random nonce.
     func sealMetadata(_ plaintext: [UInt8], ad: [UInt8]) throws -> [UInt8] {
+        guard !wiped.load(ordering: .relaxed) else { throw CryptoError.openSSL("volume keys already wiped") }
         let gcm = try AESGCM(key: metadata)
         var out = [UInt8](repeating: 0, count: AESGCM.nonceSize + plaintext.count + AESGCM.tagSize)
         try out.withUnsafeMutableBytes { o in
@@ -125,7 +131,7 @@ public final class VolumeKeys: Sendable {
     /// The plaintext of `sealMetadata`'s output, or nil when it does not authenticate under `ad`.
     func openMetadata(_ sealed: [UInt8], ad: [UInt8]) -> [UInt8]? {
         let overhead = AESGCM.nonceSize + AESGCM.tagSize
-        guard sealed.count >= overhead, let gcm = try? AESGCM(key: metadata) else { return nil }
+        guard !wiped.load(ordering: .relaxed), sealed.count >= overhead, let gcm = try? AESGCM(key: metadata) else { return nil }
         let n = sealed.count - overhead
         var out = [UInt8](repeating: 0, count: n)
         let ok = sealed.withUnsafeBytes { s in

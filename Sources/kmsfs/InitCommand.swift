@@ -119,6 +119,9 @@ struct InitCommand: ParsableCommand {
                                                                  endpoint: formatVersion >= 3 ? nil : endpoint),
                                   headerLength: formatVersion >= 2 ? headerLength : nil, formatVersion: formatVersion)
         try write(config, to: dir, keys: KeyService(provider: AWSKMSProvider(settings: settings), keyIds: arns, audit: nil))
+        if endpoint != nil && formatVersion >= 3 {
+            printError("note: --endpoint was used for init only; a format 3 volume never records its KMS endpoint, so give it to every mount on this host (AWS_ENDPOINT_URL_KMS or AWS_ENDPOINT_URL)")
+        }
         print("Created kmsfs volume \(volumeId) in \(dir) (AWS KMS).")
         for (i, arn) in arns.enumerated() { print("  key \(i + 1): \(arn)") }
     }

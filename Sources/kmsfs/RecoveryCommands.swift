@@ -218,8 +218,9 @@ struct VerifyCommand: ParsableCommand {
         let (cipher, reader, names) = try volume.open()
         // (backing path, plaintext path) of each file.
         var files: [(String, String)] = []
+        var undecryptable = 0
         if paths.isEmpty {
-            try walk(cipher, "", "", config: try VolumeAccess.loadConfig(cipher), names: names, into: &files)
+            try walk(cipher, "", "", config: try VolumeAccess.loadConfig(cipher), names: names, into: &files, undecryptable: &undecryptable)
         } else {
             for p in paths {
                 let rel = p.split(separator: "/").joined(separator: "/")
@@ -230,7 +231,7 @@ struct VerifyCommand: ParsableCommand {
                 }
             }
         }
-        var damaged = 0, bytes = 0
+        var damaged = undecryptable, bytes = 0
         for (backing, rel) in files {
             do {
                 let report = try reader.read(backingPath: cipher + "/" + backing, label: "/" + rel) { _ in }
@@ -254,14 +255,15 @@ struct VerifyCommand: ParsableCommand {
     /// Regular files under backing directory `rel` (plaintext path `shown`), as (backing, plaintext) relative
     /// paths, skipping kmsfs's own files; names that do not decrypt are reported and skipped.
     private func walk(_ root: String, _ rel: String, _ shown: String, config: VolumeConfig, names: OfflineNames,
-                      into files: inout [(String, String)]) throws {
+                      into files: inout [(String, String)], undecryptable: inout Int) throws {
         var children: [(String, String)] = []
         for name in try Paths.entries(rel.isEmpty ? root : root + "/" + rel) {
             if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: config) { continue }
             var plain = name
             if let c = names.cipher {
                 guard let n = try names.mountName(name, in: rel, cipher: c) else {
-                    printError("\(rel.isEmpty ? "" : rel + "/")\(name): a backing name that does not decrypt in its directory; skipped")
+                    print("\(rel.isEmpty ? "" : rel + "/")\(name): a backing name that does not decrypt in its directory (altered, or moved from another directory)")
+                    undecryptable += 1
                     continue
                 }
                 plain = String(decoding: n, as: UTF8.self)
@@ -274,7 +276,7 @@ struct VerifyCommand: ParsableCommand {
             var st = stat()
             guard lstat(root + "/" + child, &st) == 0 else { continue }
             switch st.st_mode & S_IFMT {
-            case S_IFDIR: try walk(root, child, childShown, config: config, names: names, into: &files)
+            case S_IFDIR: try walk(root, child, childShown, config: config, names: names, into: &files, undecryptable: &undecryptable)
             case S_IFREG: files.append((child, childShown))
             default: break
             }

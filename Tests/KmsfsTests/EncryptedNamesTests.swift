@@ -120,6 +120,13 @@ struct EncryptedNamesTests {
             let l = listxattr(v.path("renamed"), &list, list.count)
             #expect(l > 0 && String(cString: Array(list[0..<l])) == "user.dirnote")
         }
+        // A directory renamed over an empty one (which still holds its directory ID in the backing store).
+        try syscall { mkdir(v.path("e1"), 0o755) }
+        try syscall { mkdir(v.path("e2"), 0o755) }
+        try P.writeFile(v.path("e1/inside"), [9])
+        try syscall { Glibc.rename(v.path("e1"), v.path("e2")) }
+        #expect(try P.readFile(v.path("e2/inside")) == [9])
+        try FileManager.default.removeItem(atPath: v.path("e2"))
         // A directory rename moves the directory alone in the backing store: its children keep their names.
         let before = try FileManager.default.contentsOfDirectory(atPath: v.backing("dir")).sorted()
         try syscall { Glibc.rename(v.path("dir"), v.path("renamed")) }
@@ -201,6 +208,8 @@ struct EncryptedNamesTests {
         let vl = getxattr(g, stored_name, &value, value.count)
         try syscall { setxattr(f, stored_name, value, vl, 0) }
 
+        let verify = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(verify.status == 1, "\(verify.stdout)\(verify.stderr)")
         try v.start()
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("a")) == ["stays"])
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("b")).isEmpty)
