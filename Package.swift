@@ -5,7 +5,7 @@
 // Layers, lowest first (each module only imports the ones above it in this list):
 //   CLibCrypto, CSystem, CFuseBridge, CCurlBridge  C libraries and the few lines of C Swift cannot express
 //   KmsfsSystem      locks, logging, POSIX errors and file I/O helpers shared by every layer
-//   KmsfsCrypto      secure key memory, AES-256-GCM, HMAC/HKDF, CSPRNG          (no files, no KMS)
+//   KmsfsCrypto      secure key memory, AES-256-GCM, AES-256-SIV, HMAC/HKDF, CSPRNG  (no files, no KMS)
 //   KmsfsFormat      volume config, file header, chunk layout, chunk codec        (no FUSE, no HTTP)
 //   KmsfsKeys        key providers (local; AWS KMS over libcurl with SigV4), key service, audit log
 //                                                                                (no FUSE, no chunks)
@@ -47,7 +47,7 @@ let package = Package(
         ),
         .target(
             name: "KmsfsCrypto",
-            dependencies: ["CLibCrypto", "CSystem"]
+            dependencies: ["CLibCrypto", "CSystem", "KmsfsSystem"]
         ),
         .target(
             name: "KmsfsFormat",

@@ -1,5 +1,5 @@
 import CLibCrypto
-import Synchronization
+import KmsfsSystem
 
 /// AES-SIV (RFC 5297) with AES-256 (a 64-byte key: 32 bytes for S2V's CMAC, 32 for CTR): deterministic
 /// authenticated encryption. The same plaintext and associated data always give the same ciphertext, which is
@@ -7,40 +7,62 @@ import Synchronization
 /// makes `open` fail.
 ///
 /// `seal` returns the 16-byte synthetic IV followed by the ciphertext (RFC 5297's output order). Thread-safe:
-/// the key stays in locked memory (`SecureBytes`), and each call keys its own OpenSSL context, which OpenSSL
-/// cleanses when it is freed at the end of the call, so no key schedule outlives the call in unlocked memory.
+/// the key is set up once into OpenSSL contexts (CMAC subkeys and the AES key schedule), and each call works on
+/// a copy, which costs a third of keying a fresh context. Those contexts hold the key in OpenSSL's memory, as the
+/// AES-GCM contexts of open files do (locked with the rest of the daemon by mlockall); `wipe` frees them, and
+/// OpenSSL cleanses them when freed.
 public final class AESSIV: @unchecked Sendable {
     public static let keySize = 64
     public static let tagSize = 16
 
     nonisolated(unsafe) private static let cipher: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-SIV", nil)
-    private let key: SecureBytes
-    private let wiped = Atomic<Bool>(false)
+    /// Keyed contexts for sealing and opening; nil once wiped. Calls copy them under the read lock.
+    private var templates: (seal: OpaquePointer, open: OpaquePointer)?
+    private let lock = ReadWriteLock()
 
     public init(key: SecureBytes) throws {
         precondition(key.count == AESSIV.keySize, "AES-256-SIV needs a 64-byte key")
-        guard AESSIV.cipher != nil else { throw CryptoError.openSSL("AES-256-SIV is not available") }
-        self.key = key
+        guard let cipher = AESSIV.cipher else { throw CryptoError.openSSL("AES-256-SIV is not available") }
+        var made: [OpaquePointer] = []
+        for encrypt: Int32 in [1, 0] {
+            guard let ctx = EVP_CIPHER_CTX_new() else { break }
+            made.append(ctx)
+            let ok = key.withUnsafeBytes { k in
+                EVP_CipherInit_ex(ctx, cipher, nil, k.baseAddress!.assumingMemoryBound(to: UInt8.self), nil, encrypt)
+            }
+            guard ok == 1 else { break }
+        }
+        guard made.count == 2 else {
+            made.forEach { EVP_CIPHER_CTX_free($0) }
+            throw CryptoError.openSSL("cannot key AES-256-SIV")
+        }
+        templates = (made[0], made[1])
     }
 
-    /// Overwrites the key (at unmount); later calls fail.
+    deinit { wipe() }
+
+    /// Frees the keyed contexts (at unmount); later calls fail.
     public func wipe() {
-        wiped.store(true, ordering: .relaxed)
-        key.wipe()
+        lock.withWriteLock {
+            if let t = templates {
+                EVP_CIPHER_CTX_free(t.seal)
+                EVP_CIPHER_CTX_free(t.open)
+            }
+            templates = nil
+        }
     }
 
     /// A context keyed for encryption or decryption; freed (and cleansed) by the caller.
     private func context(encrypt: Bool) throws -> OpaquePointer {
-        guard !wiped.load(ordering: .relaxed) else { throw CryptoError.openSSL("AES-256-SIV key already wiped") }
-        guard let ctx = EVP_CIPHER_CTX_new() else { throw CryptoError.openSSL("EVP_CIPHER_CTX_new") }
-        let ok = key.withUnsafeBytes { k in
-            EVP_CipherInit_ex(ctx, AESSIV.cipher, nil, k.baseAddress!.assumingMemoryBound(to: UInt8.self), nil, encrypt ? 1 : 0)
+        try lock.withReadLock {
+            guard let t = templates else { throw CryptoError.openSSL("AES-256-SIV key already wiped") }
+            guard let ctx = EVP_CIPHER_CTX_new() else { throw CryptoError.openSSL("EVP_CIPHER_CTX_new") }
+            guard EVP_CIPHER_CTX_copy(ctx, encrypt ? t.seal : t.open) == 1 else {
+                EVP_CIPHER_CTX_free(ctx)
+                throw CryptoError.openSSL("EVP_CIPHER_CTX_copy")
+            }
+            return ctx
         }
-        guard ok == 1 else {
-            EVP_CIPHER_CTX_free(ctx)
-            throw CryptoError.openSSL("cannot key AES-256-SIV")
-        }
-        return ctx
     }
 
     /// SIV || ciphertext of `plaintext` under the associated data vector `ad` (each element a separate S2V input).
@@ -90,58 +112,3 @@ public final class AESSIV: @unchecked Sendable {
 /// A valid address for zero-length inputs and outputs (OpenSSL rejects NULL data in some update calls).
 nonisolated(unsafe) private let emptyInput = UnsafePointer(UnsafeMutablePointer<UInt8>.allocate(capacity: 16))
 nonisolated(unsafe) private let scratch = UnsafeMutablePointer<UInt8>.allocate(capacity: 16)
-
-/// Base64url without padding (RFC 4648 §5): the encoding of encrypted names in the backing directory. Decoding
-/// is strict: one text per byte string (no padding, no other characters, unused trailing bits zero), so two
-/// backing names can never decode to the same ciphertext.
-public enum Base64URL {
-    private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
-
-    public static func encodedLength(_ count: Int) -> Int { (count * 8 + 5) / 6 }
-
-    public static func encode(_ bytes: [UInt8]) -> String {
-        var out = [UInt8]()
-        out.reserveCapacity(encodedLength(bytes.count))
-        var i = 0
-        while i < bytes.count {
-            let n = min(3, bytes.count - i)
-            var v = UInt32(bytes[i]) << 16
-            if n > 1 { v |= UInt32(bytes[i + 1]) << 8 }
-            if n > 2 { v |= UInt32(bytes[i + 2]) }
-            out.append(alphabet[Int(v >> 18 & 63)])
-            out.append(alphabet[Int(v >> 12 & 63)])
-            if n > 1 { out.append(alphabet[Int(v >> 6 & 63)]) }
-            if n > 2 { out.append(alphabet[Int(v & 63)]) }
-            i += 3
-        }
-        return String(decoding: out, as: UTF8.self)
-    }
-
-    public static func decode(_ text: String) -> [UInt8]? {
-        var out = [UInt8]()
-        var acc: UInt32 = 0
-        var bits = 0
-        var count = 0
-        for c in text.utf8 {
-            let v: UInt32
-            switch c {
-            case UInt8(ascii: "A")...UInt8(ascii: "Z"): v = UInt32(c - UInt8(ascii: "A"))
-            case UInt8(ascii: "a")...UInt8(ascii: "z"): v = UInt32(c - UInt8(ascii: "a")) + 26
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = UInt32(c - UInt8(ascii: "0")) + 52
-            case UInt8(ascii: "-"): v = 62
-            case UInt8(ascii: "_"): v = 63
-            default: return nil
-            }
-            acc = (acc << 6 | v) & 0xffff
-            bits += 6
-            count += 1
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: acc >> UInt32(bits)))
-            }
-        }
-        // A length of 1 mod 4 is never produced; leftover bits must be zero.
-        guard count % 4 != 1, acc & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
-        return out
-    }
-}

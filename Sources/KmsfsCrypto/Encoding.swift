@@ -37,3 +37,37 @@ public enum Hex {
         }
     }
 }
+
+/// Base64url without padding (RFC 4648 §5): the encoding of encrypted names in the backing directory. Decoding
+/// is strict: one text per byte string (no padding, no other characters, unused trailing bits zero), so two
+/// backing names can never decode to the same ciphertext.
+public enum Base64URL {
+    public static func encodedLength(_ count: Int) -> Int { (count * 8 + 5) / 6 }
+
+    /// Standard base64 with the URL-safe alphabet's last two characters and no padding.
+    public static func encode(_ bytes: [UInt8]) -> String {
+        let standard = Base64.encode(bytes).utf8.prefix(encodedLength(bytes.count))
+        return String(decoding: standard.map { $0 == UInt8(ascii: "+") ? UInt8(ascii: "-") : $0 == UInt8(ascii: "/") ? UInt8(ascii: "_") : $0 },
+                      as: UTF8.self)
+    }
+
+    public static func decode(_ text: String) -> [UInt8]? {
+        var out = [UInt8]()
+        var acc: UInt32 = 0
+        var bits = 0
+        var count = 0
+        for c in text.utf8 {
+            guard let v = Base64.sextet(c, UInt8(ascii: "-"), UInt8(ascii: "_")) else { return nil }
+            acc = (acc << 6 | v) & 0xffff
+            bits += 6
+            count += 1
+            if bits >= 8 {
+                bits -= 8
+                out.append(UInt8(truncatingIfNeeded: acc >> UInt32(bits)))
+            }
+        }
+        // A length of 1 mod 4 is never produced; leftover bits must be zero.
+        guard count % 4 != 1, acc & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
+        return out
+    }
+}

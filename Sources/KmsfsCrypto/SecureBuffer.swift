@@ -95,18 +95,12 @@ public enum Base64 {
         var n = 0
         var padding = false
         for c in text {
-            let v: UInt32
-            switch c {
-            case UInt8(ascii: "A")...UInt8(ascii: "Z"): v = UInt32(c - UInt8(ascii: "A"))
-            case UInt8(ascii: "a")...UInt8(ascii: "z"): v = UInt32(c - UInt8(ascii: "a")) + 26
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = UInt32(c - UInt8(ascii: "0")) + 52
-            case UInt8(ascii: "+"): v = 62
-            case UInt8(ascii: "/"): v = 63
-            case UInt8(ascii: "\\"): continue
-            case UInt8(ascii: "="): padding = true; continue
-            default: return nil
+            if c == UInt8(ascii: "\\") { continue }
+            if c == UInt8(ascii: "=") {
+                padding = true
+                continue
             }
-            if padding { return nil }
+            guard let v = sextet(c, UInt8(ascii: "+"), UInt8(ascii: "/")), !padding else { return nil }
             acc = acc << 6 | v
             bits += 6
             if bits >= 8 {
@@ -118,6 +112,18 @@ public enum Base64 {
         }
         acc = 0
         return n
+    }
+
+    /// The 6-bit value of a base64 character, with `c62` and `c63` the alphabet's last two ("+/" or "-_").
+    static func sextet(_ c: UInt8, _ c62: UInt8, _ c63: UInt8) -> UInt32? {
+        switch c {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"): return UInt32(c - UInt8(ascii: "A"))
+        case UInt8(ascii: "a")...UInt8(ascii: "z"): return UInt32(c - UInt8(ascii: "a")) + 26
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return UInt32(c - UInt8(ascii: "0")) + 52
+        case c62: return 62
+        case c63: return 63
+        default: return nil
+        }
     }
 
     public static func decode(_ text: String) -> [UInt8]? {

@@ -27,7 +27,7 @@ extension EncryptedFilesystem {
     /// Reads the ID file of the backing directory `fd`. A directory that has none, or a damaged one, and holds
     /// nothing else (a crash during mkdir) is given a new one; otherwise the directory cannot be used (EIO).
     private func readDirectoryId(_ fd: Int32, of dir: Inode) throws -> [UInt8] {
-        guard let cipher = names.xattrCipher else { return [] }
+        guard let cipher = names.cipher else { return [] }
         let contents = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd)
         if let c = contents, let id = cipher.directoryId(fromFile: c) { return id }
         let why = contents == nil ? "has no directory ID file (\(NameCipher.directoryIdFile))"
@@ -43,7 +43,7 @@ extension EncryptedFilesystem {
     /// Gives backing directory `fd` a new ID file (replacing any) and returns the ID.
     @discardableResult
     func writeDirectoryId(_ fd: Int32) throws -> [UInt8] {
-        guard let cipher = names.xattrCipher else { return [] }
+        guard let cipher = names.cipher else { return [] }
         let (id, contents) = try cipher.newDirectoryIdFile()
         unlinkat(fd, NameCipher.directoryIdFile, 0)
         let f = try syscall { openat(fd, NameCipher.directoryIdFile, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o444) }
@@ -61,18 +61,9 @@ extension EncryptedFilesystem {
     /// entry is gone; at the top, the config and its companions too, which are never removed), or nil when it
     /// holds anything else.
     static func ownEntries(_ fd: Int32, inRoot: Bool = false, encryptedNames: Bool = true) -> [String]? {
-        let listFd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard listFd >= 0, let stream = fdopendir(listFd) else {
-            if listFd >= 0 { close(listFd) }
-            return nil
-        }
-        defer { closedir(stream) }
+        guard let names = try? entryNames(of: fd) else { return nil }
+        let all = Set(names)
         var own: [String] = []
-        var all = Set<String>()
-        while let entry = Glibc.readdir(stream) {
-            let n = EncryptedFilesystem.name(of: entry)
-            if n != "." && n != ".." { all.insert(n) }
-        }
         for n in all {
             if inRoot && PlaintextNames.isReserved(n) { continue }
             if TemporaryNames.isTemporary(n) || (encryptedNames && n == NameCipher.directoryIdFile) {
@@ -85,6 +76,24 @@ extension EncryptedFilesystem {
             }
         }
         return own
+    }
+
+    /// The entry names of directory `fd` (which may be an O_PATH descriptor) but "." and "..".
+    static func entryNames(of fd: Int32) throws -> [String] {
+        let listFd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if listFd < 0 { throw Errno.current }
+        guard let stream = fdopendir(listFd) else {
+            let e = Errno.current
+            close(listFd)
+            throw e
+        }
+        defer { closedir(stream) }
+        var names: [String] = []
+        while let entry = Glibc.readdir(stream) {
+            let n = EncryptedFilesystem.name(of: entry)
+            if n != "." && n != ".." { names.append(n) }
+        }
+        return names
     }
 
     /// Before a long name is given to an entry: its sibling holding the full encrypted name.

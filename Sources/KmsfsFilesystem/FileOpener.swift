@@ -23,7 +23,7 @@ public enum FileOpener {
             switch self {
             case .header(let e): return "\(e)"
             case .key(let e):
-                return "cannot unwrap the data key with key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")\(e.alsoTriedText)"
+                return "cannot unwrap the data key with key \(e.keyId): \(e.typeAndDetail)\(e.alsoTriedText)"
             }
         }
     }

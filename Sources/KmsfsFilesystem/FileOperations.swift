@@ -75,7 +75,7 @@ extension EncryptedFilesystem {
         } catch let e as KeyError {
             // One line per failed create (rate-limited when the same failure repeats), naming key, error and outcome.
             FailureLog.shared.log(.error, kind: "create-\(e.keyId)-\(e.errorType)",
-                                  "cannot create \(path): no data key from key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")\(e.alsoTriedText)")
+                                  "cannot create \(path): no data key from key \(e.keyId): \(e.typeAndDetail)\(e.alsoTriedText)")
             throw e.kind == .accessDenied ? Errno.EACCES : Errno.EIO
         }
         var created = false

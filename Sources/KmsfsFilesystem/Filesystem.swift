@@ -527,7 +527,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func setxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32) throws {
         try checkWritable()
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
-        guard let cipher = names.xattrCipher else {
+        guard let cipher = names.cipher else {
             return try withNodePath(inode) { p in try syscall { CSystem.setxattr(p, name, value, size, flags) } }
         }
         let plainName = Self.bytes(of: name)
@@ -540,20 +540,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     func getxattr(_ inode: Inode, _ name: UnsafePointer<CChar>, _ value: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
-        guard let cipher = names.xattrCipher else {
+        guard let cipher = names.cipher else {
             return try withNodePath(inode) { p in try syscall { CSystem.getxattr(p, name, value, size) } }
         }
         let plainName = Self.bytes(of: name)
         let stored = try storedXattrName(cipher, plainName)
-        let sealed: [UInt8] = try withNodePath(inode) { p in
-            var buffer = [UInt8](repeating: 0, count: 256)
-            while true {
-                let n = CSystem.getxattr(p, stored, &buffer, buffer.count)
-                if n >= 0 { return Array(buffer[0..<n]) }
-                guard errno == ERANGE else { throw Errno.current }
-                buffer = [UInt8](repeating: 0, count: max(try syscall { CSystem.getxattr(p, stored, nil, 0) }, buffer.count * 2))
-            }
-        }
+        let sealed = try withNodePath(inode) { p in try Self.readGrowing { CSystem.getxattr(p, stored, $0, $1) } }
         guard let plain = cipher.openXattrValue(sealed, nodeId: try xattrNodeId(inode), name: plainName) else {
             FailureLog.shared.log(.error, kind: "xattr-value", "cannot read extended attribute \(String(decoding: plainName, as: UTF8.self)) of \(mountPath(of: inode)): its stored value does not decrypt (altered, or moved from another file)")
             throw Errno.EIO
@@ -567,32 +559,24 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// The names of the node's supported attributes (NUL-terminated, concatenated) into `list`, or their total
     /// length when `size` is 0.
     func listxattr(_ inode: Inode, _ list: UnsafeMutablePointer<CChar>?, _ size: Int) throws -> Int {
-        let all: [CChar] = try withNodePath(inode) { p in
-            var buffer = [CChar](repeating: 0, count: 1024)
-            while true {
-                let n = CSystem.listxattr(p, &buffer, buffer.count)
-                if n >= 0 { return Array(buffer[0..<n]) }
-                guard errno == ERANGE else { throw Errno.current }
-                let needed = try syscall { CSystem.listxattr(p, nil, 0) }
-                buffer = [CChar](repeating: 0, count: max(needed, buffer.count * 2))
-            }
+        let all = try withNodePath(inode) { p in
+            try Self.readGrowing { CSystem.listxattr(p, $0?.assumingMemoryBound(to: CChar.self), $1) }
         }
-        let cipher = names.xattrCipher
+        let cipher = names.cipher
         var shown: [CChar] = []
         var start = 0
         for (i, c) in all.enumerated() where c == 0 {
-            let name = Array(all[start...i])
+            let name = Array(all[start..<i])
             start = i + 1
-            guard name.withUnsafeBufferPointer({ Self.isSupportedXattr($0.baseAddress!) }) else { continue }
-            guard let cipher else {
-                shown += name
-                continue
-            }
-            let bytes = name.dropLast().map { UInt8(bitPattern: $0) }
-            let split = bytes.firstIndex(of: UInt8(ascii: "."))! + 1
-            guard let plain = cipher.decryptXattrName(namespace: Array(bytes[..<split]), encoded: Array(bytes[split...])) else {
-                FailureLog.shared.log(.error, kind: "xattr-name", "left out of the attribute list of \(mountPath(of: inode)): a stored attribute name does not decrypt")
-                continue
+            guard (name + [0]).withUnsafeBufferPointer({ $0.withMemoryRebound(to: CChar.self) { Self.isSupportedXattr($0.baseAddress!) } }) else { continue }
+            var plain = name
+            if let cipher {
+                let split = name.firstIndex(of: UInt8(ascii: "."))! + 1
+                guard let p = cipher.decryptXattrName(namespace: Array(name[..<split]), encoded: Array(name[split...])) else {
+                    FailureLog.shared.log(.error, kind: "xattr-name", "left out of the attribute list of \(mountPath(of: inode)): a stored attribute name does not decrypt")
+                    continue
+                }
+                plain = p
             }
             shown += plain.map { CChar(bitPattern: $0) } + [0]
         }
@@ -605,7 +589,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func removexattr(_ inode: Inode, _ name: UnsafePointer<CChar>) throws {
         try checkWritable()
         guard Self.isSupportedXattr(name) else { throw Errno.ENOTSUP }
-        guard let cipher = names.xattrCipher else {
+        guard let cipher = names.cipher else {
             return try withNodePath(inode) { p in try syscall { CSystem.removexattr(p, name) } }
         }
         let stored = try storedXattrName(cipher, Self.bytes(of: name))
@@ -643,6 +627,19 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             }, viaDescriptor: fileId)
         default:
             throw Errno.ENOTSUP
+        }
+    }
+
+    /// The result of a getxattr- or listxattr-like `call(buffer, size)`, with the buffer grown while the result
+    /// does not fit (ERANGE).
+    private static func readGrowing(_ call: (UnsafeMutableRawPointer?, Int) -> Int) throws -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { call($0.baseAddress, $0.count) }
+            if n >= 0 { return Array(buffer[0..<n]) }
+            guard errno == ERANGE else { throw Errno.current }
+            let needed = try syscall { call(nil, 0) }
+            buffer = [UInt8](repeating: 0, count: max(needed, buffer.count * 2))
         }
     }
 

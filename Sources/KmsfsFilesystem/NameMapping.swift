@@ -51,8 +51,9 @@ public protocol NameMapping: Sendable {
     func backingLinkTarget(_ target: [UInt8]) throws -> String
     func mountLinkTarget(_ stored: [UInt8]) throws -> [UInt8]
     func linkTargetSize(storedLength: Int) -> Int
-    /// Encrypts extended attributes (`NameCipher`), or nil when they are stored as they are.
-    var xattrCipher: NameCipher? { get }
+    /// The volume's name cipher (names, directory IDs, link targets, extended attributes), or nil when all of
+    /// these are stored as they are.
+    var cipher: NameCipher? { get }
 }
 
 /// Names stored as they are (formats 1 and 2, and format 3 volumes made with --plaintext-names), except that
@@ -64,7 +65,7 @@ public struct PlaintextNames: NameMapping {
     public init() {}
 
     public var usesDirectoryIds: Bool { false }
-    public var xattrCipher: NameCipher? { nil }
+    public var cipher: NameCipher? { nil }
 
     public func backingName(_ name: [UInt8], in dir: NameDirectory, creating: Bool) throws -> BackingName {
         let text = String(decoding: name, as: UTF8.self)
@@ -94,18 +95,18 @@ public struct PlaintextNames: NameMapping {
 /// encrypted name (the volume config, directory ID files, long names' ".name" siblings, temporary files) is
 /// kmsfs's own or foreign, and never shown.
 public final class EncryptedNames: NameMapping, @unchecked Sendable {
-    public let cipher: NameCipher
+    let encryption: NameCipher
     /// Backing names already reported as not decrypting (each is logged once).
     private let reported = Mutex(Set<String>())
 
-    public init(cipher: NameCipher) { self.cipher = cipher }
+    public init(cipher: NameCipher) { encryption = cipher }
 
     public var usesDirectoryIds: Bool { true }
-    public var xattrCipher: NameCipher? { cipher }
+    public var cipher: NameCipher? { encryption }
 
     public func backingName(_ name: [UInt8], in dir: NameDirectory, creating: Bool) throws -> BackingName {
         guard NameCipher.isValidName(name) else { throw Errno(ENAMETOOLONG) }
-        switch try cipher.encrypt(name, directoryId: dir.id) {
+        switch try encryption.encrypt(name, directoryId: dir.id) {
         case .short(let n): return BackingName(n)
         case .long(let h, let text): return BackingName(h, longText: text)
         }
@@ -125,7 +126,7 @@ public final class EncryptedNames: NameMapping, @unchecked Sendable {
         } else {
             return nil  // kmsfs's own (config, directory ID, long-name siblings, temporary files) or foreign
         }
-        guard let name = cipher.decrypt(encoded: text, directoryId: dir.id) else {
+        guard let name = encryption.decrypt(encoded: text, directoryId: dir.id) else {
             report(backingName, "it does not decrypt in this directory (altered, or moved here from another directory)")
             return nil
         }
@@ -133,12 +134,12 @@ public final class EncryptedNames: NameMapping, @unchecked Sendable {
     }
 
     public func backingLinkTarget(_ target: [UInt8]) throws -> String {
-        guard let stored = try cipher.encryptLinkTarget(target) else { throw Errno(ENAMETOOLONG) }
+        guard let stored = try encryption.encryptLinkTarget(target) else { throw Errno(ENAMETOOLONG) }
         return stored
     }
 
     public func mountLinkTarget(_ stored: [UInt8]) throws -> [UInt8] {
-        guard let text = String(validating: stored, as: UTF8.self), let target = cipher.decryptLinkTarget(text) else {
+        guard let text = String(validating: stored, as: UTF8.self), let target = encryption.decryptLinkTarget(text) else {
             throw Errno.EIO
         }
         return target

@@ -52,24 +52,29 @@ public final class VolumeKeys: Sendable {
     public let commitment: [UInt8]
 
     public static let keySize = 32
-    static let infos = ["kmsfs v3 name key", "kmsfs v3 xattr name key", "kmsfs v3 metadata key",
-                        "kmsfs v3 directory id key", "kmsfs v3 config key", "kmsfs v3 volume key commitment"]
+    static let sivInfos = ["kmsfs v3 name key", "kmsfs v3 xattr name key"].map { Array($0.utf8) }
+    static let infos = ["kmsfs v3 metadata key", "kmsfs v3 directory id key", "kmsfs v3 config key",
+                        "kmsfs v3 volume key commitment"].map { Array($0.utf8) }
 
-    /// Derives the keys of volume `volumeId` (32 hex digits) from its volume key.
+    /// Derives the keys of volume `volumeId` (32 hex digits) from its volume key: one HKDF extraction for the
+    /// 64-byte keys and one for the 32-byte ones.
     public init(volumeKey: SecureBytes, volumeId: String) throws {
         precondition(volumeKey.count == VolumeKeys.keySize)
+        self.volumeId = try VolumeKeys.salt(volumeId)
+        let siv = try Digest.hkdfSHA256(ikm: volumeKey, salt: self.volumeId, infos: VolumeKeys.sivInfos, length: 64)
+        let keys = try Digest.hkdfSHA256(ikm: volumeKey, salt: self.volumeId, infos: VolumeKeys.infos, length: 32)
+        names = try AESSIV(key: siv[0])
+        xattrNames = try AESSIV(key: siv[1])
+        metadata = keys[0]
+        directoryIds = keys[1]
+        config = keys[2]
+        commitment = keys[3].withUnsafeBytes { Array($0) }
+    }
+
+    /// HKDF's salt: the 16 bytes of the volume ID.
+    static func salt(_ volumeId: String) throws -> [UInt8] {
         guard let id = Hex.decode(volumeId), id.count == 16 else { throw FormatError.invalidConfig("volumeId must be 32 hex digits") }
-        self.volumeId = id
-        let salt = id
-        func derive(_ info: String, _ length: Int) throws -> SecureBytes {
-            try Digest.hkdfSHA256(ikm: volumeKey, salt: salt, info: Array(info.utf8), length: length)
-        }
-        names = try AESSIV(key: try derive(VolumeKeys.infos[0], 64))
-        xattrNames = try AESSIV(key: try derive(VolumeKeys.infos[1], 64))
-        metadata = try derive(VolumeKeys.infos[2], 32)
-        directoryIds = try derive(VolumeKeys.infos[3], 32)
-        config = try derive(VolumeKeys.infos[4], 32)
-        commitment = try derive(VolumeKeys.infos[5], 32).withUnsafeBytes { Array($0) }
+        return id
     }
 
     private let wiped = Atomic<Bool>(false)
@@ -86,8 +91,7 @@ public final class VolumeKeys: Sendable {
 
     /// The commitment of a volume key, without deriving the rest.
     public static func commitment(of volumeKey: SecureBytes, volumeId: String) throws -> [UInt8] {
-        guard let id = Hex.decode(volumeId), id.count == 16 else { throw FormatError.invalidConfig("volumeId must be 32 hex digits") }
-        return try Digest.hkdfSHA256Public(ikm: volumeKey, salt: id, info: Array(infos[5].utf8), length: 32)
+        try Digest.hkdfSHA256Public(ikm: volumeKey, salt: try salt(volumeId), info: infos[3], length: 32)
     }
 
     /// The encryption context the volume key is wrapped under: a key policy can allow it apart from data keys.

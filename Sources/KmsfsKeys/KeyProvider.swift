@@ -69,9 +69,12 @@ public struct KeyError: Error, CustomStringConvertible, Sendable {
     /// "message; outcome", the parenthesised detail of log lines.
     public var detail: String { [message, outcome].filter { !$0.isEmpty }.joined(separator: "; ") }
 
+    /// "ErrorType (message; outcome)", or just the error type.
+    public var typeAndDetail: String { "\(errorType)\(detail.isEmpty ? "" : " (\(detail))")" }
+
     /// "; also tried key B: Timeout (...)" for the other keys tried, or "".
     public var alsoTriedText: String {
-        alsoTried.map { "; also tried key \($0.keyId): \($0.errorType)\($0.detail.isEmpty ? "" : " (\($0.detail))")" }.joined()
+        alsoTried.map { "; also tried key \($0.keyId): \($0.typeAndDetail)" }.joined()
     }
 
     public var description: String {

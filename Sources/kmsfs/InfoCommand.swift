@@ -48,9 +48,7 @@ struct InfoCommand: ParsableCommand {
                 "plaintextSize": size,
                 "headerLength": header.headerLength,
             ]
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])
-            print(String(decoding: data, as: UTF8.self))
-            return
+            return try printJSON(object)
         }
         print("file:           \(backingFile)")
         print("format version: \(FileHeader.version)")
@@ -69,6 +67,11 @@ struct InfoCommand: ParsableCommand {
         }
     }
 
+    private func printJSON(_ object: [String: Any]) throws {
+        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])
+        print(String(decoding: data, as: UTF8.self))
+    }
+
     /// The volume's settings, from its config alone.
     private func volumeInfo() throws {
         let cipher = try Paths.resolve(backingFile)
@@ -82,15 +85,13 @@ struct InfoCommand: ParsableCommand {
                 "provider": volume.keyProvider.type, "keyIds": volume.keyProvider.keyIds,
                 "configAuthenticated": volume.formatVersion >= 3, "encryptionContext": volume.encryptionContext,
             ]
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes])
-            print(String(decoding: data, as: UTF8.self))
-            return
+            return try printJSON(object)
         }
         print("volume:         \(cipher)")
         print("format version: \(volume.formatVersion)")
         print("volume ID:      \(volume.volumeId)")
         print("chunk size:     \(volume.chunkSize)")
-        print("names: \(names)")
+        print("names:          \(names)")
         print("config:         \(volume.formatVersion >= 3 ? "authenticated with the volume key (checked at mount)" : "not authenticated (format \(volume.formatVersion))")")
         print("key provider:   \(volume.keyProvider.type)")
         for (i, k) in volume.keyProvider.keyIds.enumerated() { print("  key \(i + 1): \(k)") }

@@ -179,7 +179,7 @@ extension InitCommand {
             do {
                 made = try keys.newVolumeKey(volumeId: config.volumeId)
             } catch let e as KeyError {
-                throw CLIError("cannot make the volume key with key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")")
+                throw CLIError("cannot make the volume key with key \(e.keyId): \(e.typeAndDetail)")
             }
             defer { made.keys.wipe() }
             config.volumeKey = made.stored

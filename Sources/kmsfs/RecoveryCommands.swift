@@ -24,7 +24,7 @@ struct OfflineOptions: ParsableArguments {
             let volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys)
             if volume.encryptsNames { nameCipher = NameCipher(keys: volumeKeys) }
         }
-        return (cipher, OfflineReader(volume: volume, keys: keys), OfflineNames(cipherDir: cipher, cipher: nameCipher))
+        return (cipher, OfflineReader(volume: volume, keys: keys), OfflineNames(cipherDir: cipher, volume: volume, cipher: nameCipher))
     }
 }
 
@@ -118,25 +118,17 @@ extension DecryptCommand {
         guard Paths.isDirectory(start.isEmpty ? cipher : cipher + "/" + start) else { throw CLIError("\(path): not a directory in the volume") }
         try? Paths.makeDirectories(target, mode: 0o700)
         guard Paths.isDirectory(target) else { throw CLIError("cannot create \(target)") }
-        let config = try VolumeAccess.loadConfig(cipher)
         var failed = 0, files = 0
         func restore(_ rel: String, _ shown: String, _ out: String) throws {
-            for name in try Paths.entries(rel.isEmpty ? cipher : cipher + "/" + rel).sorted() {
-                if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: config) { continue }
-                var plain = name
-                if let c = names.cipher {
-                    guard let n = try names.mountName(name, in: rel, cipher: c), !n.contains(UInt8(ascii: "/")) else {
-                        printError("\(rel.isEmpty ? "" : rel + "/")\(name): a backing name that does not decrypt in its directory; skipped")
-                        failed += 1
-                        continue
-                    }
-                    plain = String(decoding: n, as: UTF8.self)
-                }
-                let child = rel.isEmpty ? name : rel + "/" + name
-                let label = shown + "/" + plain
-                let dest = out + "/" + plain
-                var st = stat()
-                guard lstat(cipher + "/" + child, &st) == 0 else { continue }
+            let entries = try names.entries(of: rel, shown: shown) { backing in
+                printError("\(backing): a backing name that does not decrypt in its directory; skipped")
+                failed += 1
+            }
+            for entry in entries {
+                let child = entry.backing
+                let label = "/" + entry.path
+                let dest = out + "/" + entry.name
+                let st = entry.status
                 switch st.st_mode & S_IFMT {
                 case S_IFDIR:
                     if mkdir(dest, 0o700) != 0 && errno != EEXIST {
@@ -144,7 +136,7 @@ extension DecryptCommand {
                         failed += 1
                         continue
                     }
-                    try restore(child, label, dest)
+                    try restore(child, entry.path, dest)
                     chmod(dest, st.st_mode & 0o7777)
                 case S_IFREG:
                     files += 1
@@ -177,16 +169,7 @@ extension DecryptCommand {
                         failed += 1
                     }
                 case S_IFLNK:
-                    var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-                    let n = readlink(cipher + "/" + child, &raw, raw.count - 1)
-                    let stored = n > 0 ? raw[0..<n].map { UInt8(bitPattern: $0) } : []
-                    let linkTarget: [UInt8]?
-                    if let c = names.cipher {
-                        linkTarget = String(validating: stored, as: UTF8.self).flatMap { c.decryptLinkTarget($0) }
-                    } else {
-                        linkTarget = stored
-                    }
-                    guard let t = linkTarget, symlink(String(decoding: t, as: UTF8.self), dest) == 0 else {
+                    guard let t = try? names.linkTarget(ofBacking: child), symlink(String(decoding: t, as: UTF8.self), dest) == 0 else {
                         printError("\(label): cannot restore the symbolic link")
                         failed += 1
                         continue
@@ -196,7 +179,7 @@ extension DecryptCommand {
                 }
             }
         }
-        try restore(start, start.isEmpty ? "" : "/" + path.split(separator: "/").joined(separator: "/"), target)
+        try restore(start, path.split(separator: "/").joined(separator: "/"), target)
         print("\(files) files restored into \(target)\(failed > 0 ? ", \(failed) failed" : "")")
         if failed > 0 { throw ExitCode(1) }
     }
@@ -220,7 +203,7 @@ struct VerifyCommand: ParsableCommand {
         var files: [(String, String)] = []
         var undecryptable = 0
         if paths.isEmpty {
-            try walk(cipher, "", "", config: try VolumeAccess.loadConfig(cipher), names: names, into: &files, undecryptable: &undecryptable)
+            try walk(names, "", "", into: &files, undecryptable: &undecryptable)
         } else {
             for p in paths {
                 let rel = p.split(separator: "/").joined(separator: "/")
@@ -254,33 +237,20 @@ struct VerifyCommand: ParsableCommand {
 
     /// Regular files under backing directory `rel` (plaintext path `shown`), as (backing, plaintext) relative
     /// paths, skipping kmsfs's own files; names that do not decrypt are reported and skipped.
-    private func walk(_ root: String, _ rel: String, _ shown: String, config: VolumeConfig, names: OfflineNames,
-                      into files: inout [(String, String)], undecryptable: inout Int) throws {
-        var children: [(String, String)] = []
-        for name in try Paths.entries(rel.isEmpty ? root : root + "/" + rel) {
-            if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: config) { continue }
-            var plain = name
-            if let c = names.cipher {
-                guard let n = try names.mountName(name, in: rel, cipher: c) else {
-                    print("\(rel.isEmpty ? "" : rel + "/")\(name): a backing name that does not decrypt in its directory (altered, or moved from another directory)")
-                    undecryptable += 1
-                    continue
-                }
-                plain = String(decoding: n, as: UTF8.self)
-            }
-            children.append((name, plain))
-        }
-        for (name, plain) in children.sorted(by: { $0.1 < $1.1 }) {
-            let child = rel.isEmpty ? name : rel + "/" + name
-            let childShown = shown.isEmpty ? plain : shown + "/" + plain
-            var st = stat()
-            guard lstat(root + "/" + child, &st) == 0 else { continue }
-            switch st.st_mode & S_IFMT {
-            case S_IFDIR: try walk(root, child, childShown, config: config, names: names, into: &files, undecryptable: &undecryptable)
-            case S_IFREG: files.append((child, childShown))
+    private func walk(_ names: OfflineNames, _ rel: String, _ shown: String, into files: inout [(String, String)],
+                      undecryptable: inout Int) throws {
+        var bad = 0
+        for entry in try names.entries(of: rel, shown: shown, undecryptable: { backing in
+            print("\(backing): a backing name that does not decrypt in its directory (altered, or moved from another directory)")
+            bad += 1
+        }) {
+            switch entry.status.st_mode & S_IFMT {
+            case S_IFDIR: try walk(names, entry.backing, entry.path, into: &files, undecryptable: &undecryptable)
+            case S_IFREG: files.append((entry.backing, entry.path))
             default: break
             }
         }
+        undecryptable += bad
     }
 }
 

@@ -196,7 +196,7 @@ struct RewrapCommand: ParsableCommand {
                     .rewrapVolumeKey(stored, volumeId: volume.volumeId, to: ids)
                 try volume.authenticate(with: vk)
             } catch let e as KeyError {
-                throw CLIError("cannot re-wrap the volume key under \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")")
+                throw CLIError("cannot re-wrap the volume key under \(e.keyId): \(e.typeAndDetail)")
             }
         }
         do {

@@ -50,7 +50,7 @@ enum VolumeAccess {
         do {
             return try keys.openVolumeKey(volume)
         } catch let e as KeyError {
-            throw CLIError("cannot unwrap the volume key of \(cipher) with key \(e.keyId): \(e.errorType)\(e.detail.isEmpty ? "" : " (\(e.detail))")\(e.alsoTriedText)")
+            throw CLIError("cannot unwrap the volume key of \(cipher) with key \(e.keyId): \(e.typeAndDetail)\(e.alsoTriedText)")
         } catch {
             throw CLIError("\(VolumeConfig.path(in: cipher)): \(error)")
         }

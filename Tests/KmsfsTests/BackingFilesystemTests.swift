@@ -61,7 +61,8 @@ struct BackingFilesystemTests {
             usleep(2_500_000)
             let other = juice.mounts[1] + "/" + URL(fileURLWithPath: v.cipher).lastPathComponent
             // Seen from the other client: every name, resolved through the encrypted names of this volume.
-            let names = OfflineNames(cipherDir: other, cipher: try v.offlineNames().cipher)
+            let mine = try v.offlineNames()
+            let names = OfflineNames(cipherDir: other, volume: mine.volume, cipher: mine.cipher)
             for file in ["big", "small", "d/dd", "d/echo"] {
                 #expect(FileManager.default.fileExists(atPath: other + "/" + (try names.backingPath(of: file))), "\(file)")
             }

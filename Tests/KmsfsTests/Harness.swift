@@ -284,7 +284,7 @@ final class MountedVolume {
         let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: cipher)))
         var cipherNames: NameCipher? = nil
         if volume.encryptsNames { cipherNames = NameCipher(keys: try volumeKeys()) }
-        let n = OfflineNames(cipherDir: cipher, cipher: cipherNames)
+        let n = OfflineNames(cipherDir: cipher, volume: volume, cipher: cipherNames)
         cachedNames = n
         return n
     }
