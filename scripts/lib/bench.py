@@ -190,7 +190,15 @@ class KmsfsWriteback(Kmsfs):
         return [KMSFS, "mount", "-f", "--writeback-cache"] + self.mount_args + [self.cipher, self.mnt]
 
 
-ALL = [Passthrough, Gocryptfs, Securefs, Kmsfs, KmsfsWriteback]
+class KmsfsPlaintextNames(Kmsfs):
+    """kmsfs on a volume made with --plaintext-names: what name encryption costs."""
+    name = "kmsfs-pn"
+
+    def create(self):
+        sh([KMSFS, "init", "--plaintext-names"] + self.init_args + [self.cipher], stdout=subprocess.DEVNULL, env=self.env)
+
+
+ALL = [Passthrough, Gocryptfs, Securefs, Kmsfs, KmsfsWriteback, KmsfsPlaintextNames]
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -754,7 +762,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sections", default="core,tree,files,memory")
     p.add_argument("--fs", default="passthrough,gocryptfs,securefs,kmsfs",
-                   help="filesystems to compare; kmsfs-wb is kmsfs with --writeback-cache")
+                   help="filesystems to compare; kmsfs-wb is kmsfs with --writeback-cache, kmsfs-pn kmsfs with --plaintext-names")
     p.add_argument("--steps", default="", help="only the steps whose titles start with these (comma-separated)")
     p.add_argument("--size-mib", type=int, default=1024, help="sequential write/read size")
     p.add_argument("--fio-mib", type=int, default=512, help="total size of the fio files")
