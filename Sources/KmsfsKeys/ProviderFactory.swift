@@ -22,6 +22,7 @@ public enum ProviderFactory {
     }
 
     public static func makeProvider(volume: VolumeConfig, options: Options) throws -> KeyProvider {
+        try checkKeyIds(volume.keyProvider)
         switch volume.keyProvider.type {
         case LocalKeyProvider.providerName:
             let path = localKeyFilePath(volume: volume, options: options)
@@ -38,6 +39,54 @@ public enum ProviderFactory {
         default:
             throw FormatError.invalidConfig("unknown key provider \"\(volume.keyProvider.type)\"")
         }
+    }
+
+
+    /// Refuses key IDs that cannot belong to the provider the config names (a config edited by hand, or by
+    /// someone else), before any of them is used: local keys are `local:` and 16 lower-case hex digits; AWS KMS
+    /// keys are key IDs, multi-Region key IDs, alias names, or key or alias ARNs.
+    public static func checkKeyIds(_ config: KeyProviderConfig) throws {
+        let valid: (String) -> Bool
+        let shape: String
+        switch config.type {
+        case LocalKeyProvider.providerName:
+            valid = isLocalKeyId
+            shape = "a local key ID (local: and 16 lower-case hex digits)"
+        case AWSKMSProvider.providerName:
+            valid = isAWSKeyId
+            shape = "an AWS KMS key ID, alias name (alias/...) or ARN (arn:aws...:kms:...)"
+        default:
+            throw FormatError.invalidConfig("unknown key provider \"\(config.type)\" (kmsfs knows \"local\" and \"aws-kms\")")
+        }
+        if let bad = config.keyIds.first(where: { !valid($0) }) {
+            throw FormatError.invalidConfig("key \"\(bad)\" is not \(shape), but the config names key provider \(config.type)")
+        }
+    }
+
+    static func isLocalKeyId(_ id: String) -> Bool {
+        let b = Array(id.utf8)
+        return b.count == 22 && id.hasPrefix("local:") && b[6...].allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+    }
+
+    static func isAWSKeyId(_ id: String) -> Bool {
+        let b = Array(id.utf8)
+        guard !b.isEmpty, b.count <= 2048, !id.hasPrefix("local:"),
+              b.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ",") }) else { return false }
+        func isKeyId(_ s: Substring) -> Bool {
+            let u = Array(s.utf8)
+            let hex: (UInt8) -> Bool = { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) || (0x41...0x46).contains($0) }
+            if s.hasPrefix("mrk-") { return u.count == 36 && u[4...].allSatisfy(hex) }
+            return u.count == 36 && u.enumerated().allSatisfy { i, c in [8, 13, 18, 23].contains(i) ? c == UInt8(ascii: "-") : hex(c) }
+        }
+        if id.hasPrefix("alias/") { return b.count > 6 }
+        if id.hasPrefix("arn:") {
+            // arn:PARTITION:kms:REGION:ACCOUNT:key/ID or :alias/NAME
+            let parts = id.split(separator: ":", maxSplits: 5, omittingEmptySubsequences: false)
+            guard parts.count == 6, parts[1].hasPrefix("aws"), parts[2] == "kms", !parts[3].isEmpty, !parts[4].isEmpty else { return false }
+            if parts[5].hasPrefix("key/") { return isKeyId(parts[5].dropFirst(4)) }
+            return parts[5].hasPrefix("alias/") && parts[5].count > 6
+        }
+        return isKeyId(Substring(id))
     }
 
     /// Where the local provider's key file is: the override, the configured path, or the default location.

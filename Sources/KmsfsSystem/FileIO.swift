@@ -116,4 +116,17 @@ public enum FileIO {
         if slash == path.startIndex { return "/" }
         return String(path[..<slash])
     }
+
+    /// Creates `path` and any missing parents (like mkdir -p): missing parents get `parentMode`, `path` itself
+    /// `mode`. Existing directories are left as they are.
+    public static func makeDirectories(_ path: String, mode: mode_t, parentMode: mode_t = 0o755) throws {
+        var prefix = ""
+        let parts = path.split(separator: "/")
+        for (i, part) in parts.enumerated() {
+            prefix += "/" + part
+            var st = stat()
+            if stat(prefix, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR { continue }
+            if mkdir(prefix, i == parts.count - 1 ? mode : parentMode) != 0 && errno != EEXIST { throw Errno.current }
+        }
+    }
 }

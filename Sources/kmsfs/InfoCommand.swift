@@ -12,7 +12,8 @@ struct InfoCommand: ParsableCommand {
         commandName: "info",
         abstract: "Print the header of a backing file, or the settings of a volume, without unwrapping anything.",
         discussion: """
-            Given CIPHERDIR, prints the volume's format version, ID, chunk size, names mode and keys. Given a \
+            Given CIPHERDIR, prints the volume's format version, ID, chunk size, names mode and keys, and whether \
+            this host has pinned the volume and the config matches the pin. Given a \
             backing file, reads only its header (no key provider call, no key needed). --json prints \
             {"formatVersion", "fileId", "encryptionContext", "wrappedKeys": [{"provider", "keyId", "blob"}], \
             "chunkSize", "plaintextSize", "headerLength"} with the blob in base64.
@@ -21,6 +22,8 @@ struct InfoCommand: ParsableCommand {
 
     @Flag(name: .long, help: "Print JSON for scripts.")
     var json = false
+
+    @OptionGroup var known: KnownVolumesOption
 
     @Argument(help: ArgumentHelp("A file in the encrypted directory, or the encrypted directory.", valueName: "backing-file"))
     var backingFile: String
@@ -76,6 +79,21 @@ struct InfoCommand: ParsableCommand {
     private func volumeInfo() throws {
         let cipher = try Paths.resolve(backingFile)
         let volume = try VolumeAccess.loadConfig(cipher)
+        let knownVolumes = known.knownVolumes
+        let pin: (state: String, detail: String)
+        do {
+            if let (p, line) = try knownVolumes.pin(of: volume.volumeId) {
+                if let why = p.mismatch(with: volume) {
+                    pin = ("mismatch", "MISMATCH: \(why) (\(knownVolumes.path) line \(line)); mount refuses it")
+                } else {
+                    pin = ("pinned", "pinned in \(knownVolumes.path) line \(line), and the config matches")
+                }
+            } else {
+                pin = ("unpinned", "not pinned on this host (the first mount pins it)")
+            }
+        } catch {
+            pin = ("unreadable", "\(error)")
+        }
         let names = volume.formatVersion < 3 ? "plaintext (format \(volume.formatVersion) has no name encryption)"
                                              : (volume.encryptsNames ? "encrypted" : "plaintext")
         if json {
@@ -84,6 +102,7 @@ struct InfoCommand: ParsableCommand {
                 "names": volume.formatVersion < 3 ? "plaintext" : (volume.names ?? ""),
                 "provider": volume.keyProvider.type, "keyIds": volume.keyProvider.keyIds,
                 "configAuthenticated": volume.formatVersion >= 3, "encryptionContext": volume.encryptionContext,
+                "pin": pin.state, "pinDetail": pin.detail,
             ]
             return try printJSON(object)
         }
@@ -95,5 +114,6 @@ struct InfoCommand: ParsableCommand {
         print("config:         \(volume.formatVersion >= 3 ? "authenticated with the volume key (checked at mount)" : "not authenticated (format \(volume.formatVersion))")")
         print("key provider:   \(volume.keyProvider.type)")
         for (i, k) in volume.keyProvider.keyIds.enumerated() { print("  key \(i + 1): \(k)") }
+        print("host pin:       \(pin.detail)")
     }
 }

@@ -53,6 +53,8 @@ struct InitCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("On-disk format: 3 (the default), or 2 or 1 for a volume older kmsfs releases must also mount (no volume key: names in plaintext, config not authenticated).", valueName: "n"))
     var formatVersion: Int = VolumeConfig.currentFormatVersion
 
+    @OptionGroup var known: KnownVolumesOption
+
     @Argument(help: ArgumentHelp("The directory that will hold the ciphertext.", valueName: "cipherdir"))
     var cipherDir: String
 
@@ -201,6 +203,12 @@ extension InitCommand {
         } catch {
             if let d = dirIdFile { unlink(d) }
             throw CLIError("cannot write \(VolumeConfig.path(in: dir)): \(error)")
+        }
+        // The host that made the volume trusts it as made.
+        do {
+            try known.knownVolumes.record(VolumePin(config))
+        } catch {
+            printError("warning: the volume was created, but could not be pinned on this host (its first mount will pin it): \(error)")
         }
     }
 }

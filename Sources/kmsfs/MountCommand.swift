@@ -76,6 +76,8 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .long, help: "Log every error and debug detail (never key material).")
     var debug = false
 
+    @OptionGroup var trust: TrustOptions
+
     @Option(name: .long, help: .hidden)
     var notifyFd: Int32?
 
@@ -128,6 +130,7 @@ struct MountCommand: ParsableCommand {
         let mount = try Paths.resolve(mountPoint)
         guard Paths.isDirectory(mount) else { throw CLIError("\(mount) is not a directory") }
         let volume = try VolumeAccess.loadConfig(cipher)
+        let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
         let env = Paths.environment
 
         // One user of a backing directory at a time: two mounts (or a mount and a key rotation) writing the
@@ -197,6 +200,15 @@ struct MountCommand: ParsableCommand {
         // which also authenticates the config.
         var volumeKeys: VolumeKeys? = nil
         if volume.formatVersion >= 3 { volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keyService) }
+        if !pinned {
+            do {
+                try VolumeAccess.pin(volume, trust: trust)
+            } catch {
+                volumeKeys?.wipe()
+                throw error
+            }
+            Log.info("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
+        }
         let names: NameMapping = volume.encryptsNames ? EncryptedNames(cipher: NameCipher(keys: volumeKeys!)) : PlaintextNames()
 
         let fs: EncryptedFilesystem
@@ -294,6 +306,8 @@ struct MountCommand: ParsableCommand {
         args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight), "--max-inodes", String(maxInodes)]
         args += ["--kms-deadline", String(kmsDeadline), "--kms-probe-interval", String(kmsProbeInterval), "--kms-max-rate", String(kmsMaxRate)]
         if requireAllKeys { args.append("--require-all-keys") }
+        if let k = trust.file.path { args += ["--known-volumes", Paths.absolute(k)] }
+        if trust.requirePinned { args.append("--require-pinned") }
         args += ["--lease-seconds", String(leaseSeconds)]
         args += ["--", Paths.absolute(cipherDir), Paths.absolute(mountPoint)]
 

@@ -22,13 +22,7 @@ enum Paths {
 
     /// Creates `path` and any missing parents (like mkdir -p); parents get mode 0755, `path` itself `mode`.
     static func makeDirectories(_ path: String, mode: mode_t) throws {
-        var prefix = ""
-        let parts = path.split(separator: "/")
-        for (i, part) in parts.enumerated() {
-            prefix += "/" + part
-            if isDirectory(prefix) { continue }
-            if mkdir(prefix, i == parts.count - 1 ? mode : 0o755) != 0 && errno != EEXIST { throw Errno.current }
-        }
+        try FileIO.makeDirectories(absolute(path), mode: mode)
     }
 
     static func isDirectory(_ path: String) -> Bool {

@@ -10,6 +10,8 @@ struct OfflineOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
     var keyFile: String?
 
+    @OptionGroup var trust: TrustOptions
+
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
     var cipherDir: String
 
@@ -18,11 +20,16 @@ struct OfflineOptions: ParsableArguments {
     func open() throws -> (cipher: String, reader: OfflineReader, names: OfflineNames) {
         let cipher = try Paths.resolve(cipherDir)
         let volume = try VolumeAccess.loadConfig(cipher)
+        let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
         let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil)
         var nameCipher: NameCipher? = nil
         if volume.formatVersion >= 3 {
             let volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys)
             if volume.encryptsNames { nameCipher = NameCipher(keys: volumeKeys) }
+        }
+        if !pinned {
+            try VolumeAccess.pin(volume, trust: trust)
+            printError("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
         }
         return (cipher, OfflineReader(volume: volume, keys: keys), OfflineNames(cipherDir: cipher, volume: volume, cipher: nameCipher))
     }
@@ -194,7 +201,7 @@ struct VerifyCommand: ParsableCommand {
 
     @OptionGroup var volume: OfflineOptions
 
-    @Argument(help: ArgumentHelp("Only these paths inside the volume (default: all).", valueName: "path"))
+    @Argument(help: ArgumentHelp("Only these files, or the files below these directories, inside the volume (default: all).", valueName: "path"))
     var paths: [String] = []
 
     func run() throws {
@@ -207,10 +214,17 @@ struct VerifyCommand: ParsableCommand {
         } else {
             for p in paths {
                 let rel = p.split(separator: "/").joined(separator: "/")
+                let backing: String
                 do {
-                    files.append((try names.backingPath(of: rel), rel))
+                    backing = try names.backingPath(of: rel)
                 } catch {
                     throw CLIError("\(error)")
+                }
+                // A directory: every file below it.
+                if Paths.isDirectory(backing.isEmpty ? cipher : cipher + "/" + backing) {
+                    try walk(names, backing, rel, into: &files, undecryptable: &undecryptable)
+                } else {
+                    files.append((backing, rel))
                 }
             }
         }

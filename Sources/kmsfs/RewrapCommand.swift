@@ -42,6 +42,8 @@ struct RewrapCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Key service requests in flight at once.", valueName: "count"))
     var jobs: Int = VolumeRewrapper.defaultJobs
 
+    @OptionGroup var trust: TrustOptions
+
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
     var cipherDir: String
 
@@ -52,6 +54,7 @@ struct RewrapCommand: ParsableCommand {
     func run() throws {
         let cipher = try Paths.resolve(cipherDir)
         var volume = try VolumeAccess.loadConfig(cipher)
+        let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
         let original = volume
         let dirFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
@@ -142,6 +145,22 @@ struct RewrapCommand: ParsableCommand {
                                                         keys: KeyService(provider: provider, keyIds: originalKeyIds, audit: nil))
         }
         defer { volumeKeys?.wipe() }
+        if !pinned {
+            try VolumeAccess.pin(original, trust: trust)
+            printError("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
+        }
+        // While files move to the new keys, this host accepts the config naming old and new ones; once the
+        // rotation is done, only the new ones. Other hosts refuse the new keys until pinned there (kmsfs pin).
+        var during = VolumePin(original)
+        for k in targets where !during.keyIds.contains(k) { during.keyIds.append(k) }
+        if let found = try? trust.knownVolumes.pin(of: volume.volumeId) {
+            for k in found.pin.keyIds where !during.keyIds.contains(k) { during.keyIds.append(k) }
+        }
+        do {
+            try trust.knownVolumes.record(during)
+        } catch {
+            throw CLIError("\(error)")
+        }
         let writeConfig = { (config: VolumeConfig) throws in
             try self.writeConfig(config, cipher, provider: provider, volumeKeys: volumeKeys)
         }
@@ -183,6 +202,11 @@ struct RewrapCommand: ParsableCommand {
             } else {
                 printError("some files needed headers longer than \(h) bytes: sizes in this volume are read from each file's header")
             }
+        }
+        do {
+            try trust.knownVolumes.record(VolumePin(volume))
+        } catch {
+            printError("warning: \(error); this host still accepts the old keys for this volume")
         }
         print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
     }

@@ -1,3 +1,4 @@
+import ArgumentParser
 import Glibc
 import KmsfsFormat
 import KmsfsKeys
@@ -27,6 +28,38 @@ enum VolumeAccess {
             throw CLIError("\(path): the config says format \(config.formatVersion), but the volume has encrypted names (\(NameCipher.directoryIdFile)): the config was replaced; restore the volume's own config")
         }
         return config
+    }
+
+    /// Checks the volume against the host's pin before any of its keys is used: a config that names another
+    /// provider, a key the host has not pinned, another volume key or endpoint is refused with one line. Returns
+    /// whether the volume was pinned (false: first use, to be pinned once its volume key has opened).
+    static func checkPin(_ volume: VolumeConfig, cipher: String, trust: TrustOptions) throws -> Bool {
+        let known = trust.knownVolumes
+        let found: (pin: VolumePin, line: Int)?
+        do {
+            found = try known.pin(of: volume.volumeId)
+        } catch {
+            throw CLIError("\(error)")
+        }
+        guard let (pin, line) = found else {
+            if trust.requirePinned {
+                throw CLIError("volume \(volume.volumeId) (\(cipher)) is not pinned in \(known.path), and --require-pinned was given: add its line from kmsfs pin --print on a host that trusts it")
+            }
+            return false
+        }
+        if let why = pin.mismatch(with: volume) {
+            throw CLIError("refusing volume \(volume.volumeId) (\(cipher)): \(why) (\(known.path) line \(line)); if you changed the volume yourself, check it and run kmsfs pin --update \(cipher)")
+        }
+        return true
+    }
+
+    /// Pins a volume whose config has just been authenticated (first use, or `kmsfs pin`).
+    static func pin(_ volume: VolumeConfig, trust: TrustOptions) throws {
+        do {
+            try trust.knownVolumes.record(VolumePin(volume))
+        } catch {
+            throw CLIError("\(error)")
+        }
     }
 
     static func keyService(_ volume: VolumeConfig, cipher: String, keyFile: String?, audit: AuditLog?,
@@ -73,4 +106,25 @@ enum VolumeAccess {
             }
         }
     }
+}
+
+/// Where the host keeps its pinned volumes.
+struct KnownVolumesOption: ParsableArguments {
+    @Option(name: .customLong("known-volumes"), help: ArgumentHelp("The host's pinned volumes (default: $KMSFS_KNOWN_VOLUMES, else $XDG_CONFIG_HOME/kmsfs/known-volumes).",
+                                                                  valueName: "file"))
+    var path: String?
+
+    var knownVolumes: KnownVolumes {
+        KnownVolumes(path: path.map(Paths.absolute) ?? KnownVolumes.defaultPath(environment: Paths.environment))
+    }
+}
+
+/// The host's pinned volumes, and whether an unpinned volume may be trusted on first use.
+struct TrustOptions: ParsableArguments {
+    @OptionGroup var file: KnownVolumesOption
+
+    @Flag(name: .long, help: "Refuse a volume this host has not pinned (no trust on first use).")
+    var requirePinned = false
+
+    var knownVolumes: KnownVolumes { file.knownVolumes }
 }

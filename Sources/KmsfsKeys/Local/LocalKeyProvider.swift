@@ -151,13 +151,10 @@ public enum LocalKeyFile {
     }
 
     private static func makeDirectories(_ path: String) throws {
-        var current = ""
-        for part in path.split(separator: "/", omittingEmptySubsequences: true) {
-            current += "/" + part
-            if mkdir(current, 0o700) != 0 && errno != EEXIST {
-                let e = Errno.current
-                throw KeyError(.other, errorType: "KeyFileUnwritable", keyId: path, message: "cannot create directory \(current): \(e)")
-            }
+        do {
+            try FileIO.makeDirectories(path, mode: 0o700, parentMode: 0o700)
+        } catch {
+            throw KeyError(.other, errorType: "KeyFileUnwritable", keyId: path, message: "cannot create directory \(path): \(error)")
         }
         chmod(path, 0o700)
     }
