@@ -60,6 +60,7 @@ struct ContentIO {
             reportCorrupt(chunk: c)
             throw Errno.EIO
         }
+        Failpoint.crash("crash-after-read")
         return end - offset
     }
 
@@ -133,6 +134,7 @@ struct ContentIO {
 
         let oldBacking = layout.backingSize(plaintextSize: plan.oldSize)
         do {
+            try dropEmptyMarker()
             try separate?.write(fd)
             try region.write(fd)
         } catch {
@@ -144,10 +146,37 @@ struct ContentIO {
 
     // MARK: - truncate and allocate
 
-    /// Sets the plaintext size to 0, which needs no key: an empty file is its header alone.
+    /// Sets the plaintext size to 0, which needs no data key: an empty file is its header alone, or in format 3
+    /// its header and its empty-file marker (made with the volume key). The marker is written over the start of
+    /// the old body before the file is cut, so no new block is needed (no ENOSPC).
     func truncateToZero() throws {
-        try syscall { ftruncate(fd, off_t(layout.headerLength)) }
+        let empty = layout.backingSize(plaintextSize: 0)
+        if let marker = file.emptyMarker {
+            if file.size == 0, try FileIO.size(fd) == empty { return }
+            try marker.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
+        }
+        try syscall { ftruncate(fd, off_t(empty)) }
         file.size = 0
+    }
+
+    /// Checks the marker of an empty file (format 3): a file cut to its header, or to a few bytes of its body,
+    /// fails here with EIO and a log line instead of reading as empty.
+    func checkEmpty() throws {
+        guard let marker = file.emptyMarker, file.size == 0 else { return }
+        var stored = [UInt8](repeating: 0, count: marker.count)
+        let n = try stored.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
+        if n != marker.count || !Digest.constantTimeEquals(stored, marker) {
+            if file.firstReport(ofChunk: -1) {
+                Log.error("\(file.path) is empty but lacks its empty-file marker: it was cut behind kmsfs's back (or damaged); reads of it return EIO")
+            }
+            throw Errno.EIO
+        }
+    }
+
+    /// Before an empty file grows (format 3): its marker goes, so chunk 0 is either written or a hole of zeros.
+    /// `restore` puts it back if the change fails.
+    private func dropEmptyMarker() throws {
+        if file.emptyMarker != nil && file.size == 0 { try syscall { ftruncate(fd, off_t(layout.headerLength)) } }
     }
 
     /// Sets the plaintext size, resealing the chunk that becomes the last one. Growing leaves a hole.
@@ -224,6 +253,7 @@ struct ContentIO {
         }
         do {
             // The new last chunk first: the file is never longer than its sealed data says.
+            try dropEmptyMarker()
             for r in regions.reversed() { try r.write(fd) }
         } catch {
             restore(backingSize: layout.backingSize(plaintextSize: oldSize), oldLast: saved)
@@ -297,11 +327,14 @@ struct ContentIO {
         case failed(Error)
     }
 
-    /// Best-effort undo of a failed write: cut the backing file back and put the old last chunk back.
+    /// Best-effort undo of a failed write: cut the backing file back and put the old last chunk (or the marker
+    /// of an empty file) back.
     private func restore(backingSize: Int, oldLast: StoredChunk?) {
         _ = ftruncate(fd, off_t(backingSize))
         if let s = oldLast {
             try? FileIO.pwrite(fd, s.bytes.baseAddress!, count: s.bytes.count, offset: s.offset)
+        } else if let marker = file.emptyMarker, backingSize == layout.backingSize(plaintextSize: 0) {
+            try? marker.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
         }
     }
 

@@ -25,6 +25,7 @@ extension EncryptedFilesystem {
             try syscall { fstat(fd, &st) }
             guard InodeKey(st) == inode.key else { throw Errno(ESTALE) }
             var header: FileHeader? = nil
+            var marker: [UInt8]? = nil
             let layout: ChunkLayout
             if let open = table.lookup(inode.key) {
                 layout = open.layout
@@ -36,6 +37,14 @@ extension EncryptedFilesystem {
                     if let u = uniformLayout, h.headerLength != u.headerLength {
                         throw FormatError.malformedHeader("header length \(h.headerLength) differs from the volume's \(u.headerLength)")
                     }
+                    // Format 3: even an empty file holds a marker after its header, so one cut to its header is damaged.
+                    if h.layout.marksEmptyFile, st.st_size < h.layout.backingSize(plaintextSize: 0) {
+                        throw FormatError.malformedHeader("the file was cut to \(st.st_size) bytes, shorter than its header and the empty-file marker every file of this volume holds (damaged, or emptied behind kmsfs's back)")
+                    }
+                    if h.layout.marksEmptyFile {
+                        guard let k = volumeKeys else { throw FormatError.malformedHeader("an empty-file marker flag in a volume without a volume key") }
+                        marker = try k.emptyFileMarker(fileId: h.fileId)
+                    }
                     header = h
                     layout = h.layout
                 } catch {
@@ -45,19 +54,23 @@ extension EncryptedFilesystem {
             }
             inodes.setLayout(.known(layout), of: inode)
             let file = try table.acquire(inode.key, fd: fd, path: { [unowned self] in mountPath(of: inode) }, layout: layout,
-                                         size: { layout.plaintextSize(backingSize: try FileIO.size(fd)) }, header: header)
+                                         size: { layout.plaintextSize(backingSize: try FileIO.size(fd)) }, header: header,
+                                         emptyMarker: marker)
             handle = FileHandle(fd: fd, file: file, writable: writable)
         } catch {
             close(fd)
             throw error
         }
-        if writable && flags & O_TRUNC != 0 {
-            do {
+        do {
+            if writable && flags & O_TRUNC != 0 {
                 try handle.file.io.withWriteLock { try handle.content.truncateToZero() }
-            } catch {
-                releaseFile(handle)
-                throw error
+            } else if flags & O_ACCMODE != O_WRONLY && handle.file.size == 0 {
+                // Reading an empty file reads nothing (the kernel does not even ask): its marker is checked now.
+                try handle.file.io.withReadLock { try handle.content.checkEmpty() }
             }
+        } catch {
+            releaseFile(handle)
+            throw error
         }
         return handle
     }
@@ -92,15 +105,23 @@ extension EncryptedFilesystem {
         }
         fresh.dataKey.wipe()
         let header: FileHeader
+        let marksEmpty = volume.formatVersion >= 3
         do {
             header = try FileHeader(fileId: fresh.fileId, chunkSize: volume.chunkSize, context: fresh.context,
-                                    wrappedKeys: fresh.wrapped, keys: fileKeys, length: uniformLayout?.headerLength)
+                                    wrappedKeys: fresh.wrapped, keys: fileKeys, length: uniformLayout?.headerLength, marksEmptyFile: marksEmpty)
         } catch FormatError.headerTooLong(let needed, let length) {
             giveUpUniformHeaderLength(because: "the header of \(path) needs \(needed) bytes, more than the volume's uniform \(length)")
             header = try FileHeader(fileId: fresh.fileId, chunkSize: volume.chunkSize, context: fresh.context,
-                                    wrappedKeys: fresh.wrapped, keys: fileKeys)
+                                    wrappedKeys: fresh.wrapped, keys: fileKeys, marksEmptyFile: marksEmpty)
         }
-        let bytes = header.encoded()
+        let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fresh.fileId, layout: header.layout)
+        // The header, and in format 3 the marker of an empty file.
+        var bytes = header.encoded()
+        var marker: [UInt8]? = nil
+        if marksEmpty, let k = volumeKeys {
+            marker = try k.emptyFileMarker(fileId: fresh.fileId)
+            bytes += marker!
+        }
 
         let createdFile: (Inode, stat, FileHandle)? = try inodes.withDirectory(parent) { dfd in
             // Again, right before the backing store is touched: the key may have taken a while.
@@ -121,9 +142,9 @@ extension EncryptedFilesystem {
                 try syscall { fstat(fd, &st) }
                 let inode = inodes.remember(parent: parent, name: n, st: st)
                 inodes.setLayout(.known(header.layout), of: inode)
-                let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fresh.fileId, layout: header.layout)
                 do {
-                    let file = try table.acquire(inode.key, fd: fd, path: { path }, layout: header.layout, size: { 0 }, secrets: secrets)
+                    let file = try table.acquire(inode.key, fd: fd, path: { path }, layout: header.layout, size: { 0 },
+                                                                emptyMarker: marker, secrets: secrets)
                     st.st_size = 0
                     return (inode, st, FileHandle(fd: fd, file: file, writable: true))
                 } catch {
@@ -140,7 +161,7 @@ extension EncryptedFilesystem {
             return c
         }
         // Another creator won the race and the caller did not ask for O_EXCL: open that file instead.
-        fileKeys.chunkKey.wipe()
+        secrets.wipe()
         let (inode, _) = try lookup(parent, name)
         do {
             let handle = try open(inode, flags: flags & ~O_CREAT)

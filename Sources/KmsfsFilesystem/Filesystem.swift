@@ -187,6 +187,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Runs `body` with a directory descriptor and a name that reach `inode` itself ("." in the root).
     /// Throws ENOENT when the node has no name left.
+    @discardableResult
     func withNode<R>(_ inode: Inode, _ body: (Int32, String) throws -> R) throws -> R {
         if inode === inodes.root { return try body(inodes.rootFd, ".") }
         return try inodes.withLocation(inode, body)
@@ -194,6 +195,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Like `withNode`, but a regular file whose names are all gone is still reached through the backing
     /// descriptor of one of its open handles (`viaDescriptor`).
+    @discardableResult
     func withNode<R>(_ inode: Inode, _ body: (Int32, String) throws -> R, viaDescriptor: (Int32) throws -> R) throws -> R {
         do {
             return try withNode(inode, body)
@@ -515,6 +517,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Runs `body` with a path to exactly the node (an O_PATH descriptor's /proc link, never following a
     /// symbolic link the node's name may have become).
+    @discardableResult
     private func withNodePath<R>(_ inode: Inode, _ body: (String) throws -> R) throws -> R {
         if inode === inodes.root { return try body("/proc/self/fd/\(inodes.rootFd)") }
         return try withNode(inode, { dfd, name in

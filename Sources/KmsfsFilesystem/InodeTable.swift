@@ -38,7 +38,8 @@ final class Inode: @unchecked Sendable {
 
     /// What the header prefix says about the plaintext layout (regular files), learned once: the header
     /// length of a backing file never changes while it is mounted. Guarded by the table's lock; packed as
-    /// header length and log2(chunk size), 0 while unknown, UInt32.max for a foreign file.
+    /// header length and log2(chunk size) (its top bit: the layout marks empty files), 0 while unknown, UInt32.max
+    /// for a foreign file.
     fileprivate var packedHeaderLength: UInt32 = 0
     fileprivate var chunkShift: UInt8 = 0
 
@@ -47,7 +48,9 @@ final class Inode: @unchecked Sendable {
             switch packedHeaderLength {
             case 0: return .unknown
             case UInt32.max: return .foreign
-            default: return .known(ChunkLayout(headerLength: Int(packedHeaderLength), chunkSize: 1 << Int(chunkShift)))
+            default:
+                return .known(ChunkLayout(headerLength: Int(packedHeaderLength), chunkSize: 1 << Int(chunkShift & 0x7f),
+                                          marksEmptyFile: chunkShift & 0x80 != 0))
             }
         }
         set {
@@ -56,7 +59,7 @@ final class Inode: @unchecked Sendable {
             case .foreign: packedHeaderLength = UInt32.max
             case .known(let l):
                 packedHeaderLength = UInt32(l.headerLength)
-                chunkShift = UInt8(l.chunkSize.trailingZeroBitCount)
+                chunkShift = UInt8(l.chunkSize.trailingZeroBitCount) | (l.marksEmptyFile ? 0x80 : 0)
             }
         }
     }

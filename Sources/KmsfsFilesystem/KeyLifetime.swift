@@ -73,6 +73,8 @@ final class OpenFile: @unchecked Sendable {
     /// The header as read at the first open, for unwrapping the key when it is first needed (nil for a file
     /// created by this mount, whose key is known from the start).
     let header: FileHeader?
+    /// The body an empty file of this layout holds (`marksEmptyFile`), nil when empty files are empty.
+    let emptyMarker: [UInt8]?
     /// Serializes writes and truncations against each other and against reads of this file.
     let io = ReadWriteLock()
 
@@ -100,11 +102,13 @@ final class OpenFile: @unchecked Sendable {
     private let reportLock = Lock()
     private var reported = Set<Int>()
 
-    fileprivate init(inode: InodeKey, path: @escaping @Sendable () -> String, layout: ChunkLayout, header: FileHeader?, size: Int) {
+    fileprivate init(inode: InodeKey, path: @escaping @Sendable () -> String, layout: ChunkLayout, header: FileHeader?,
+                     emptyMarker: [UInt8]?, size: Int) {
         self.inode = inode
         pathSource = path
         self.layout = layout
         self.header = header
+        self.emptyMarker = emptyMarker
         sizeValue = Atomic(size)
     }
 
@@ -165,9 +169,9 @@ final class OpenFileTable: @unchecked Sendable {
     }
 
     /// Takes a reference to the entry of `inode` for a handle with backing descriptor `fd`. A new entry gets
-    /// `layout`, `size()` and, for a file just created, its `secrets`.
+    /// `layout`, `size()`, its `emptyMarker` (format 3) and, for a file just created, its `secrets`.
     func acquire(_ inode: InodeKey, fd: Int32, path: @escaping @Sendable () -> String, layout: ChunkLayout, size: () throws -> Int,
-                 header: FileHeader? = nil, secrets: FileSecrets? = nil) throws -> OpenFile {
+                 header: FileHeader? = nil, emptyMarker: [UInt8]? = nil, secrets: FileSecrets? = nil) throws -> OpenFile {
         if let f = lock.withLock({ () -> OpenFile? in
             guard let f = files[inode] else { return nil }
             f.references += 1
@@ -182,7 +186,7 @@ final class OpenFileTable: @unchecked Sendable {
                 f.descriptors.append(fd)
                 return f
             }
-            let f = OpenFile(inode: inode, path: path, layout: layout, header: header, size: try size())
+            let f = OpenFile(inode: inode, path: path, layout: layout, header: header, emptyMarker: emptyMarker, size: try size())
             if let s = secrets { f.install(s) }
             files[inode] = f
             f.references = 1

@@ -1,4 +1,5 @@
 import Glibc
+import KmsfsCrypto
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
@@ -10,17 +11,32 @@ public struct OfflineReader {
         public var plaintextSize: Int
         /// Chunks that failed authentication.
         public var corruptChunks: [Int]
-        /// The backing size matches no plaintext size: the file was cut inside a chunk's overhead.
+        /// The backing size matches no plaintext size: the file was cut inside a chunk's overhead, or (format 3)
+        /// to its header.
         public var damagedTail: Bool
-        public var isIntact: Bool { corruptChunks.isEmpty && !damagedTail }
+        /// Format 3: the file is empty but its body is not its empty-file marker (emptied behind kmsfs's back).
+        public var emptyMarkerMissing = false
+        public var isIntact: Bool { corruptChunks.isEmpty && !damagedTail && !emptyMarkerMissing }
+
+        /// What is wrong, for one line of a report ("" when intact).
+        public var damage: String {
+            var what: [String] = []
+            if !corruptChunks.isEmpty { what.append("corrupt chunks \(corruptChunks.map(String.init).joined(separator: ", "))") }
+            if damagedTail { what.append("damaged tail") }
+            if emptyMarkerMissing { what.append("empty without its empty-file marker (emptied behind kmsfs's back)") }
+            return what.joined(separator: "; ")
+        }
     }
 
     public let volume: VolumeConfig
     public let keys: KeyService
+    /// Format 3: the volume's keys, for the marker of empty files.
+    public let volumeKeys: VolumeKeys?
 
-    public init(volume: VolumeConfig, keys: KeyService) {
+    public init(volume: VolumeConfig, keys: KeyService, volumeKeys: VolumeKeys? = nil) {
         self.volume = volume
         self.keys = keys
+        self.volumeKeys = volumeKeys
     }
 
     /// Decrypts the backing file at `backingPath`, passing each run of plaintext to `sink` in order.
@@ -36,6 +52,13 @@ public struct OfflineReader {
         let backingSize = try FileIO.size(fd)
         let size = layout.plaintextSize(backingSize: backingSize)
         var report = Report(plaintextSize: size, corruptChunks: [], damagedTail: !layout.isConsistent(backingSize: backingSize))
+        if layout.marksEmptyFile && size == 0 && backingSize >= layout.headerLength + ChunkLayout.emptyMarkerSize {
+            guard let k = volumeKeys else { throw FormatError.malformedHeader("an empty-file marker flag without the volume key to check it") }
+            var stored = [UInt8](repeating: 0, count: ChunkLayout.emptyMarkerSize)
+            let n = try stored.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
+            let expected = try k.emptyFileMarker(fileId: opened.header.fileId)
+            report.emptyMarkerMissing = n != stored.count || !Digest.constantTimeEquals(stored, expected)
+        }
         let count = layout.chunkCount(plaintextSize: size)
         let codec = try ChunkCodec(chunkKey: opened.keys.chunkKey, fileId: opened.header.fileId, layout: layout)
         let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: layout.storedChunkSize, alignment: 64)

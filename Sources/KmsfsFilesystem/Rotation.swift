@@ -50,8 +50,13 @@ public enum RewrapJournal {
     /// Finishes an interrupted rotation step, if any. Returns the path it repaired.
     @discardableResult
     public static func recover(cipherDir: String) throws -> String? {
+        removeTemporaries(cipherDir: cipherDir)
         let journal = cipherDir + "/" + name
-        guard let bytes = try? FileIO.readFile(journal) else { return nil }
+        guard let bytes = try? FileIO.readFile(journal) else {
+            // A copy without a journal is a leftover of a step that was finished or never journaled.
+            unlink(cipherDir + "/" + copyName)
+            return nil
+        }
         guard let entry = try? JSONDecoder().decode(Entry.self, from: Data(bytes)) else {
             // An unreadable journal was never completed (it is written atomically): nothing was changed yet.
             unlink(journal)
@@ -60,6 +65,23 @@ public enum RewrapJournal {
         try apply(entry, cipherDir: cipherDir)
         clear(cipherDir: cipherDir)
         return entry.path
+    }
+
+    /// Removes the temporary files of atomic writes of the config or the journal (`kmsfs.conf.tmp-<pid>`,
+    /// `kmsfs.conf.rewrap-journal.tmp-<pid>`) that a killed process left at the top of the backing directory.
+    /// Called with the volume held exclusively, so the only live writer is this process.
+    static func removeTemporaries(cipherDir: String) {
+        guard let dir = opendir(cipherDir) else { return }
+        defer { closedir(dir) }
+        let mine = ".tmp-\(getpid())"
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let n = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            for base in [VolumeConfig.fileName, name] where n.hasPrefix(base + ".tmp-") && !n.hasSuffix(mine) {
+                if n.dropFirst(base.count + 5).allSatisfy(\.isNumber) { names.append(n) }
+            }
+        }
+        for n in names { unlink(cipherDir + "/" + n) }
     }
 
     static func apply(_ entry: Entry, cipherDir: String) throws {

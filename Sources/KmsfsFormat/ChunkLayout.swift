@@ -4,6 +4,8 @@
 /// [i*C, (i+1)*C) and is stored at H + i*(C+28) as nonce (12) || ciphertext || tag (16). Every chunk is full
 /// except the last one, which holds 1...C bytes. So the plaintext size follows from the backing size alone:
 /// with B = backing size - H, n = B / (C+28) and r = B % (C+28), the size is n*C + max(r-28, 0).
+/// An empty file has no chunk. Its body is empty, or (`marksEmptyFile`, the header's flag, format 3) the 16-byte
+/// empty-file marker, so that a file cut to its header is damaged rather than empty; the size formula is the same.
 public struct ChunkLayout: Equatable, Sendable {
     public static let nonceSize = 12
     public static let tagSize = 16
@@ -12,10 +14,15 @@ public struct ChunkLayout: Equatable, Sendable {
 
     public let headerLength: Int
     public let chunkSize: Int
+    /// An empty file's body is its empty-file marker (`FileHeader.emptyFileMarkerFlag`).
+    public let marksEmptyFile: Bool
+    /// Bytes of the empty-file marker (`VolumeKeys.emptyFileMarker`).
+    public static let emptyMarkerSize = 16
 
-    public init(headerLength: Int, chunkSize: Int) {
+    public init(headerLength: Int, chunkSize: Int, marksEmptyFile: Bool = false) {
         self.headerLength = headerLength
         self.chunkSize = chunkSize
+        self.marksEmptyFile = marksEmptyFile
     }
 
     /// Chunk sizes are powers of two from 4 KiB to 1 MiB.
@@ -45,7 +52,7 @@ public struct ChunkLayout: Equatable, Sendable {
 
     /// The backing size that holds `plaintextSize` bytes.
     public func backingSize(plaintextSize: Int) -> Int {
-        if plaintextSize == 0 { return headerLength }
+        if plaintextSize == 0 { return headerLength + (marksEmptyFile ? ChunkLayout.emptyMarkerSize : 0) }
         let full = plaintextSize / chunkSize
         let rest = plaintextSize % chunkSize
         return headerLength + full * storedChunkSize + (rest > 0 ? rest + ChunkLayout.overhead : 0)

@@ -20,10 +20,13 @@ public struct WrappedKey: Equatable, Sendable {
 /// file size without parsing (or authenticating) the rest of the header.
 public struct HeaderPrefix: Equatable, Sendable {
     public let version: Int
+    public let flags: UInt16
     public let headerLength: Int
     public let chunkSize: Int
 
-    public var layout: ChunkLayout { ChunkLayout(headerLength: headerLength, chunkSize: chunkSize) }
+    public var layout: ChunkLayout {
+        ChunkLayout(headerLength: headerLength, chunkSize: chunkSize, marksEmptyFile: flags & FileHeader.emptyFileMarkerFlag != 0)
+    }
 
     /// Parses the prefix; throws for anything that is not a kmsfs v1 file.
     public init(_ bytes: UnsafeRawBufferPointer) throws {
@@ -33,7 +36,8 @@ public struct HeaderPrefix: Equatable, Sendable {
         func be(_ at: Int, _ n: Int) -> Int { (at..<at + n).reduce(0) { $0 << 8 | Int(bytes[$1]) } }
         version = be(4, 2)
         guard version == Int(FileHeader.version) else { throw FormatError.unsupportedVersion(version) }
-        guard be(6, 2) == 0 else { throw FormatError.malformedHeader("unknown flags") }
+        flags = UInt16(be(6, 2))
+        guard flags & ~FileHeader.knownFlags == 0 else { throw FormatError.malformedHeader("unknown flags") }
         headerLength = be(8, 4)
         chunkSize = be(12, 4)
         guard headerLength >= FileHeader.minimumLength, headerLength <= FileHeader.maximumLength else {
@@ -54,7 +58,8 @@ public struct HeaderPrefix: Equatable, Sendable {
 ///     offset  size  field
 ///     0       4     magic "KMFS"
 ///     4       2     format version (1)
-///     6       2     flags (0)
+///     6       2     flags: bit 0 (0x0001) = an empty file's body is the 16-byte empty-file marker (format 3
+///                   volumes); no other bit may be set
 ///     8       4     header length H: the body starts at byte H
 ///     12      4     chunk size C (plaintext bytes per chunk)
 ///     16      16    file ID (random)
@@ -71,6 +76,11 @@ public struct HeaderPrefix: Equatable, Sendable {
 public struct FileHeader: Equatable, Sendable {
     public static let magic: [UInt8] = Array("KMFS".utf8)
     public static let version: UInt16 = 1
+    /// Flag: an empty file's body is not empty but its empty-file marker (`VolumeKeys.emptyFileMarker`, under
+    /// the volume key), so a file cut to its header is seen as damaged, not as empty. Set on every file of a
+    /// format 3 volume.
+    public static let emptyFileMarkerFlag: UInt16 = 0x0001
+    public static let knownFlags: UInt16 = emptyFileMarkerFlag
     public static let prefixSize = 16
     public static let fileIdSize = 16
     public static let dataKeySize = 32
@@ -81,6 +91,7 @@ public struct FileHeader: Equatable, Sendable {
     public static let minimumLength = 64 + 2 + macSize + 1
     public static let maximumLength = 1 << 20
 
+    public var flags: UInt16
     public var headerLength: Int
     public var chunkSize: Int
     public var fileId: [UInt8]
@@ -89,14 +100,18 @@ public struct FileHeader: Equatable, Sendable {
     public var mac: [UInt8]
     public var wrappedKeys: [WrappedKey]
 
-    public var layout: ChunkLayout { ChunkLayout(headerLength: headerLength, chunkSize: chunkSize) }
+    public var layout: ChunkLayout {
+        ChunkLayout(headerLength: headerLength, chunkSize: chunkSize, marksEmptyFile: flags & FileHeader.emptyFileMarkerFlag != 0)
+    }
 
     /// A new, authenticated header for a file whose data key is `dataKey` (the keys derived from it are passed in),
     /// `length` bytes long (a volume's uniform header length), or as short as it can be when nil.
     /// Throws `headerTooLong` when the header does not fit in `length`.
+    /// `marksEmptyFile` sets `emptyFileMarkerFlag` (format 3 volumes).
     public init(fileId: [UInt8], chunkSize: Int, context: EncryptionContext, wrappedKeys: [WrappedKey],
-                keys: FileKeys, length: Int? = nil) throws {
+                keys: FileKeys, length: Int? = nil, marksEmptyFile: Bool = false) throws {
         precondition(fileId.count == FileHeader.fileIdSize && ChunkLayout.isValidChunkSize(chunkSize))
+        self.flags = marksEmptyFile ? FileHeader.emptyFileMarkerFlag : 0
         self.fileId = fileId
         self.chunkSize = chunkSize
         self.context = context
@@ -119,6 +134,7 @@ public struct FileHeader: Equatable, Sendable {
         let prefix = try HeaderPrefix(bytes)
         guard bytes.count >= prefix.headerLength else { throw FormatError.truncatedHeader }
         var r = ByteReader(Array(bytes[0..<prefix.headerLength]), offset: FileHeader.prefixSize)
+        flags = prefix.flags
         headerLength = prefix.headerLength
         chunkSize = prefix.chunkSize
         fileId = try r.raw(FileHeader.fileIdSize)
@@ -222,7 +238,7 @@ public struct FileHeader: Equatable, Sendable {
         var w = ByteWriter()
         w.raw(FileHeader.magic)
         w.u16(FileHeader.version)
-        w.u16(0)
+        w.u16(flags)
         w.u32(zeroLength ? 0 : UInt32(headerLength))
         w.u32(UInt32(chunkSize))
         w.raw(fileId)

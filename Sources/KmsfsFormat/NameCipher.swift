@@ -110,6 +110,13 @@ public struct NameCipher: Sendable {
         return (id, body + (try keys.hmac(keys.directoryIds, body)))
     }
 
+    /// True when `contents` has the size and magic of a directory ID file (of any volume: nothing is checked
+    /// against a key). A user's file of that name in a volume with plaintext names is an encrypted file, which
+    /// starts with "KMFS" instead.
+    public static func looksLikeDirectoryIdFile(_ contents: [UInt8]) -> Bool {
+        contents.count == directoryIdMagic.count + directoryIdSize + 32 && Array(contents.prefix(directoryIdMagic.count)) == directoryIdMagic
+    }
+
     /// The ID in a directory ID file, or nil when the file is not one of this volume's.
     public func directoryId(fromFile contents: [UInt8]) -> [UInt8]? {
         let m = NameCipher.directoryIdMagic.count

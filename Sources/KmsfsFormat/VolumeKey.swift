@@ -39,6 +39,7 @@ public struct VolumeKeyConfig: Codable, Equatable, Sendable {
 ///   directory ID key    info "kmsfs v3 directory id key"    32 bytes, HMAC-SHA256 of directory ID files
 ///   config key          info "kmsfs v3 config key"          32 bytes, HMAC-SHA256 of the volume config
 ///   commitment          info "kmsfs v3 volume key commitment" 32 bytes, public, stored in the config
+///   empty file key      info "kmsfs v3 empty file key"      32 bytes, HMAC-SHA256 of empty-file markers
 ///
 /// The volume key itself is wiped once these are derived; the derived keys live in locked memory for the mount
 /// and are wiped by `wipe()` at unmount.
@@ -49,12 +50,13 @@ public final class VolumeKeys: Sendable {
     public let metadata: SecureBytes
     public let directoryIds: SecureBytes
     public let config: SecureBytes
+    public let emptyFiles: SecureBytes
     public let commitment: [UInt8]
 
     public static let keySize = 32
     static let sivInfos = ["kmsfs v3 name key", "kmsfs v3 xattr name key"].map { Array($0.utf8) }
     static let infos = ["kmsfs v3 metadata key", "kmsfs v3 directory id key", "kmsfs v3 config key",
-                        "kmsfs v3 volume key commitment"].map { Array($0.utf8) }
+                        "kmsfs v3 volume key commitment", "kmsfs v3 empty file key"].map { Array($0.utf8) }
 
     /// Derives the keys of volume `volumeId` (32 hex digits) from its volume key: one HKDF extraction for the
     /// 64-byte keys and one for the 32-byte ones.
@@ -69,6 +71,7 @@ public final class VolumeKeys: Sendable {
         directoryIds = keys[1]
         config = keys[2]
         commitment = keys[3].withUnsafeBytes { Array($0) }
+        emptyFiles = keys[4]
     }
 
     /// HKDF's salt: the 16 bytes of the volume ID.
@@ -87,6 +90,7 @@ public final class VolumeKeys: Sendable {
         metadata.wipe()
         directoryIds.wipe()
         config.wipe()
+        emptyFiles.wipe()
     }
 
     /// The commitment of a volume key, without deriving the rest.
@@ -97,6 +101,13 @@ public final class VolumeKeys: Sendable {
     /// The encryption context the volume key is wrapped under: a key policy can allow it apart from data keys.
     public static func context(volumeId: String) -> EncryptionContext {
         EncryptionContext([EncryptionContext.volumeIdKey: volumeId, EncryptionContext.purposeKey: EncryptionContext.volumeKeyPurpose])
+    }
+
+    /// The body of an empty file whose header has `FileHeader.emptyFileMarkerFlag`: the first 16 bytes of
+    /// HMAC-SHA256 under the empty file key of "kmsfs v3 empty file" || the file ID. Truncating a file to zero
+    /// writes it without the file's data key; a file cut to its header lacks it and reads as damaged.
+    public func emptyFileMarker(fileId: [UInt8]) throws -> [UInt8] {
+        Array(try hmac(emptyFiles, Array("kmsfs v3 empty file".utf8) + fileId)[0..<ChunkLayout.emptyMarkerSize])
     }
 
     /// HMAC-SHA256 under the config key.

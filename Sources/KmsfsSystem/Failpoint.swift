@@ -16,4 +16,12 @@ public enum Failpoint {
         guard let a = armed, a.name == name else { return }
         if hits.add(1, ordering: .relaxed).newValue == a.hit { _exit(99) }
     }
+
+    /// Like `hit`, but a real crash (a bad pointer dereference) instead of an exit: what the crash report shows.
+    public static func crash(_ name: String) {
+        guard let a = armed, a.name == name else { return }
+        if hits.add(1, ordering: .relaxed).newValue == a.hit {
+            UnsafeMutablePointer<Int>(bitPattern: 8 + Int(getpid() & 0))!.pointee = 1
+        }
+    }
 }

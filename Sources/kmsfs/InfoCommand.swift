@@ -16,7 +16,7 @@ struct InfoCommand: ParsableCommand {
             this host has pinned the volume and the config matches the pin. Given a \
             backing file, reads only its header (no key provider call, no key needed). --json prints \
             {"formatVersion", "fileId", "encryptionContext", "wrappedKeys": [{"provider", "keyId", "blob"}], \
-            "chunkSize", "plaintextSize", "headerLength"} with the blob in base64.
+            "chunkSize", "plaintextSize", "headerLength", "flags"} with the blob in base64.
             """
     )
 
@@ -50,6 +50,7 @@ struct InfoCommand: ParsableCommand {
                 "chunkSize": header.chunkSize,
                 "plaintextSize": size,
                 "headerLength": header.headerLength,
+                "flags": Int(header.flags),
             ]
             return try printJSON(object)
         }
@@ -58,6 +59,7 @@ struct InfoCommand: ParsableCommand {
         print("file ID:        \(Hex.encode(header.fileId))")
         print("chunk size:     \(header.chunkSize)")
         print("header length:  \(header.headerLength)")
+        print("flags:          \(header.flags)\(header.layout.marksEmptyFile ? " (empty-file marker: an empty file's body is its marker)" : "")")
         print("plaintext size: \(size)")
         print("encryption context:")
         for (k, v) in header.context.sortedPairs { print("  \(k) = \(v)") }

@@ -5,6 +5,12 @@ import ArgumentParser
 struct Kmsfs: ParsableCommand {
     static let version = "0.1.0"
 
+    /// Every command first makes sure a crash report cannot show memory contents (see CrashReports).
+    static func main() {
+        CrashReports.restrict()
+        main(nil)
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "kmsfs",
         abstract: "An encrypted FUSE filesystem with per-file data keys wrapped by a key management service.",

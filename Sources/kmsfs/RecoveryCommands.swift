@@ -23,15 +23,16 @@ struct OfflineOptions: ParsableArguments {
         let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
         let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil)
         var nameCipher: NameCipher? = nil
+        var volumeKeys: VolumeKeys? = nil
         if volume.formatVersion >= 3 {
-            let volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys)
-            if volume.encryptsNames { nameCipher = NameCipher(keys: volumeKeys) }
+            volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys)
+            if volume.encryptsNames { nameCipher = NameCipher(keys: volumeKeys!) }
         }
         if !pinned {
             try VolumeAccess.pin(volume, trust: trust)
             printError("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
         }
-        return (cipher, OfflineReader(volume: volume, keys: keys), OfflineNames(cipherDir: cipher, volume: volume, cipher: nameCipher))
+        return (cipher, OfflineReader(volume: volume, keys: keys, volumeKeys: volumeKeys), OfflineNames(cipherDir: cipher, volume: volume, cipher: nameCipher))
     }
 }
 
@@ -109,6 +110,7 @@ struct DecryptCommand: ParsableCommand {
             }
         }
         if report.damagedTail { printError("\(label): the end of the backing file is damaged; \(report.plaintextSize) bytes recovered") }
+        if report.emptyMarkerMissing { printError("\(label): the file is empty but lacks its empty-file marker: it was emptied behind kmsfs's back") }
         if !report.isIntact { throw ExitCode(1) }
     }
 }
@@ -161,7 +163,7 @@ extension DecryptCommand {
                         close(fd)
                         if !report.isIntact {
                             failed += 1
-                            printError("\(label): \(report.corruptChunks.isEmpty ? "" : "corrupt chunks \(report.corruptChunks.map(String.init).joined(separator: ", "))")\(report.damagedTail ? " damaged tail" : "")")
+                            printError("\(label): \(report.damage)")
                         }
                         if report.isIntact || skipCorrupt {
                             rename(tmp, dest)
@@ -235,10 +237,7 @@ struct VerifyCommand: ParsableCommand {
                 bytes += report.plaintextSize
                 if !report.isIntact {
                     damaged += 1
-                    var what: [String] = []
-                    if !report.corruptChunks.isEmpty { what.append("corrupt chunks \(report.corruptChunks.map(String.init).joined(separator: ", "))") }
-                    if report.damagedTail { what.append("damaged tail") }
-                    print("/\(rel): \(what.joined(separator: "; "))")
+                    print("/\(rel): \(report.damage)")
                 }
             } catch {
                 damaged += 1

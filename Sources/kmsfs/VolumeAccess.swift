@@ -24,7 +24,8 @@ enum VolumeAccess {
         }
         // A config of an older format put over a volume with encrypted names (a downgrade, which would drop the
         // MAC check and could name a KMS endpoint) is refused.
-        if config.formatVersion < 3 && Paths.exists(cipher + "/" + NameCipher.directoryIdFile) {
+        if config.formatVersion < 3, let top = try? FileIO.readFile(cipher + "/" + NameCipher.directoryIdFile),
+           NameCipher.looksLikeDirectoryIdFile(top) {
             throw CLIError("\(path): the config says format \(config.formatVersion), but the volume has encrypted names (\(NameCipher.directoryIdFile)): the config was replaced; restore the volume's own config")
         }
         return config

@@ -17,7 +17,7 @@ let pythonDecryptor = """
     data = open(sys.argv[1], 'rb').read()
     assert data[:4] == b'KMFS'
     version, flags, H, C = struct.unpack('>HHII', data[4:16])
-    assert version == 1 and flags == 0
+    assert version == 1 and flags & ~1 == 0
     file_id, commitment = data[16:32], data[32:64]
     def u16(o): return struct.unpack('>H', data[o:o+2])[0]
     n = u16(64); off = 66; ctx = {}

@@ -115,6 +115,61 @@ struct FailureTests {
         #expect(P.errno { try P.pread(y, 100, 0) } == EIO)
     }
 
+    @Test("Format 3: an empty file holds a marker made with the volume key, so a file cut to its header, or to a few bytes of body, is damaged (EIO, a log line, verify and decrypt say so), never silently empty")
+    func emptiedBehindOurBack() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("empty"), [])
+        for name in ["cut", "cut16", "grown", "hole", "trunc"] { try P.writeFile(v.path(name), Array(repeating: 9, count: 6000)) }
+        try #require(v.waitForKeysWiped("empty", "cut", "cut16", "grown", "hole", "trunc"))
+        let h = try FileHeader(decoding: try P.readFile(v.backing("empty")))
+        #expect(h.layout.marksEmptyFile)
+        let marker = try v.volumeKeys().emptyFileMarker(fileId: h.fileId)
+        #expect(try P.readFile(v.backing("empty")) == h.encoded() + marker)
+        #expect(try P.readFile(v.path("empty")) == [])
+
+        // Through the mount: truncation to zero, O_TRUNC, and growth from empty (a write past a hole, truncate up)
+        // keep every file sound, and none of them needs a data key to empty a file.
+        let decrypts = v.auditCount("Decrypt")
+        try syscall { truncate(v.path("trunc"), 0) }
+        #expect(try P.stat(v.backing("trunc")).st_size == h.headerLength + 16)
+        #expect(try P.readFile(v.path("trunc")) == [])
+        #expect(v.auditCount("Decrypt") == decrypts)
+        let g = try P.open(v.path("grown"), O_WRONLY | O_TRUNC)
+        try P.pwrite(g, [1, 2, 3], 10_000)
+        close(g)
+        try syscall { truncate(v.path("hole"), 0) }
+        try syscall { truncate(v.path("hole"), 5000) }
+        #expect(try P.readFile(v.path("grown")) == Array(repeating: 0, count: 10_000) + [1, 2, 3])
+        #expect(try P.readFile(v.path("hole")) == Array(repeating: 0, count: 5000))
+        try #require(v.waitForKeysWiped("grown", "hole", "trunc"))
+
+        // Behind kmsfs's back: one file cut to exactly its header, another to its header and 16 bytes.
+        try syscall { truncate(v.backing("cut"), off_t(h.headerLength)) }
+        try syscall { truncate(v.backing("cut16"), off_t(h.headerLength + 16)) }
+        #expect(try P.stat(v.path("cut16")).st_size == 0)
+        #expect(P.errno { try P.open(v.path("cut"), O_RDONLY) } == EIO)
+        #expect(v.daemonLogText.contains("cannot open /cut: malformed header: the file was cut to \(h.headerLength) bytes"), "\(v.daemonLogText)")
+        #expect(P.errno { try P.readFile(v.path("cut16")) } == EIO)
+        #expect(v.daemonLogText.contains("/cut16 is empty but lacks its empty-file marker"), "\(v.daemonLogText)")
+        try v.unmount()
+
+        let verify = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(verify.status == 1)
+        #expect(verify.stdout.contains("/cut: damaged tail"), "\(verify.stdout)")
+        #expect(verify.stdout.contains("/cut16: empty without its empty-file marker"), "\(verify.stdout)")
+        #expect(verify.stdout.contains("6 files") && verify.stdout.contains("2 damaged"), "\(verify.stdout)")
+        for name in ["cut", "cut16"] {
+            let d = try run(kmsfsBinary, ["decrypt", v.cipher, name], environment: v.environment)
+            #expect(d.status == 1 && d.stderr.contains("/\(name)"), "\(name): \(d.stderr)")
+        }
+        for name in ["empty", "trunc", "grown", "hole"] {
+            let d = try run(kmsfsBinary, ["decrypt", v.cipher, name], environment: v.environment)
+            #expect(d.status == 0, "\(name): \(d.stderr)")
+        }
+        let info = try run(kmsfsBinary, ["info", v.backing("cut")])
+        #expect(info.stdout.contains("warning: the backing size"), "\(info.stdout)")
+    }
+
     @Test("Sizes and offsets past what the format can address fail with EFBIG, and the mount stays up")
     func hugeOffsets() throws {
         let v = try MountedVolume()

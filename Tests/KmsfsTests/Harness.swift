@@ -293,7 +293,8 @@ final class MountedVolume {
     func offlineReader() throws -> OfflineReader {
         let volume = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: cipher)))
         let provider = try ProviderFactory.makeProvider(volume: volume, options: .init(environment: environment))
-        return OfflineReader(volume: volume, keys: KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: nil))
+        return OfflineReader(volume: volume, keys: KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: nil),
+                             volumeKeys: volume.formatVersion >= 3 ? try volumeKeys() : nil)
     }
 
     /// The plaintext of a backing file, decrypted without the mount; nil if any chunk fails.

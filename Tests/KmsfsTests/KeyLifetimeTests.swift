@@ -100,6 +100,29 @@ struct KeyLifetimeTests {
         }
     }
 
+    @Test("A crashing daemon's report names the functions, but shows no register and no memory contents")
+    func crashReportShowsNoMemory() throws {
+        // The daemon crashes (a bad pointer) right after decrypting a read: the file's key and plaintext are in
+        // its memory, and in registers.
+        let v = try MountedVolume(mountArgs: ["--direct-io"], environment: ["KMSFS_FAILPOINT": "crash-after-read:1"])
+        let secret = Array("KMSFS-CRASH-SECRET-0123456789".utf8)
+        try P.writeFile(v.path("f"), secret)
+        let fd = try P.open(v.path("f"), O_RDONLY)
+        #expect(P.errno { try P.pread(fd, secret.count, 0) } != nil)
+        close(fd)
+        let daemon = try #require(v.process)
+        #expect(waitFor(seconds: 60) { !daemon.isRunning })
+        v.stop()
+        let log = v.daemonLogText
+        #expect(log.contains("Program crashed") && log.contains("Thread 0"), "\(log)")
+        #expect(!log.contains("Registers:"), "\(log)")
+        // A memory dump line: an address, then bytes in hex.
+        let dump = log.split(separator: "\n").filter { $0.contains(/0x[0-9a-f]{16}\s+([0-9a-f]{2} ){8}/) }
+        #expect(dump.isEmpty, "\(dump)")
+        #expect(find(secret, in: Array(log.utf8)) == nil)
+        #expect(!log.contains("Images ("), "\(log)")
+    }
+
     @Test("No plaintext and no key material anywhere under the encrypted directory or in the logs")
     func noPlaintextOnDisk() throws {
         let v = try MountedVolume(chunkSize: 4096)

@@ -46,13 +46,17 @@ struct VolumeFormatTests {
         #expect(try P.stat(v.path("old")).st_size == off_t(data.count))
         #expect(try P.readFile(v.path("old")) == data)
         try P.writeFile(v.path("new"), [1, 2, 3])
+        // A user's file named like a directory ID file is an ordinary (encrypted) file here, not a sign of a
+        // downgraded format 3 volume.
+        try P.writeFile(v.path("kmsfs.dirid"), Array(repeating: 7, count: 62))
         let a = try P.open(v.path("old"), O_WRONLY | O_APPEND)
         try P.write(a, [4, 5])
         close(a)
         try v.remount()
         #expect(try P.readFile(v.path("old")) == data + [4, 5])
         #expect(try P.readFile(v.path("new")) == [1, 2, 3])
-        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount).sorted() == ["new", "old"])
+        #expect(try P.readFile(v.path("kmsfs.dirid")) == Array(repeating: 7, count: 62))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount).sorted() == ["kmsfs.dirid", "new", "old"])
         #expect(try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher))).formatVersion == 1)
     }
 
