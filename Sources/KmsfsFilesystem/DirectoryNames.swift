@@ -1,3 +1,4 @@
+import CSystem
 import Glibc
 import KmsfsFormat
 import KmsfsKeys
@@ -28,28 +29,58 @@ extension EncryptedFilesystem {
     /// nothing else (a crash during mkdir) is given a new one; otherwise the directory cannot be used (EIO).
     private func readDirectoryId(_ fd: Int32, of dir: Inode) throws -> [UInt8] {
         guard let cipher = names.cipher else { return [] }
-        let contents = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd)
-        if let c = contents, let id = cipher.directoryId(fromFile: c) { return id }
-        let why = contents == nil ? "has no directory ID file (\(NameCipher.directoryIdFile))"
-                                  : "has a directory ID file that is not this volume's, or was altered"
-        if !readOnly, EncryptedFilesystem.holdsOnlyOwnEntries(fd, inRoot: dir === inodes.root) {
-            Log.info("backing directory of \(mountPath(of: dir)) \(why) and is empty: giving it a new ID")
-            return try writeDirectoryId(fd)
+        if let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd), let id = cipher.directoryId(fromFile: c) { return id }
+        // One repair at a time, and each looks again: another lookup may have just given the directory its ID.
+        return try directoryIdRepair.withLock {
+            if let id = inodes.directoryId(of: dir) { return id }
+            let contents = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd)
+            if let c = contents, let id = cipher.directoryId(fromFile: c) { return id }
+            let why = contents == nil ? "has no directory ID file (\(NameCipher.directoryIdFile))"
+                                      : "has a directory ID file that is not this volume's, or was altered"
+            if !readOnly, EncryptedFilesystem.holdsOnlyOwnEntries(fd, inRoot: dir === inodes.root) {
+                Log.info("backing directory of \(mountPath(of: dir)) \(why) and is empty: giving it a new ID")
+                let id = try writeDirectoryId(fd, replacing: contents != nil)
+                inodes.setDirectoryId(id, of: dir)
+                return id
+            }
+            FailureLog.shared.log(.error, kind: "directory-id", "cannot use directory \(mountPath(of: dir)): its backing directory \(why); its entries cannot be decrypted")
+            throw Errno.EIO
         }
-        FailureLog.shared.log(.error, kind: "directory-id", "cannot use directory \(mountPath(of: dir)): its backing directory \(why); its entries cannot be decrypted")
-        throw Errno.EIO
     }
 
-    /// Gives backing directory `fd` a new ID file (replacing any) and returns the ID.
+    /// Gives backing directory `fd` an ID file and returns the ID. The file is written complete under a temporary
+    /// name and then linked into place (renamed over a damaged one when `replacing`), so a crash never leaves a
+    /// partial ID file, and an ID file that appeared meanwhile is kept (its ID is returned) rather than replaced.
     @discardableResult
-    func writeDirectoryId(_ fd: Int32) throws -> [UInt8] {
+    func writeDirectoryId(_ fd: Int32, replacing: Bool = false) throws -> [UInt8] {
         guard let cipher = names.cipher else { return [] }
         let (id, contents) = try cipher.newDirectoryIdFile()
-        unlinkat(fd, NameCipher.directoryIdFile, 0)
-        let f = try syscall { openat(fd, NameCipher.directoryIdFile, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o444) }
-        defer { close(f) }
-        try contents.withUnsafeBytes { _ = try FileIO.pwrite(f, $0.baseAddress!, count: $0.count, offset: 0) }
-        return id
+        let temp = TemporaryNames.make()
+        let f = try syscall { openat(fd, temp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o444) }
+        do {
+            try contents.withUnsafeBytes { _ = try FileIO.pwrite(f, $0.baseAddress!, count: $0.count, offset: 0) }
+            close(f)
+        } catch {
+            close(f)
+            unlinkat(fd, temp, 0)
+            throw error
+        }
+        defer { unlinkat(fd, temp, 0) }
+        if replacing {
+            try syscall { renameat(fd, temp, fd, NameCipher.directoryIdFile) }
+            return id
+        }
+        if linkat(fd, temp, fd, NameCipher.directoryIdFile, 0) == 0 { return id }
+        let e = Errno.current
+        if e.code == EEXIST {
+            if let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd), let existing = cipher.directoryId(fromFile: c) {
+                return existing
+            }
+            throw Errno.EIO
+        }
+        // No hard links on this backing filesystem: a rename that does not replace, where there is one.
+        if kmsfs_renameat2(fd, temp, fd, NameCipher.directoryIdFile, UInt32(kmsfs_rename_noreplace())) == 0 { return id }
+        throw Errno.current
     }
 
     /// True when backing directory `fd` holds nothing but kmsfs's own entries.

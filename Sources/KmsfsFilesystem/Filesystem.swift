@@ -87,6 +87,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     var uniformLayout: ChunkLayout? { uniform.withLock { $0 } }
     private let uniform: Mutex<ChunkLayout?>
     private let sweeping = Mutex(false)
+    /// Serializes giving directories new IDs (DirectoryNames), so two lookups in one damaged, empty directory
+    /// cannot each give it an ID.
+    let directoryIdRepair = Lock()
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool
     /// What the backing filesystem was found to do at mount (how new files are made).
@@ -455,11 +458,21 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         guard fd >= 0 else { return false }
         defer { close(fd) }
         guard let own = ownEntries(fd, encryptedNames: encryptedNames), !own.isEmpty else { return false }
+        // A directory without write permission for its owner (mode 0555, say) can still be removed when empty;
+        // a daemon that is not root needs that permission for a moment to remove kmsfs's files in it first.
+        var st = stat()
+        var opened = false
+        defer { if opened { fchmodat(dfd, name, st.st_mode & 0o7777, 0) } }
         for l in own {
             if TemporaryNames.isTemporary(l) {
                 Log.info("removing a file left half made by a crash: \(l) in the backing directory being removed")
             }
-            unlinkat(fd, l, 0)
+            if unlinkat(fd, l, 0) != 0 && (errno == EACCES || errno == EPERM) && !opened
+                && fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_uid == geteuid()
+                && fchmodat(dfd, name, (st.st_mode & 0o7777) | 0o300, 0) == 0 {
+                opened = true
+                unlinkat(fd, l, 0)
+            }
         }
         return true
     }

@@ -137,7 +137,7 @@ public final class KeyService: Sendable {
                 }
                 key.wipe()
                 failures.append(KeyError(.invalidCiphertext, errorType: "KeyCommitmentMismatch", keyId: candidate.keyId,
-                                         message: "the unwrapped key does not match the header's commitment"))
+                                         message: "the unwrapped key does not match its stored commitment (the header's, or the config's for the volume key)"))
             } catch let e as KeyError {
                 failures.append(e)
             }

@@ -42,11 +42,33 @@ extension KeyService {
         return keys
     }
 
-    /// Re-wraps the volume key under `keyIds` (key rotation).
+    /// Re-wraps the volume key under `keyIds` (key rotation). ReEncrypt never shows kmsfs the key it moves, so
+    /// the source is first checked: only a wrapped copy that unwraps to the committed key is carried over (a copy
+    /// someone added under another key, holding another key, would otherwise spread to every new key).
     public func rewrapVolumeKey(_ stored: VolumeKeyConfig, volumeId: String, to keyIds: [String]) throws -> VolumeKeyConfig {
+        guard let commitment = Hex.decode(stored.commitment) else { throw FormatError.invalidConfig("no volume key commitment") }
+        let context = VolumeKeys.context(volumeId: volumeId)
+        var source: WrappedKey? = nil
+        var lastError: Error? = nil
+        for candidate in stored.wrappedKeys.compactMap(\.wrappedKey) where candidate.provider == provider.name {
+            do {
+                let key = try unwrap([candidate], context: context, subject: KeyService.volumeKeySubject) { k in
+                    guard let c = try? VolumeKeys.commitment(of: k, volumeId: volumeId) else { return false }
+                    return Digest.constantTimeEquals(c, commitment)
+                }
+                key.wipe()
+                source = candidate
+                break
+            } catch {
+                lastError = error
+            }
+        }
+        guard let good = source else {
+            throw lastError ?? KeyError(.keyUnavailable, errorType: "NoUsableWrappedKey", keyId: keyIds.first ?? "",
+                                        message: "no wrapped volume key of this provider unwraps to the committed key")
+        }
         var updated = stored
-        let wrapped = try rewrap(stored.wrappedKeys.compactMap(\.wrappedKey), to: keyIds,
-                                 context: VolumeKeys.context(volumeId: volumeId), subject: KeyService.volumeKeySubject)
+        let wrapped = try rewrap([good], to: keyIds, context: context, subject: KeyService.volumeKeySubject)
         updated.wrappedKeys = wrapped.map(VolumeKeyConfig.Wrapped.init)
         return updated
     }

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import KmsfsFormat
+import KmsfsKeys
 import KmsfsSystem
 import Testing
 
@@ -182,6 +183,31 @@ struct LocalRewrapTests {
 }
 
 extension LocalRewrapTests {
+    @Test("rewrap carries over only a wrapped volume key that opens to the committed key, not one added to the config")
+    func rewrapChecksTheVolumeKey() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("a"), [1])
+        try v.unmount()
+        // Someone adds, first in the list, a copy under the volume's own key that holds another key (the config
+        // MAC does not cover wrapped keys: a wrong one fails the commitment, so mounts skip it).
+        var config = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        let key = try LocalKeyFile.load(path: v.configHome + "/kmsfs/keys/\(config.volumeId).key")
+        let (other, wrapped) = try LocalKeyProvider(keys: [key]).generateDataKey(keyId: key.keyId, context: VolumeKeys.context(volumeId: config.volumeId))
+        other.wipe()
+        config.volumeKey!.wrappedKeys.insert(VolumeKeyConfig.Wrapped(wrapped), at: 0)
+        try FileIO.writeFileAtomically(VolumeConfig.path(in: v.cipher), contents: try config.encoded())
+        try v.start()
+        #expect(try P.readFile(v.path("a")) == [1])
+        try v.unmount()
+        let r = try run(kmsfsBinary, ["rewrap", "--key-file", v.dir.path + "/new.key", v.cipher], environment: v.environment)
+        #expect(r.status == 0, "\(r.stderr)")
+        let rotated = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
+        #expect(rotated.volumeKey!.wrappedKeys.count == 1)
+        try v.start()
+        #expect(try P.readFile(v.path("a")) == [1])
+    }
+
+
     @Test("A local rotation stopped in either pass leaves a volume the configured key file opens", arguments: [1, 2, 3, 4])
     func localRotationCrash(hit: Int) throws {
         let v = try MountedVolume(chunkSize: 4096)

@@ -227,6 +227,21 @@ struct EncryptedNamesTests {
         #expect(log.contains("cannot read extended attribute user.k of /f"))
     }
 
+    @Test("rmdir of an empty directory without write permission works for a daemon that does not bypass permissions")
+    func rmdirOfReadOnlyDirectory() throws {
+        // Root without CAP_DAC_OVERRIDE: the daemon meets permissions as a user's daemon would.
+        let v = try MountedVolume(wrapper: ["/usr/bin/setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                                            "--inh-caps=-dac_override,-dac_read_search", "--"])
+        try syscall { mkdir(v.path("d"), 0o755) }
+        try syscall { chmod(v.path("d"), 0o555) }
+        // The daemon really is refused inside such a directory (the test's own process is not)...
+        #expect(P.errno { try P.writeFile(v.path("d/x"), [1]) } == EACCES)
+        // ...yet the directory, empty through the mount, goes (its ID file with it).
+        try syscall { rmdir(v.path("d")) }
+        #expect(P.errno { try P.stat(v.path("d")) } == ENOENT)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount).isEmpty)
+    }
+
     @Test("A config that was changed, or that names a KMS endpoint, is refused at mount with one line; the names mode cannot be turned off")
     func configIsAuthenticated() throws {
         let v = try MountedVolume()

@@ -89,6 +89,8 @@ final class MountedVolume {
     let chunkSize: Int
     /// The daemon's open-file limit (RLIMIT_NOFILE), when a test sets one.
     let openFileLimit: Int?
+    /// A program (and its arguments) the daemon is started through, such as setpriv dropping capabilities.
+    let wrapper: [String]
     private(set) var process: Process?
     private(set) var mountArgs: [String] = []
 
@@ -98,7 +100,8 @@ final class MountedVolume {
     }
 
     init(chunkSize: Int = 4096, initArgs: [String] = [], mountArgs: [String] = [], cipherParent: String? = nil,
-         environment extra: [String: String] = [:], openFileLimit: Int? = nil) throws {
+         environment extra: [String: String] = [:], openFileLimit: Int? = nil, wrapper: [String] = []) throws {
+        self.wrapper = wrapper
         extraEnvironment = extra
         self.openFileLimit = openFileLimit
         dir = try TempDir()
@@ -125,6 +128,7 @@ final class MountedVolume {
         daemonLog = other.daemonLog
         chunkSize = other.chunkSize
         openFileLimit = other.openFileLimit
+        wrapper = other.wrapper
         extraEnvironment = extra
         try start()
     }
@@ -148,6 +152,10 @@ final class MountedVolume {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: kmsfsBinary)
         p.arguments = ["mount", "-f", "--audit-log", auditLog] + args + [cipher, mount]
+        if !wrapper.isEmpty {
+            p.executableURL = URL(fileURLWithPath: wrapper[0])
+            p.arguments = Array(wrapper.dropFirst()) + [kmsfsBinary] + p.arguments!
+        }
         if let n = openFileLimit {
             p.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
             p.arguments = ["--nofile=\(n):\(n)", "--", kmsfsBinary] + p.arguments!
