@@ -67,8 +67,11 @@ public struct PlaintextNames: NameMapping {
     public var usesDirectoryIds: Bool { false }
     public var cipher: NameCipher? { nil }
 
+    /// Names are stored as they are, so they must be UTF-8 (the backing calls take them as text): creating any
+    /// other name fails with EILSEQ, as on a filesystem that accepts only UTF-8 names, and looking one up finds
+    /// nothing. Volumes with encrypted names take any bytes.
     public func backingName(_ name: [UInt8], in dir: NameDirectory, creating: Bool) throws -> BackingName {
-        let text = String(decoding: name, as: UTF8.self)
+        guard let text = String(validating: name, as: UTF8.self) else { throw creating ? Errno(EILSEQ) : Errno.ENOENT }
         if PlaintextNames.isOwn(text, inRoot: dir.inRoot) { throw creating ? Errno.EPERM : Errno.ENOENT }
         return BackingName(text)
     }
@@ -77,7 +80,10 @@ public struct PlaintextNames: NameMapping {
         PlaintextNames.isOwn(backingName, inRoot: dir.inRoot) ? nil : Array(backingName.utf8)
     }
 
-    public func backingLinkTarget(_ target: [UInt8]) throws -> String { String(decoding: target, as: UTF8.self) }
+    public func backingLinkTarget(_ target: [UInt8]) throws -> String {
+        guard let text = String(validating: target, as: UTF8.self) else { throw Errno(EILSEQ) }
+        return text
+    }
     public func mountLinkTarget(_ stored: [UInt8]) throws -> [UInt8] { stored }
     public func linkTargetSize(storedLength: Int) -> Int { storedLength }
 

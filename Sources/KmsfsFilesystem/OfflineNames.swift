@@ -37,9 +37,12 @@ public struct OfflineNames {
     public struct Entry {
         /// Backing path relative to the backing directory.
         public let backing: String
-        /// Plaintext name, and path relative to the top of the volume (no leading "/").
+        /// Plaintext name, and path relative to the top of the volume (no leading "/"), for display (a name that
+        /// is not UTF-8 shows replacement characters).
         public let name: String
         public let path: String
+        /// The plaintext name exactly, as bytes.
+        public let nameBytes: [UInt8]
         public let status: stat
     }
 
@@ -89,7 +92,7 @@ public struct OfflineNames {
                 var st = stat()
                 guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { continue }
                 let text = String(decoding: plain, as: UTF8.self)
-                found.append(Entry(backing: child, name: text, path: shown.isEmpty ? text : shown + "/" + text, status: st))
+                found.append(Entry(backing: child, name: text, path: shown.isEmpty ? text : shown + "/" + text, nameBytes: plain, status: st))
             }
             return found.sorted { $0.path < $1.path }
         }

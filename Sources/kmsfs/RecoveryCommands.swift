@@ -1,4 +1,5 @@
 import ArgumentParser
+import CSystem
 import Glibc
 import KmsfsFilesystem
 import KmsfsFormat
@@ -126,9 +127,13 @@ extension DecryptCommand {
         }
         guard Paths.isDirectory(start.isEmpty ? cipher : cipher + "/" + start) else { throw CLIError("\(path): not a directory in the volume") }
         try? Paths.makeDirectories(target, mode: 0o700)
-        guard Paths.isDirectory(target) else { throw CLIError("cannot create \(target)") }
+        let top = Glibc.open(target, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard top >= 0 else { throw CLIError("cannot open \(target): \(Errno.current)") }
+        defer { close(top) }
         var failed = 0, files = 0
-        func restore(_ rel: String, _ shown: String, _ out: String) throws {
+        // Everything is made relative to the output directory's descriptor with the names' exact bytes (a name
+        // need not be UTF-8), and nothing already there is overwritten.
+        func restore(_ rel: String, _ shown: String, _ out: Int32) throws {
             let entries = try names.entries(of: rel, shown: shown) { backing in
                 printError("\(backing): a backing name that does not decrypt in its directory; skipped")
                 failed += 1
@@ -136,23 +141,30 @@ extension DecryptCommand {
             for entry in entries {
                 let child = entry.backing
                 let label = "/" + entry.path
-                let dest = out + "/" + entry.name
+                let name = (entry.nameBytes + [0]).map { CChar(bitPattern: $0) }
                 let st = entry.status
                 switch st.st_mode & S_IFMT {
                 case S_IFDIR:
-                    if mkdir(dest, 0o700) != 0 && errno != EEXIST {
-                        printError("\(label): cannot create \(dest): \(Errno.current)")
+                    if mkdirat(out, name, 0o700) != 0 && errno != EEXIST {
+                        printError("\(label): cannot create it: \(Errno.current)")
                         failed += 1
                         continue
                     }
-                    try restore(child, entry.path, dest)
-                    chmod(dest, st.st_mode & 0o7777)
+                    let sub = openat(out, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                    guard sub >= 0 else {
+                        printError("\(label): cannot open it: \(Errno.current)")
+                        failed += 1
+                        continue
+                    }
+                    defer { close(sub) }
+                    try restore(child, entry.path, sub)
+                    fchmod(sub, st.st_mode & 0o7777)
                 case S_IFREG:
                     files += 1
-                    let tmp = dest + ".kmsfs-partial"
-                    let fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+                    let tmp = TemporaryNames.make()
+                    let fd = openat(out, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
                     guard fd >= 0 else {
-                        printError("\(label): cannot create \(tmp): \(Errno.current)")
+                        printError("\(label): cannot create a file beside it: \(Errno.current)")
                         failed += 1
                         continue
                     }
@@ -160,26 +172,32 @@ extension DecryptCommand {
                         let report = try reader.read(backingPath: cipher + "/" + child, label: label, stopAtCorrupt: !skipCorrupt) { bytes in
                             if bytes.count > 0 { try FileIO.writeAll(fd, bytes.baseAddress!, count: bytes.count) }
                         }
+                        fchmod(fd, st.st_mode & 0o7777)
                         close(fd)
                         if !report.isIntact {
                             failed += 1
                             printError("\(label): \(report.damage)")
                         }
                         if report.isIntact || skipCorrupt {
-                            rename(tmp, dest)
-                            chmod(dest, st.st_mode & 0o7777)
+                            if kmsfs_renameat2(out, tmp, out, name, UInt32(kmsfs_rename_noreplace())) != 0 {
+                                let e = Errno.current
+                                unlinkat(out, tmp, 0)
+                                printError("\(label): \(e.code == EEXIST ? "already exists in the output; not overwritten" : "cannot put it in place: \(e)")")
+                                failed += 1
+                            }
                         } else {
-                            unlink(tmp)
+                            unlinkat(out, tmp, 0)
                         }
                     } catch {
                         close(fd)
-                        unlink(tmp)
+                        unlinkat(out, tmp, 0)
                         printError("\(label): \(error)")
                         failed += 1
                     }
                 case S_IFLNK:
-                    guard let t = try? names.linkTarget(ofBacking: child), symlink(String(decoding: t, as: UTF8.self), dest) == 0 else {
-                        printError("\(label): cannot restore the symbolic link")
+                    guard let t = try? names.linkTarget(ofBacking: child),
+                          symlinkat((t + [0]).map { CChar(bitPattern: $0) }, out, name) == 0 else {
+                        printError("\(label): cannot restore the symbolic link\(errno == EEXIST ? ": already exists in the output" : "")")
                         failed += 1
                         continue
                     }
@@ -188,7 +206,7 @@ extension DecryptCommand {
                 }
             }
         }
-        try restore(start, path.split(separator: "/").joined(separator: "/"), target)
+        try restore(start, path.split(separator: "/").joined(separator: "/"), top)
         print("\(files) files restored into \(target)\(failed > 0 ? ", \(failed) failed" : "")")
         if failed > 0 { throw ExitCode(1) }
     }

@@ -293,6 +293,13 @@ struct EncryptedNamesTests {
         #expect(P.errno { try P.open(v.path(VolumeConfig.fileName), O_WRONLY | O_CREAT) } == EPERM)
         #expect(P.errno { try syscall { Glibc.rename(v.path("visible.txt"), v.path(VolumeConfig.fileName)) } } == EPERM)
         #expect(P.errno { try P.writeFile(v.path(".kmsfs-new.x"), [1]) } == EPERM)
+        // Names and targets are stored as they are, so only UTF-8 ones: anything else is refused, never mangled.
+        let bad = Array(v.mount.utf8) + Array("/bad-\u{1}".utf8) + [0xff, 0xfe]
+        #expect(P.errno { try writeBytes(bad, [1]) } == EILSEQ)
+        let target = [UInt8]([0x61, 0xc3, 0x28])
+        let linked = symlink((target + [0]).map { CChar(bitPattern: $0) }, v.path("badlink"))
+        #expect(linked == -1 && errno == EILSEQ)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount).sorted() == ["l", "visible.txt"])
         try v.unmount()
         let config = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher)))
         #expect(config.formatVersion == 3 && !config.encryptsNames && config.mac != nil)
@@ -309,17 +316,33 @@ struct EncryptedNamesTests {
         try P.writeFile(v.path("docs/a.txt"), Array("alpha".utf8))
         try P.writeFile(v.path("docs/deep/b.bin"), [UInt8](repeating: 7, count: 10000))
         try syscall { symlink("a.txt", v.path("docs/link")) }
+        // A name and a link target that are not UTF-8.
+        let oddName: [UInt8] = Array("odd-".utf8) + [0xff, 0x80]
+        let oddTarget: [UInt8] = [0x74, 0xfe, 0x01]
+        try writeBytes(Array(v.mount.utf8) + Array("/docs/".utf8) + oddName, [9])
+        #expect(symlink(cPath(oddTarget), cPath(Array(v.mount.utf8) + Array("/docs/oddlink".utf8))) == 0)
         try v.unmount()
         let one = try run(kmsfsBinary, ["decrypt", v.cipher, "docs/a.txt"], environment: v.environment)
         #expect(one.status == 0 && one.stdout == "alpha", "\(one.stderr)")
         let verify = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
-        #expect(verify.status == 0 && verify.stdout.contains("2 files, 10005 bytes checked: all intact"), "\(verify.stdout)\(verify.stderr)")
+        #expect(verify.status == 0 && verify.stdout.contains("3 files, 10006 bytes checked: all intact"), "\(verify.stdout)\(verify.stderr)")
         let out = v.dir.path + "/restored"
         let tree = try run(kmsfsBinary, ["decrypt", "-r", "-o", out, v.cipher, "docs"], environment: v.environment)
         #expect(tree.status == 0, "\(tree.stderr)")
         #expect(try P.readFile(out + "/a.txt") == Array("alpha".utf8))
         #expect(try P.readFile(out + "/deep/b.bin") == [UInt8](repeating: 7, count: 10000))
         #expect(try FileManager.default.destinationOfSymbolicLink(atPath: out + "/link") == "a.txt")
+        #expect(try readBytes(Array(out.utf8) + [UInt8(ascii: "/")] + oddName) == [9])
+        var raw = [CChar](repeating: 0, count: 64)
+        let n = readlink(cPath(Array(out.utf8) + Array("/oddlink".utf8)), &raw, raw.count)
+        #expect(n == 3 && raw[0..<3].map { UInt8(bitPattern: $0) } == oddTarget)
+        #expect(try entries(Array(out.utf8)) == Set([Array("a.txt".utf8), Array("deep".utf8), Array("link".utf8), oddName, Array("oddlink".utf8)]))
+        // A second restore into the same place overwrites nothing: each existing file is reported, exit status 1.
+        try P.writeFile(out + "/a.txt", Array("mine".utf8))
+        let again = try run(kmsfsBinary, ["decrypt", "-r", "-o", out, v.cipher, "docs"], environment: v.environment)
+        #expect(again.status == 1 && again.stderr.contains("/docs/a.txt: already exists in the output; not overwritten"), "\(again.stderr)")
+        #expect(try P.readFile(out + "/a.txt") == Array("mine".utf8))
+        #expect(try entries(Array(out.utf8)).count == 5)
         let forward = try run(kmsfsBinary, ["path", v.cipher, "/docs/deep/b.bin"], environment: v.environment)
         let backing = forward.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(forward.status == 0 && v.cipher + "/" + backing == v.backing("docs/deep/b.bin"), "\(forward.stdout)\(forward.stderr)")
