@@ -29,7 +29,13 @@ extension EncryptedFilesystem {
     /// nothing else (a crash during mkdir) is given a new one; otherwise the directory cannot be used (EIO).
     private func readDirectoryId(_ fd: Int32, of dir: Inode) throws -> [UInt8] {
         guard let cipher = names.cipher else { return [] }
-        if let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd), let id = cipher.directoryId(fromFile: c) { return id }
+        if let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd), let id = cipher.directoryId(fromFile: c) {
+            // A bound directory must carry the tag of the name it was reached by.
+            if bindsNames, dir !== inodes.root, let (parent, name) = inodes.location(of: dir) {
+                try checkBinding(path: Self.nodePath(fd), nodeId: id, parent: parent, name: name) { mountPath(of: dir) }
+            }
+            return id
+        }
         // One repair at a time, and each looks again: another lookup may have just given the directory its ID.
         return try directoryIdRepair.withLock {
             if let id = inodes.directoryId(of: dir) { return id }
@@ -40,6 +46,9 @@ extension EncryptedFilesystem {
             if !readOnly, EncryptedFilesystem.holdsOnlyOwnEntries(fd, inRoot: dir === inodes.root) {
                 Log.info("backing directory of \(mountPath(of: dir)) \(why) and is empty: giving it a new ID")
                 let id = try writeDirectoryId(fd, replacing: contents != nil)
+                if bindsNames, dir !== inodes.root, let (parent, name) = inodes.location(of: dir) {
+                    try bind(try bindingTag(try knownDirectoryId(parent), id, name), at: Self.nodePath(fd))
+                }
                 inodes.setDirectoryId(id, of: dir)
                 return id
             }

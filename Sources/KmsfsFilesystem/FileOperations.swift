@@ -25,7 +25,6 @@ extension EncryptedFilesystem {
             try syscall { fstat(fd, &st) }
             guard InodeKey(st) == inode.key else { throw Errno(ESTALE) }
             var header: FileHeader? = nil
-            var marker: [UInt8]? = nil
             let layout: ChunkLayout
             if let open = table.lookup(inode.key) {
                 layout = open.layout
@@ -41,9 +40,8 @@ extension EncryptedFilesystem {
                     if h.layout.marksEmptyFile, st.st_size < h.layout.backingSize(plaintextSize: 0) {
                         throw FormatError.malformedHeader("the file was cut to \(st.st_size) bytes, shorter than its header and the empty-file marker every file of this volume holds (damaged, or emptied behind kmsfs's back)")
                     }
-                    if h.layout.marksEmptyFile {
-                        guard let k = volumeKeys else { throw FormatError.malformedHeader("an empty-file marker flag in a volume without a volume key") }
-                        marker = try k.emptyFileMarker(fileId: h.fileId)
+                    if h.layout.marksEmptyFile && volumeKeys == nil {
+                        throw FormatError.malformedHeader("an empty-file marker flag in a volume without a volume key")
                     }
                     header = h
                     layout = h.layout
@@ -52,10 +50,18 @@ extension EncryptedFilesystem {
                     throw Errno.EIO
                 }
             }
+            // A bound file must carry the tag of the name it was reached by (checked once, at its first open).
+            if bindsNames, let h = header, let (parent, name) = inodes.location(of: inode) {
+                try checkBinding(path: Self.nodePath(fd), nodeId: h.fileId, parent: parent, name: name) { mountPath(of: inode) }
+            }
             inodes.setLayout(.known(layout), of: inode)
             let file = try table.acquire(inode.key, fd: fd, path: { [unowned self] in mountPath(of: inode) }, layout: layout,
                                          size: { layout.plaintextSize(backingSize: try FileIO.size(fd)) }, header: header,
-                                         emptyMarker: marker)
+                                         emptyMarker: {
+                                             // Made for a new entry only (another handle's entry may have gone meanwhile).
+                                             guard layout.marksEmptyFile, let k = volumeKeys else { return nil }
+                                             return try k.emptyFileMarker(fileId: try header?.fileId ?? Self.fileId(fd))
+                                         })
             handle = FileHandle(fd: fd, file: file, writable: writable)
         } catch {
             close(fd)
@@ -115,6 +121,7 @@ extension EncryptedFilesystem {
                                     wrappedKeys: fresh.wrapped, keys: fileKeys, marksEmptyFile: marksEmpty)
         }
         let secrets = FileSecrets(chunkKey: fileKeys.chunkKey, fileId: fresh.fileId, layout: header.layout)
+        let tag = bindsNames ? try bindingTag(try knownDirectoryId(parent), fresh.fileId, n) : nil
         // The header, and in format 3 the marker of an empty file.
         var bytes = header.encoded()
         var marker: [UInt8]? = nil
@@ -131,6 +138,7 @@ extension EncryptedFilesystem {
             do {
                 made = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
                     try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
+                    if let t = tag { try Self.setTags([t], at: Self.nodePath(fd)) }
                 })
             } catch {
                 removeSibling(b, in: dfd)
@@ -144,7 +152,7 @@ extension EncryptedFilesystem {
                 inodes.setLayout(.known(header.layout), of: inode)
                 do {
                     let file = try table.acquire(inode.key, fd: fd, path: { path }, layout: header.layout, size: { 0 },
-                                                                emptyMarker: marker, secrets: secrets)
+                                                                emptyMarker: { marker }, secrets: secrets)
                     st.st_size = 0
                     return (inode, st, FileHandle(fd: fd, file: file, writable: true))
                 } catch {

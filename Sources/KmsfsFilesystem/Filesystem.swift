@@ -90,6 +90,15 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Serializes giving directories new IDs (DirectoryNames), so two lookups in one damaged, empty directory
     /// cannot each give it an ID.
     let directoryIdRepair = Lock()
+    /// A volume this backing filesystem cannot serve.
+    public struct Unsupported: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Serializes changes to name binding tags (NameBinding).
+    let bindingLock = Lock()
+    /// Files and directories carry name binding tags (format 3 volumes made since names are bound).
+    var bindsNames: Bool { volume.bindsNames && volumeKeys != nil && names.usesDirectoryIds }
     /// Running as root: new files, directories and links are given to the calling user.
     let chownToCaller: Bool
     /// What the backing filesystem was found to do at mount (how new files are made).
@@ -115,6 +124,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         maxInodes = settings.maxInodes
         backing = settings.readOnly ? .assumed : BackingFeatures.probe(dirFd: pathFd)
         if !settings.readOnly { Log.info("backing filesystem: \(backing)") }
+        if settings.volume.bindsNames && !backing.xattrs {
+            close(pathFd)
+            throw Unsupported(description: "this volume binds names to files with extended attributes (\(Self.bindingAttribute)), which the backing filesystem does not support; mount it read-only, or move it to a filesystem with user extended attributes")
+        }
         if backing.possiblyShared {
             Log.info("the backing directory is on a FUSE-based or network filesystem: other hosts are kept out by the volume lease (\(VolumeConfig.fileName).lease), which flock alone would not do")
         }
@@ -357,6 +370,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 let fd = try syscall { openat(dfd, n, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
                 defer { close(fd) }
                 id = try writeDirectoryId(fd)
+                if bindsNames { try bind(try bindingTag(try knownDirectoryId(parent), id, n), at: Self.nodePath(dfd, n)) }
                 if mode & 0o700 != 0o700 { try syscall { fchmodat(dfd, n, mode, 0) } }
             } catch {
                 let fd = openat(dfd, n, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -410,7 +424,17 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         try checkWritable()
         try withEntry(newParent, newName, creating: true) { ndfd, b in
             try placeSibling(b, in: ndfd)
+            // A bound file carries the new name's tag before it has the name.
+            var bound: (tag: [UInt8], path: String)? = nil
             do {
+                if bindsNames && inode.type == S_IFREG {
+                    let (fid, path) = try withNode(inode, { dfd, name in
+                        (try nodeId(dfd, name, type: S_IFREG)!, Self.nodePath(dfd, name))
+                    }, viaDescriptor: { fd in (try Self.fileId(fd), Self.nodePath(fd)) })
+                    let tag = try bindingTag(try knownDirectoryId(newParent), fid, b.name)
+                    try bind(tag, at: path)
+                    bound = (tag, path)
+                }
                 try withNode(inode, { dfd, name in
                     try syscall { linkat(dfd, name, ndfd, b.name, 0) }
                 }, viaDescriptor: { fd in
@@ -418,6 +442,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                     try syscall { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", ndfd, b.name, AT_SYMLINK_FOLLOW) }
                 })
             } catch {
+                if let (tag, path) = bound { unbind(tag, at: path) }
                 removeSibling(b, in: ndfd)
                 throw error
             }
@@ -438,6 +463,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let (key, n): (InodeKey, String) = try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
+            if bindsNames && flags == 0 && st.st_mode & S_IFMT == S_IFREG && st.st_nlink > 1,
+               let fid = try? nodeId(dfd, b.name, type: S_IFREG), let tag = try? bindingTag(try knownDirectoryId(parent), fid, b.name) {
+                unbind(tag, at: Self.nodePath(dfd, b.name))
+            }
             if unlinkat(dfd, b.name, flags) != 0 {
                 let e = Errno.current
                 // A directory that looks empty through the mount still holds kmsfs's own files (its directory
@@ -487,6 +516,27 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 var st = stat(), target = stat()
                 try syscall { fstatat(dfd, from.name, &st, AT_SYMLINK_NOFOLLOW) }
                 let exists = fstatat(ndfd, to.name, &target, AT_SYMLINK_NOFOLLOW) == 0
+                let sameNode = exists && st.st_dev == target.st_dev && st.st_ino == target.st_ino
+                // Bound nodes get their new name's tag before the rename and lose the old one after it.
+                var added: [(tag: [UInt8], before: String, after: String, old: [UInt8])] = []
+                if bindsNames && !sameNode {
+                    let fromDir = try knownDirectoryId(parent), toDir = try knownDirectoryId(newParent)
+                    if let nid = try nodeId(dfd, from.name, type: st.st_mode & S_IFMT) {
+                        let tag = try bindingTag(toDir, nid, to.name)
+                        try bind(tag, at: Self.nodePath(dfd, from.name))
+                        added.append((tag, Self.nodePath(dfd, from.name), Self.nodePath(ndfd, to.name), try bindingTag(fromDir, nid, from.name)))
+                    }
+                    if exchange && exists, let tid = try nodeId(ndfd, to.name, type: target.st_mode & S_IFMT) {
+                        let tag = try bindingTag(fromDir, tid, from.name)
+                        do {
+                            try bind(tag, at: Self.nodePath(ndfd, to.name))
+                        } catch {
+                            for a in added { unbind(a.tag, at: a.before) }
+                            throw error
+                        }
+                        added.append((tag, Self.nodePath(ndfd, to.name), Self.nodePath(dfd, from.name), try bindingTag(toDir, tid, to.name)))
+                    }
+                }
                 try placeSibling(to, in: ndfd)
                 do {
                     if kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) != 0 {
@@ -498,9 +548,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                         try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
                     }
                 } catch {
+                    for a in added { unbind(a.tag, at: a.before) }
                     removeSibling(to, in: ndfd)
                     throw error
                 }
+                for a in added { unbind(a.old, at: a.after) }
                 if !exchange { removeSibling(from, in: dfd) }
                 return (InodeKey(st), exists ? InodeKey(target) : nil, from.name, to.name)
             }
@@ -587,6 +639,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             guard (name + [0]).withUnsafeBufferPointer({ $0.withMemoryRebound(to: CChar.self) { Self.isSupportedXattr($0.baseAddress!) } }) else { continue }
             var plain = name
             if let cipher {
+                if name == Array(Self.bindingAttribute.utf8) { continue }  // kmsfs's own (NameBinding)
                 let split = name.firstIndex(of: UInt8(ascii: "."))! + 1
                 guard let p = cipher.decryptXattrName(namespace: Array(name[..<split]), encoded: Array(name[split...])) else {
                     FailureLog.shared.log(.error, kind: "xattr-name", "left out of the attribute list of \(mountPath(of: inode)): a stored attribute name does not decrypt")

@@ -171,7 +171,7 @@ final class OpenFileTable: @unchecked Sendable {
     /// Takes a reference to the entry of `inode` for a handle with backing descriptor `fd`. A new entry gets
     /// `layout`, `size()`, its `emptyMarker` (format 3) and, for a file just created, its `secrets`.
     func acquire(_ inode: InodeKey, fd: Int32, path: @escaping @Sendable () -> String, layout: ChunkLayout, size: () throws -> Int,
-                 header: FileHeader? = nil, emptyMarker: [UInt8]? = nil, secrets: FileSecrets? = nil) throws -> OpenFile {
+                 header: FileHeader? = nil, emptyMarker: () throws -> [UInt8]? = { nil }, secrets: FileSecrets? = nil) throws -> OpenFile {
         if let f = lock.withLock({ () -> OpenFile? in
             guard let f = files[inode] else { return nil }
             f.references += 1
@@ -186,7 +186,7 @@ final class OpenFileTable: @unchecked Sendable {
                 f.descriptors.append(fd)
                 return f
             }
-            let f = OpenFile(inode: inode, path: path, layout: layout, header: header, emptyMarker: emptyMarker, size: try size())
+            let f = OpenFile(inode: inode, path: path, layout: layout, header: header, emptyMarker: try emptyMarker(), size: try size())
             if let s = secrets { f.install(s) }
             files[inode] = f
             f.references = 1

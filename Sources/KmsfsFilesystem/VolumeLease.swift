@@ -71,7 +71,7 @@ public final class VolumeLease: @unchecked Sendable {
         }
         var ns = stat()
         let pidNamespace: UInt64? = stat("/proc/self/ns/pid", &ns) == 0 ? UInt64(ns.st_ino) : nil
-        let holder = Holder(host: String(cString: host), boot: boot, pidNamespace: pidNamespace, pid: getpid(), purpose: purpose,
+        let holder = Holder(host: String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), boot: boot, pidNamespace: pidNamespace, pid: getpid(), purpose: purpose,
                             holderId: Hex.encode(try SecureRandom.bytes(8)), renewedAt: Date().timeIntervalSince1970, seconds: seconds)
         let lease = VolumeLease(cipherDir: cipherDir, holder: holder)
         try lease.take()

@@ -38,6 +38,8 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     /// `names` values (format 3).
     public static let encryptedNames = "encrypted"
     public static let plaintextNames = "plaintext"
+    /// `nameBinding` value.
+    public static let xattrNameBinding = "xattr"
 
     public var formatVersion: Int
     /// 128-bit random volume ID, lower-case hex.
@@ -55,6 +57,10 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     public var names: String?
     /// Format 3: the volume key, wrapped under every configured key.
     public var volumeKey: VolumeKeyConfig?
+    /// Format 3 with encrypted names: "xattr" when every file and directory carries the tags that bind its names
+    /// to it (`VolumeKeys.nameBindingTag`) in the backing extended attribute `user.kmsfs.names`; absent in
+    /// volumes made before names were bound.
+    public var nameBinding: String?
     /// Format 3: lower-case hex HMAC-SHA256 of `authenticatedBytes` under the config key.
     public var mac: String?
 
@@ -70,6 +76,9 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
 
     /// True when names are stored encrypted (format 3 without --plaintext-names).
     public var encryptsNames: Bool { formatVersion >= 3 && names == VolumeConfig.encryptedNames }
+
+    /// True when files and directories carry name binding tags.
+    public var bindsNames: Bool { encryptsNames && nameBinding == VolumeConfig.xattrNameBinding }
 
     /// What the config MAC covers: every field but the wrapped volume keys (a wrong one fails the commitment) and
     /// the MAC itself, in a fixed binary encoding (kmsfs-format(5), VOLUME CONFIG):
@@ -102,6 +111,11 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
             }
         }
         w.raw(commitment)
+        // Added later: present only when set, so that configs written before keep their MAC.
+        if let b = nameBinding {
+            w.raw(Array("binding".utf8))
+            w.lengthPrefixed8(Array(b.utf8))
+        }
         return w.bytes
     }
 
@@ -187,11 +201,14 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
                 throw FormatError.invalidConfig("format 3 needs a wrapped volume key and its commitment")
             }
             guard mac != nil else { throw FormatError.invalidConfig("format 3 needs a config MAC") }
+            guard nameBinding == nil || (nameBinding == VolumeConfig.xattrNameBinding && names == VolumeConfig.encryptedNames) else {
+                throw FormatError.invalidConfig("nameBinding must be \"xattr\", and only with encrypted names")
+            }
             guard keyProvider.endpoint == nil else {
                 throw FormatError.invalidConfig("the KMS endpoint is never taken from the volume: it comes from the host (AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, the profile, or the region)")
             }
-        } else if names != nil || volumeKey != nil || mac != nil {
-            throw FormatError.invalidConfig("names, volumeKey and mac need format version 3")
+        } else if names != nil || volumeKey != nil || mac != nil || nameBinding != nil {
+            throw FormatError.invalidConfig("names, volumeKey, nameBinding and mac need format version 3")
         }
     }
 

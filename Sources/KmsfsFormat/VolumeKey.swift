@@ -40,6 +40,7 @@ public struct VolumeKeyConfig: Codable, Equatable, Sendable {
 ///   config key          info "kmsfs v3 config key"          32 bytes, HMAC-SHA256 of the volume config
 ///   commitment          info "kmsfs v3 volume key commitment" 32 bytes, public, stored in the config
 ///   empty file key      info "kmsfs v3 empty file key"      32 bytes, HMAC-SHA256 of empty-file markers
+///   name binding key    info "kmsfs v3 name binding key"    32 bytes, HMAC-SHA256 of name bindings
 ///
 /// The volume key itself is wiped once these are derived; the derived keys live in locked memory for the mount
 /// and are wiped by `wipe()` at unmount.
@@ -51,12 +52,14 @@ public final class VolumeKeys: Sendable {
     public let directoryIds: SecureBytes
     public let config: SecureBytes
     public let emptyFiles: SecureBytes
+    public let nameBindings: SecureBytes
     public let commitment: [UInt8]
 
     public static let keySize = 32
     static let sivInfos = ["kmsfs v3 name key", "kmsfs v3 xattr name key"].map { Array($0.utf8) }
     static let infos = ["kmsfs v3 metadata key", "kmsfs v3 directory id key", "kmsfs v3 config key",
-                        "kmsfs v3 volume key commitment", "kmsfs v3 empty file key"].map { Array($0.utf8) }
+                        "kmsfs v3 volume key commitment", "kmsfs v3 empty file key",
+                        "kmsfs v3 name binding key"].map { Array($0.utf8) }
 
     /// Derives the keys of volume `volumeId` (32 hex digits) from its volume key: one HKDF extraction for the
     /// 64-byte keys and one for the 32-byte ones.
@@ -72,6 +75,7 @@ public final class VolumeKeys: Sendable {
         config = keys[2]
         commitment = keys[3].withUnsafeBytes { Array($0) }
         emptyFiles = keys[4]
+        nameBindings = keys[5]
     }
 
     /// HKDF's salt: the 16 bytes of the volume ID.
@@ -91,6 +95,7 @@ public final class VolumeKeys: Sendable {
         directoryIds.wipe()
         config.wipe()
         emptyFiles.wipe()
+        nameBindings.wipe()
     }
 
     /// The commitment of a volume key, without deriving the rest.
@@ -108,6 +113,14 @@ public final class VolumeKeys: Sendable {
     /// writes it without the file's data key; a file cut to its header lacks it and reads as damaged.
     public func emptyFileMarker(fileId: [UInt8]) throws -> [UInt8] {
         Array(try hmac(emptyFiles, Array("kmsfs v3 empty file".utf8) + fileId)[0..<ChunkLayout.emptyMarkerSize])
+    }
+
+    /// The tag that binds backing name `backingName` in the directory whose ID is `directoryId` to the node
+    /// `nodeId` (a file's file ID, a directory's own ID): the first 16 bytes of HMAC-SHA256 under the name
+    /// binding key of "kmsfs v3 name" || directory ID || node ID || backing name. A node carries the tags of
+    /// all its names, so two entries whose backing names were swapped are caught.
+    public func nameBindingTag(directoryId: [UInt8], nodeId: [UInt8], backingName: [UInt8]) throws -> [UInt8] {
+        Array(try hmac(nameBindings, Array("kmsfs v3 name".utf8) + directoryId + nodeId + backingName)[0..<16])
     }
 
     /// HMAC-SHA256 under the config key.

@@ -28,7 +28,7 @@ public struct VolumePin: Equatable, Sendable {
     /// The pin a volume config asks for.
     public init(_ config: VolumeConfig) {
         self.init(volumeId: config.volumeId, provider: config.keyProvider.type, keyIds: config.keyProvider.keyIds,
-                  commitment: config.formatVersion >= 3 ? config.volumeKey?.commitment : nil,
+                  commitment: config.formatVersion >= 3 ? config.volumeKey?.commitment.lowercased() : nil,
                   endpoint: config.formatVersion >= 3 ? nil : config.keyProvider.endpoint)
     }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CSystem
 import Glibc
 import KmsfsFormat
 import KmsfsKeys
@@ -186,6 +187,15 @@ extension InitCommand {
             defer { made.keys.wipe() }
             config.volumeKey = made.stored
             config.names = plaintextNames ? VolumeConfig.plaintextNames : VolumeConfig.encryptedNames
+            // Names are bound to what they name with a backing extended attribute, where the backing filesystem
+            // has user attributes (tmpfs before Linux 6.6 does not, for one).
+            if config.encryptsNames {
+                if InitCommand.supportsUserAttributes(dir) {
+                    config.nameBinding = VolumeConfig.xattrNameBinding
+                } else {
+                    printError("note: \(dir) has no user extended attributes: names are encrypted but not bound to what they name (two entries of a directory whose names are exchanged in the backing store are not caught)")
+                }
+            }
             try config.authenticate(with: made.keys)
             if config.encryptsNames {
                 let path = dir + "/" + NameCipher.directoryIdFile
@@ -210,6 +220,16 @@ extension InitCommand {
         } catch {
             printError("warning: the volume was created, but could not be pinned on this host (its first mount will pin it): \(error)")
         }
+    }
+}
+
+extension InitCommand {
+    /// True when user extended attributes can be set in directory `dir`.
+    static func supportsUserAttributes(_ dir: String) -> Bool {
+        var one: UInt8 = 1
+        guard setxattr(dir, "user.kmsfs.probe", &one, 1, 0) == 0 else { return false }
+        removexattr(dir, "user.kmsfs.probe")
+        return true
     }
 }
 

@@ -183,7 +183,10 @@ struct RewrapCommand: ParsableCommand {
             uniformLength = max(needed, volume.headerLength ?? 0)
             if volume.headerLength != uniformLength {
                 volume.headerLength = nil
-                try writeConfig(volume)
+                // Only that: the keys the config names change once every file is wrapped under them.
+                var early = original
+                early.headerLength = nil
+                try writeConfig(early)
             }
         }
         var allUniform = true

@@ -165,7 +165,7 @@ struct EncryptedNamesTests {
         #expect(contains(stored, Array("acme-corp-tenant".utf8)))
     }
 
-    @Test("An entry moved to another backing directory, an altered name, a damaged directory ID, symlink target or xattr value: skipped or EIO, with a log line; never garbage")
+    @Test("An entry moved to another backing directory, two files' or directories' names exchanged, an altered name, a damaged directory ID, symlink target or xattr value: skipped or EIO, with a log line; never garbage")
     func tamperingIsDetected() throws {
         let v = try MountedVolume()
         try syscall { mkdir(v.path("a"), 0o755) }
@@ -177,13 +177,31 @@ struct EncryptedNamesTests {
         try P.writeFile(v.path("c/x"), [4])
         try P.writeFile(v.path("f"), [5])
         try P.writeFile(v.path("g"), [6])
+        try P.writeFile(v.path("salary-alice"), Array("alice: 100".utf8))
+        try P.writeFile(v.path("salary-bob"), Array("bob: 200".utf8))
+        try syscall { mkdir(v.path("d1"), 0o755) }
+        try syscall { mkdir(v.path("d2"), 0o755) }
+        try P.writeFile(v.path("d1/in-one"), [1])
         try syscall { symlink("target", v.path("link")) }
         try syscall { setxattr(v.path("f"), "user.k", "value-f", 7, 0) }
         try syscall { setxattr(v.path("g"), "user.k", "value-g", 7, 0) }
         let moved = v.backing("a/moved"), altered = v.backing("b/altered")
         let link = v.backing("link"), dirId = v.backing("c") + "/" + NameCipher.directoryIdFile
         let f = v.backing("f"), g = v.backing("g")
+        let alice = v.backing("salary-alice"), bob = v.backing("salary-bob"), d1 = v.backing("d1"), d2 = v.backing("d2")
+        // Renames, hard links and unlinks through the mount keep the bindings current.
+        try syscall { Glibc.link(v.path("f"), v.path("a/f-link")) }
+        try syscall { Glibc.rename(v.path("a/f-link"), v.path("b/f-link2")) }
+        try syscall { unlink(v.path("b/f-link2")) }
+        try syscall { mkdir(v.path("a/sub"), 0o755) }
+        try syscall { Glibc.rename(v.path("a/sub"), v.path("b/sub2")) }
         try v.unmount()
+        // Exchanged names: the files' backing names, then the directories'.
+        for (x, y) in [(alice, bob), (d1, d2)] {
+            try syscall { Glibc.rename(x, x + ".swap") }
+            try syscall { Glibc.rename(y, x) }
+            try syscall { Glibc.rename(x + ".swap", y) }
+        }
 
         // Moved from a to b in the backing store: it no longer decrypts in b.
         try syscall { Glibc.rename(moved, v.backing("b") + "/" + (moved as NSString).lastPathComponent) }
@@ -204,7 +222,7 @@ struct EncryptedNamesTests {
         var value = [UInt8](repeating: 0, count: 256)
         var names = [CChar](repeating: 0, count: 256)
         let nl = listxattr(g, &names, names.count)
-        let stored_name = Array(names[0..<nl].split(separator: 0)[0]) + [0]
+        let stored_name = Array(names[0..<nl].split(separator: 0).first { Array($0) != Array("user.kmsfs.names".utf8).map { CChar(bitPattern: $0) } }!) + [0]
         let vl = getxattr(g, stored_name, &value, value.count)
         try syscall { setxattr(f, stored_name, value, vl, 0) }
 
@@ -212,7 +230,7 @@ struct EncryptedNamesTests {
         #expect(verify.status == 1, "\(verify.stdout)\(verify.stderr)")
         try v.start()
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("a")) == ["stays"])
-        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("b")).isEmpty)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("b")) == ["sub2"])
         #expect(P.errno { try P.readFile(v.path("b/moved")) } == ENOENT)
         #expect(P.errno { try FileManager.default.contentsOfDirectory(atPath: v.path("c")) } != nil)
         #expect(P.errno { try P.readFile(v.path("c/x")) } == EIO)
@@ -220,11 +238,20 @@ struct EncryptedNamesTests {
         var out = [CChar](repeating: 0, count: 64)
         #expect(getxattr(v.path("f"), "user.k", &out, out.count) == -1 && Glibc.errno == EIO)
         #expect(getxattr(v.path("g"), "user.k", &out, out.count) == 7)
+        #expect(P.errno { try P.readFile(v.path("salary-alice")) } == EIO)
+        #expect(P.errno { try P.readFile(v.path("salary-bob")) } == EIO)
+        #expect(P.errno { try FileManager.default.contentsOfDirectory(atPath: v.path("d1")) } != nil)
+        #expect(P.errno { try P.readFile(v.path("d2/in-one")) } == EIO)
+        // What was renamed and linked through the mount is sound.
+        #expect(try P.readFile(v.path("f")) == [5])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("b/sub2")).isEmpty)
         let log = v.daemonLogText
         #expect(log.contains("left out of the listing") && log.contains("does not decrypt in this directory"))
         #expect(log.contains("cannot use directory /c") && log.contains("directory ID file that is not this volume's, or was altered"))
         #expect(log.contains("cannot read symbolic link /link"))
         #expect(log.contains("cannot read extended attribute user.k of /f"))
+        #expect(log.contains("cannot use /salary-alice: the backing entry does not carry its name's binding"), "\(log)")
+        #expect(log.contains("cannot use /d1: the backing entry does not carry its name's binding") || log.contains("cannot use /d2: the backing entry does not carry its name's binding"), "\(log)")
     }
 
     @Test("rmdir of an empty directory without write permission works for a daemon that does not bypass permissions")
@@ -250,7 +277,7 @@ struct EncryptedNamesTests {
         let path = VolumeConfig.path(in: v.cipher)
         let original = try FileIO.readFile(path)
         var config = try VolumeConfig.decode(original)
-        for change in [{ (c: inout VolumeConfig) in c.names = VolumeConfig.plaintextNames },
+        for change in [{ (c: inout VolumeConfig) in c.names = VolumeConfig.plaintextNames; c.nameBinding = nil },
                        { (c: inout VolumeConfig) in c.chunkSize = 8192 },
                        { (c: inout VolumeConfig) in c.encryptionContext = ["x": "y"] },
                        { (c: inout VolumeConfig) in c.headerLength = 1024 }] {
@@ -267,6 +294,7 @@ struct EncryptedNamesTests {
         old.names = nil
         old.volumeKey = nil
         old.mac = nil
+        old.nameBinding = nil
         try FileIO.writeFileAtomically(path, contents: try old.encoded())
         let d = try run(kmsfsBinary, ["mount", v.cipher, v.mount], environment: v.environment)
         #expect(d.status == 1 && d.stderr.contains("the config says format 2, but the volume has encrypted names"), "\(d.stderr)")

@@ -105,6 +105,7 @@ struct HostPinTests {
         downgraded.names = nil
         downgraded.volumeKey = nil
         downgraded.mac = nil
+        downgraded.nameBinding = nil
         downgraded.keyProvider = KeyProviderConfig(type: "aws-kms", keyIds: [attackerKey], region: "us-east-1", endpoint: attackerProxy.url)
         try FileIO.writeFileAtomically(VolumeConfig.path(in: v.cipher), contents: try downgraded.encoded())
         let dirId = v.cipher + "/" + NameCipher.directoryIdFile

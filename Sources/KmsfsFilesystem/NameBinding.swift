@@ -1,0 +1,134 @@
+import CSystem
+import Glibc
+import KmsfsCrypto
+import KmsfsFormat
+import KmsfsKeys
+import KmsfsSystem
+
+// Name binding (format 3 volumes with encrypted names made since names are bound: config `nameBinding`).
+//
+// An encrypted name is bound to its directory (the directory ID is its associated data) but not to the node it
+// names, so two entries of one directory whose backing names were exchanged would show under each other's
+// names. So every regular file and directory carries, in the backing extended attribute `user.kmsfs.names`,
+// one 16-byte tag per name it has (`VolumeKeys.nameBindingTag`: directory ID, node ID, backing name), where the
+// node ID is a file's file ID and a directory's own ID. The tag is checked when a file is first opened and when
+// a directory is first used; creating, linking, renaming and unlinking keep the tags current. Symbolic links
+// and special files cannot carry user attributes on Linux and are not bound.
+extension EncryptedFilesystem {
+    static let bindingAttribute = "user.kmsfs.names"
+    static let tagSize = 16
+
+    /// The tag of backing name `name` in directory `dirId` for node `nodeId`.
+    func bindingTag(_ dirId: [UInt8], _ nodeId: [UInt8], _ name: String) throws -> [UInt8] {
+        guard let k = volumeKeys else { throw Errno.EIO }
+        return try k.nameBindingTag(directoryId: dirId, nodeId: nodeId, backingName: Array(name.utf8))
+    }
+
+    /// A path that reaches backing node `name` of directory `dfd` (or the node `dfd` itself) for the *xattr
+    /// calls, which take no descriptor of an O_PATH directory.
+    static func nodePath(_ dfd: Int32, _ name: String? = nil) -> String {
+        name.map { "/proc/self/fd/\(dfd)/\($0)" } ?? "/proc/self/fd/\(dfd)"
+    }
+
+    /// The tags a node carries (none when it has no attribute, or it cannot be read).
+    static func tags(at path: String) -> [[UInt8]] {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = buffer.withUnsafeMutableBytes { CSystem.getxattr(path, bindingAttribute, $0.baseAddress, $0.count) }
+        guard n > 0, n % tagSize == 0 else { return [] }
+        return stride(from: 0, to: n, by: tagSize).map { Array(buffer[$0..<$0 + tagSize]) }
+    }
+
+    /// Stores `tags` as the node's attribute (removes it when empty). Setting a user attribute takes write
+    /// permission on the node: a daemon that does not bypass permissions lends its own node owner write
+    /// permission for the moment (a file created read-only, say).
+    static func setTags(_ tags: [[UInt8]], at path: String) throws {
+        let bytes = tags.flatMap { $0 }
+        func attempt() -> Int32 {
+            if bytes.isEmpty {
+                let r = CSystem.removexattr(path, bindingAttribute)
+                return r != 0 && errno == ENODATA ? 0 : r
+            }
+            return bytes.withUnsafeBytes { CSystem.setxattr(path, bindingAttribute, $0.baseAddress, $0.count, 0) }
+        }
+        if attempt() == 0 { return }
+        let e = Errno.current
+        var st = stat()
+        guard e.code == EACCES || e.code == EPERM, stat(path, &st) == 0, st.st_uid == geteuid(),
+              chmod(path, (st.st_mode & 0o7777) | 0o200) == 0 else { throw e }
+        defer { chmod(path, st.st_mode & 0o7777) }
+        try syscall { attempt() }
+    }
+
+    /// Adds `tag` to the node at `path` (kept once; at most 256 names per node are remembered, the oldest
+    /// dropped first, which only weakens the check for a file with that many hard links).
+    func bind(_ tag: [UInt8], at path: String) throws {
+        try bindingLock.withLock {
+            var all = EncryptedFilesystem.tags(at: path)
+            if all.contains(tag) { return }
+            all.append(tag)
+            if all.count > 256 { all.removeFirst(all.count - 256) }
+            try EncryptedFilesystem.setTags(all, at: path)
+        }
+    }
+
+    /// Removes `tag` from the node at `path`, if it is there (best effort: a tag left behind only lets that old
+    /// name be put back).
+    func unbind(_ tag: [UInt8], at path: String) {
+        bindingLock.withLock {
+            let all = EncryptedFilesystem.tags(at: path)
+            let rest = all.filter { $0 != tag }
+            if rest.count != all.count { try? EncryptedFilesystem.setTags(rest, at: path) }
+        }
+    }
+
+    /// True when the node at `path` carries `tag` (compared in constant time).
+    static func isBound(_ tag: [UInt8], at path: String) -> Bool {
+        var found = false
+        for t in tags(at: path) where Digest.constantTimeEquals(t, tag) { found = true }
+        return found
+    }
+
+    /// The node ID of backing entry `name` of `dfd`: a regular file's file ID (bytes 16 to 31 of its header), a
+    /// directory's ID; nil for other nodes, which are not bound.
+    func nodeId(_ dfd: Int32, _ name: String, type: mode_t) throws -> [UInt8]? {
+        switch type {
+        case S_IFREG:
+            let fd = try syscall { openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
+            defer { close(fd) }
+            return try EncryptedFilesystem.fileId(fd)
+        case S_IFDIR:
+            let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+            defer { close(fd) }
+            guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd),
+                  let id = names.cipher?.directoryId(fromFile: c) else { throw Errno.EIO }
+            return id
+        default:
+            return nil
+        }
+    }
+
+    /// The file ID in the header of the backing file `fd`.
+    static func fileId(_ fd: Int32) throws -> [UInt8] {
+        var header = [UInt8](repeating: 0, count: 32)
+        let n = try header.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: 32, offset: 0) }
+        guard n == 32, Array(header[0..<4]) == FileHeader.magic else { throw Errno.EIO }
+        return Array(header[16..<32])
+    }
+
+    /// The ID of directory `dir` (reading it if it was not yet).
+    func knownDirectoryId(_ dir: Inode) throws -> [UInt8] {
+        if let id = inodes.directoryId(of: dir) { return id }
+        return try inodes.withDirectory(dir) { try nameDirectory(dir, fd: $0).id }
+    }
+
+    /// Checks that node `nodeId` at `path`, reached as backing name `name` of directory `parent`, carries that
+    /// name's tag; otherwise logs once and fails with EIO.
+    func checkBinding(path: String, nodeId: [UInt8], parent: Inode, name: String, what: () -> String) throws {
+        let tag = try bindingTag(try knownDirectoryId(parent), nodeId, name)
+        guard EncryptedFilesystem.isBound(tag, at: path) else {
+            FailureLog.shared.log(.error, kind: "binding-\(Hex.encode(nodeId))",
+                                  "cannot use \(what()): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory, or the attribute removed); it gives EIO")
+            throw Errno.EIO
+        }
+    }
+}
