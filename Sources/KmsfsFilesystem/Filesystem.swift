@@ -432,7 +432,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                         (try nodeId(dfd, name, type: S_IFREG)!, Self.nodePath(dfd, name))
                     }, viaDescriptor: { fd in (try Self.fileId(fd), Self.nodePath(fd)) })
                     let tag = try bindingTag(try knownDirectoryId(newParent), fid, b.name)
-                    try bind(tag, at: path)
+                    try bind(tag, at: path, newName: true)
                     bound = (tag, path)
                 }
                 try withNode(inode, { dfd, name in

@@ -59,14 +59,18 @@ extension EncryptedFilesystem {
         try syscall { attempt() }
     }
 
-    /// Adds `tag` to the node at `path` (kept once; at most 256 names per node are remembered, the oldest
-    /// dropped first, which only weakens the check for a file with that many hard links).
-    func bind(_ tag: [UInt8], at path: String) throws {
+    /// Most names (hard links) a bound file may have: their tags take 2 KiB, which fits the extended attribute
+    /// space of every common filesystem (ext4 keeps about 4 KiB per inode). A link past it fails with EMLINK.
+    static let maxNames = 128
+
+    /// Adds `tag` to the node at `path` (kept once). `newName`: a name is being added (link), not replaced
+    /// (rename, which holds one more tag only for a moment), so the node may not pass `maxNames`.
+    func bind(_ tag: [UInt8], at path: String, newName: Bool = false) throws {
         try bindingLock.withLock {
             var all = EncryptedFilesystem.tags(at: path)
             if all.contains(tag) { return }
+            if newName && all.count >= EncryptedFilesystem.maxNames { throw Errno(EMLINK) }
             all.append(tag)
-            if all.count > 256 { all.removeFirst(all.count - 256) }
             try EncryptedFilesystem.setTags(all, at: path)
         }
     }

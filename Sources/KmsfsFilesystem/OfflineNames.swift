@@ -23,9 +23,11 @@ public struct OfflineNames {
         case notFound(String)
         case directoryId(String)
         case undecryptable(String)
+        case unbound(String)
 
         public var description: String {
             switch self {
+            case .unbound(let p): return "\(p): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory)"
             case .notFound(let p): return "\(p): no such file or directory in the volume"
             case .directoryId(let p): return "\(p): the backing directory's ID file is missing or not this volume's"
             case .undecryptable(let p): return "\(p): the backing name does not decrypt in its directory"
@@ -54,8 +56,16 @@ public struct OfflineNames {
             return parts.map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/")
         }
         var rel = ""
-        for part in parts {
-            let name = try withDirectory(rel) { _, id in try cipher.encrypt(part, directoryId: id).backingName }
+        for (i, part) in parts.enumerated() {
+            let name = try withDirectory(rel) { fd, id in
+                let name = try cipher.encrypt(part, directoryId: id).backingName
+                // An entry that is there must carry its name's binding; one that is not is fine (not made yet).
+                var st = stat()
+                if fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && bindingProblem(fd, name, directoryId: id, type: st.st_mode & S_IFMT) != nil {
+                    throw Failure.unbound("/" + parts[0...i].map { String(decoding: $0, as: UTF8.self) }.joined(separator: "/"))
+                }
+                return name
+            }
             rel = rel.isEmpty ? name : rel + "/" + name
         }
         return rel
@@ -78,24 +88,60 @@ public struct OfflineNames {
     }
 
     /// The entries of backing directory `rel` (plaintext path `shown`), sorted by plaintext name, leaving out
-    /// kmsfs's own files; each name that does not decrypt is handed to `undecryptable` and left out.
-    public func entries(of rel: String, shown: String, undecryptable: (String) -> Void) throws -> [Entry] {
+    /// kmsfs's own files; each name that does not decrypt, or (name binding) names a node that does not carry
+    /// its binding, is handed to `undecryptable` with the reason and left out.
+    public func entries(of rel: String, shown: String, undecryptable: (_ backing: String, _ why: String) -> Void) throws -> [Entry] {
         try withDirectory(rel) { fd, id in
             var found: [Entry] = []
             for name in try EncryptedFilesystem.entryNames(of: fd) {
                 if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: volume) { continue }
                 let child = rel.isEmpty ? name : rel + "/" + name
                 guard let plain = mapping.mountName(name, in: NameDirectory(inRoot: rel.isEmpty, id: id, fd: fd)) else {
-                    undecryptable(child)
+                    undecryptable(child, "a backing name that does not decrypt in its directory (altered, or moved from another directory)")
                     continue
                 }
                 var st = stat()
                 guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { continue }
+                if let problem = bindingProblem(fd, name, directoryId: id, type: st.st_mode & S_IFMT) {
+                    undecryptable(child, problem)
+                    continue
+                }
                 let text = String(decoding: plain, as: UTF8.self)
                 found.append(Entry(backing: child, name: text, path: shown.isEmpty ? text : shown + "/" + text, nameBytes: plain, status: st))
             }
             return found.sorted { $0.path < $1.path }
         }
+    }
+
+    /// Why backing entry `name` of directory `dfd` (whose ID is `directoryId`) cannot be trusted under that
+    /// name, or nil when it can: it must carry its name's binding tag (volumes with name binding; links and
+    /// special files are not bound).
+    func bindingProblem(_ dfd: Int32, _ name: String, directoryId: [UInt8], type: mode_t) -> String? {
+        guard volume.bindsNames, let cipher else { return nil }
+        let nodeId: [UInt8]
+        switch type {
+        case S_IFREG:
+            let fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+            guard fd >= 0 else { return "cannot be opened: \(Errno.current)" }
+            defer { close(fd) }
+            guard let id = try? EncryptedFilesystem.fileId(fd) else { return "not a kmsfs file (no header)" }
+            nodeId = id
+        case S_IFDIR:
+            let fd = openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            guard fd >= 0 else { return "cannot be opened: \(Errno.current)" }
+            defer { close(fd) }
+            guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd), let id = cipher.directoryId(fromFile: c) else {
+                return "its directory ID file is missing, damaged or not this volume's"
+            }
+            nodeId = id
+        default:
+            return nil
+        }
+        guard let tag = try? cipher.keys.nameBindingTag(directoryId: directoryId, nodeId: nodeId, backingName: Array(name.utf8)),
+              EncryptedFilesystem.isBound(tag, at: EncryptedFilesystem.nodePath(dfd, name)) else {
+            return "the entry does not carry its name's binding (names exchanged or moved in the backing directory)"
+        }
+        return nil
     }
 
     /// The target of the symbolic link at backing path `rel`, as the mount shows it.

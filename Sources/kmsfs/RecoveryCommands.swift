@@ -134,8 +134,8 @@ extension DecryptCommand {
         // Everything is made relative to the output directory's descriptor with the names' exact bytes (a name
         // need not be UTF-8), and nothing already there is overwritten.
         func restore(_ rel: String, _ shown: String, _ out: Int32) throws {
-            let entries = try names.entries(of: rel, shown: shown) { backing in
-                printError("\(backing): a backing name that does not decrypt in its directory; skipped")
+            let entries = try names.entries(of: rel, shown: shown) { backing, why in
+                printError("\(backing): \(why); skipped")
                 failed += 1
             }
             for entry in entries {
@@ -271,8 +271,8 @@ struct VerifyCommand: ParsableCommand {
     private func walk(_ names: OfflineNames, _ rel: String, _ shown: String, into files: inout [(String, String)],
                       undecryptable: inout Int) throws {
         var bad = 0
-        for entry in try names.entries(of: rel, shown: shown, undecryptable: { backing in
-            print("\(backing): a backing name that does not decrypt in its directory (altered, or moved from another directory)")
+        for entry in try names.entries(of: rel, shown: shown, undecryptable: { backing, why in
+            print("\(backing): \(why)")
             bad += 1
         }) {
             switch entry.status.st_mode & S_IFMT {

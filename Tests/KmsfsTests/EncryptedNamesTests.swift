@@ -228,6 +228,10 @@ struct EncryptedNamesTests {
 
         let verify = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
         #expect(verify.status == 1, "\(verify.stdout)\(verify.stderr)")
+        // verify names what was exchanged, and decrypt refuses to resolve a path through it.
+        #expect(verify.stdout.split(separator: "\n").filter { $0.contains("does not carry its name's binding") }.count == 4, "\(verify.stdout)")
+        let through = try run(kmsfsBinary, ["decrypt", v.cipher, "salary-alice"], environment: v.environment)
+        #expect(through.status == 1 && through.stderr.contains("/salary-alice: the backing entry does not carry its name's binding"), "\(through.stderr)")
         try v.start()
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("a")) == ["stays"])
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("b")) == ["sub2"])
