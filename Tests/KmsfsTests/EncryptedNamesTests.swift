@@ -258,6 +258,20 @@ struct EncryptedNamesTests {
         #expect(log.contains("cannot use /d1: the backing entry does not carry its name's binding") || log.contains("cannot use /d2: the backing entry does not carry its name's binding"), "\(log)")
     }
 
+    @Test("A file may have 128 names (their binding tags fit the backing attributes); one more link fails with EMLINK, and every name still opens")
+    func linkLimit() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("f"), [1])
+        for i in 1..<128 { try syscall { Glibc.link(v.path("f"), v.path("l\(i)")) } }
+        #expect(P.errno { try syscall { Glibc.link(v.path("f"), v.path("one-too-many")) } } == EMLINK)
+        try syscall { Glibc.rename(v.path("l1"), v.path("renamed")) }
+        try syscall { unlink(v.path("l2")) }
+        try syscall { Glibc.link(v.path("f"), v.path("again")) }
+        try v.remount()
+        for name in ["f", "l3", "l127", "renamed", "again"] { #expect(try P.readFile(v.path(name)) == [1], "\(name)") }
+        #expect(try P.stat(v.path("f")).st_nlink == 128)
+    }
+
     @Test("rmdir of an empty directory without write permission works for a daemon that does not bypass permissions")
     func rmdirOfReadOnlyDirectory() throws {
         // Root without CAP_DAC_OVERRIDE: the daemon meets permissions as a user's daemon would.
