@@ -134,9 +134,9 @@ struct ContentIO {
 
         let oldBacking = layout.backingSize(plaintextSize: plan.oldSize)
         do {
-            try dropEmptyMarker()
             try separate?.write(fd)
             try region.write(fd)
+            if plan.regionFirst > 0 { try clearEmptyMarker(oldSize: plan.oldSize) }
         } catch {
             restore(backingSize: oldBacking, oldLast: plan.rewritesOldLast ? old[plan.oldLast] : nil)
             throw error
@@ -151,11 +151,23 @@ struct ContentIO {
     /// the old body before the file is cut, so no new block is needed (no ENOSPC).
     func truncateToZero() throws {
         let empty = layout.backingSize(plaintextSize: 0)
-        if let marker = file.emptyMarker {
-            if file.size == 0, try FileIO.size(fd) == empty { return }
-            try marker.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
+        guard let marker = file.emptyMarker else {
+            try syscall { ftruncate(fd, off_t(empty)) }
+            file.size = 0
+            return
         }
-        try syscall { ftruncate(fd, off_t(empty)) }
+        if file.size == 0, try FileIO.size(fd) == empty { return }
+        // The bytes the marker replaces go back if the cut fails: the file then keeps its old contents.
+        var saved = [UInt8](repeating: 0, count: marker.count)
+        let had = try saved.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
+        try marker.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
+        do {
+            try syscall { ftruncate(fd, off_t(empty)) }
+        } catch {
+            if had > 0 { _ = try? saved.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: had, offset: layout.headerLength) } }
+            if had < marker.count { _ = ftruncate(fd, off_t(layout.headerLength + had)) }
+            throw error
+        }
         file.size = 0
     }
 
@@ -173,10 +185,14 @@ struct ContentIO {
         }
     }
 
-    /// Before an empty file grows (format 3): its marker goes, so chunk 0 is either written or a hole of zeros.
-    /// `restore` puts it back if the change fails.
-    private func dropEmptyMarker() throws {
-        if file.emptyMarker != nil && file.size == 0 { try syscall { ftruncate(fd, off_t(layout.headerLength)) } }
+    /// After an empty file (format 3) grew without writing chunk 0 (a write or truncate past it): the marker's
+    /// bytes become zeros, so chunk 0 is a hole. (A write that covers chunk 0 overwrites them.) The marker stays
+    /// until the new data is in place, so a crash before leaves a file that reads as damaged at worst, never a
+    /// file cut to its header; `restore` puts it back if the change fails.
+    private func clearEmptyMarker(oldSize: Int) throws {
+        guard file.emptyMarker != nil && oldSize == 0 else { return }
+        let zeros = [UInt8](repeating: 0, count: ChunkLayout.emptyMarkerSize)
+        try zeros.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
     }
 
     /// Sets the plaintext size, resealing the chunk that becomes the last one. Growing leaves a hole.
@@ -253,8 +269,8 @@ struct ContentIO {
         }
         do {
             // The new last chunk first: the file is never longer than its sealed data says.
-            try dropEmptyMarker()
             for r in regions.reversed() { try r.write(fd) }
+            if newLast > 0 { try clearEmptyMarker(oldSize: oldSize) }
         } catch {
             restore(backingSize: layout.backingSize(plaintextSize: oldSize), oldLast: saved)
             throw error

@@ -30,11 +30,26 @@ extension EncryptedFilesystem {
     private func readDirectoryId(_ fd: Int32, of dir: Inode) throws -> [UInt8] {
         guard let cipher = names.cipher else { return [] }
         if let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd), let id = cipher.directoryId(fromFile: c) {
-            // A bound directory must carry the tag of the name it was reached by.
+            // A bound directory must carry the tag of the name it was reached by. An empty one without it (a crash
+            // inside mkdir, between its ID and its tag) is given the tag: it has nothing to confuse.
             if bindsNames, dir !== inodes.root, let (parent, name) = inodes.location(of: dir) {
-                try checkBinding(path: Self.nodePath(fd), nodeId: id, parent: parent, name: name) { mountPath(of: dir) }
+                do {
+                    try checkBinding(path: Self.nodePath(fd), nodeId: id, parent: parent, name: name, quiet: true) { mountPath(of: dir) }
+                } catch {
+                    guard !readOnly, EncryptedFilesystem.holdsOnlyOwnEntries(fd, inRoot: false) else {
+                        try checkBinding(path: Self.nodePath(fd), nodeId: id, parent: parent, name: name) { mountPath(of: dir) }
+                        return id
+                    }
+                    Log.info("backing directory of \(mountPath(of: dir)) is empty and lacks its name's binding: binding it")
+                    try bind(try bindingTag(try knownDirectoryId(parent), id, name), at: Self.nodePath(fd))
+                }
             }
             return id
+        }
+        // The parent's ID, for the new ID's binding tag, is read before the repair lock (reading it may repair).
+        var binding: (parentId: [UInt8], name: String)? = nil
+        if bindsNames, dir !== inodes.root, let (parent, name) = inodes.location(of: dir) {
+            binding = (try knownDirectoryId(parent), name)
         }
         // One repair at a time, and each looks again: another lookup may have just given the directory its ID.
         return try directoryIdRepair.withLock {
@@ -46,9 +61,7 @@ extension EncryptedFilesystem {
             if !readOnly, EncryptedFilesystem.holdsOnlyOwnEntries(fd, inRoot: dir === inodes.root) {
                 Log.info("backing directory of \(mountPath(of: dir)) \(why) and is empty: giving it a new ID")
                 let id = try writeDirectoryId(fd, replacing: contents != nil)
-                if bindsNames, dir !== inodes.root, let (parent, name) = inodes.location(of: dir) {
-                    try bind(try bindingTag(try knownDirectoryId(parent), id, name), at: Self.nodePath(fd))
-                }
+                if let (parentId, name) = binding { try bind(try bindingTag(parentId, id, name), at: Self.nodePath(fd)) }
                 inodes.setDirectoryId(id, of: dir)
                 return id
             }

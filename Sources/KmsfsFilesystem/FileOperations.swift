@@ -50,9 +50,20 @@ extension EncryptedFilesystem {
                     throw Errno.EIO
                 }
             }
-            // A bound file must carry the tag of the name it was reached by (checked once, at its first open).
-            if bindsNames, let h = header, let (parent, name) = inodes.location(of: inode) {
-                try checkBinding(path: Self.nodePath(fd), nodeId: h.fileId, parent: parent, name: name) { mountPath(of: inode) }
+            // A bound file must carry the tags of the names it was reached by (checked at its first open; names
+            // found later are checked at lookup). A rename may move the recorded name meanwhile: a failed check is
+            // tried once more with the names then recorded.
+            if bindsNames, let h = header {
+                func check() throws {
+                    for (parent, name) in inodes.names(of: inode) {
+                        try checkBinding(path: Self.nodePath(fd), nodeId: h.fileId, parent: parent, name: name, quiet: true) { mountPath(of: inode) }
+                    }
+                }
+                do {
+                    try check()
+                } catch {
+                    try checkBinding(path: Self.nodePath(fd), nodeId: h.fileId, names: inodes.names(of: inode)) { mountPath(of: inode) }
+                }
             }
             inodes.setLayout(.known(layout), of: inode)
             let file = try table.acquire(inode.key, fd: fd, path: { [unowned self] in mountPath(of: inode) }, layout: layout,

@@ -228,6 +228,15 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
+            // A node already known under another name: this name must be bound to it too (a backing entry made
+            // a hard link of another, or two directories' names exchanged, would otherwise pass as it).
+            let type = st.st_mode & S_IFMT
+            if bindsNames && (type == S_IFREG || type == S_IFDIR) && inodes.isKnownElsewhere(InodeKey(st), parent: parent, name: b.name) {
+                let nodeId = try nodeId(dfd, b.name, type: type)!
+                try checkBinding(path: Self.nodePath(dfd, b.name), nodeId: nodeId, parent: parent, name: b.name) {
+                    mountPath(of: parent, name)
+                }
+            }
             let inode = inodes.remember(parent: parent, name: b.name, st: st)
             st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: b.name))
             return (inode, st)
@@ -424,25 +433,31 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         try checkWritable()
         try withEntry(newParent, newName, creating: true) { ndfd, b in
             try placeSibling(b, in: ndfd)
-            // A bound file carries the new name's tag before it has the name.
-            var bound: (tag: [UInt8], path: String)? = nil
-            do {
-                if bindsNames && inode.type == S_IFREG {
-                    let (fid, path) = try withNode(inode, { dfd, name in
-                        (try nodeId(dfd, name, type: S_IFREG)!, Self.nodePath(dfd, name))
-                    }, viaDescriptor: { fd in (try Self.fileId(fd), Self.nodePath(fd)) })
-                    let tag = try bindingTag(try knownDirectoryId(newParent), fid, b.name)
-                    try bind(tag, at: path, newName: true)
-                    bound = (tag, path)
+            // A bound file carries the new name's tag before it has the name (and loses it if the link fails).
+            let newDirId = bindsNames && inode.type == S_IFREG ? try knownDirectoryId(newParent) : nil
+            func linked(_ path: String, fileId: () throws -> [UInt8], _ link: () throws -> Void) throws {
+                guard let d = newDirId else { return try link() }
+                let tag = try bindingTag(d, try fileId(), b.name)
+                try bind(tag, at: path, newName: true)
+                do {
+                    try link()
+                } catch {
+                    unbind(tag, at: path)
+                    throw error
                 }
+            }
+            do {
                 try withNode(inode, { dfd, name in
-                    try syscall { linkat(dfd, name, ndfd, b.name, 0) }
+                    try linked(Self.nodePath(dfd, name), fileId: { try nodeId(dfd, name, type: S_IFREG)! }) {
+                        try syscall { linkat(dfd, name, ndfd, b.name, 0) }
+                    }
                 }, viaDescriptor: { fd in
                     // A file whose names are all gone, linked again from one of its open handles.
-                    try syscall { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", ndfd, b.name, AT_SYMLINK_FOLLOW) }
+                    try linked(Self.nodePath(fd), fileId: { try Self.fileId(fd) }) {
+                        try syscall { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", ndfd, b.name, AT_SYMLINK_FOLLOW) }
+                    }
                 })
             } catch {
-                if let (tag, path) = bound { unbind(tag, at: path) }
                 removeSibling(b, in: ndfd)
                 throw error
             }
@@ -463,9 +478,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let (key, n): (InodeKey, String) = try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
+            // A file that keeps other names loses this name's tag, after the name is gone (a crash in between
+            // leaves an extra tag, never a name without one).
+            var leaving: (tag: [UInt8], fd: Int32)? = nil
+            defer { if let l = leaving { close(l.fd) } }
             if bindsNames && flags == 0 && st.st_mode & S_IFMT == S_IFREG && st.st_nlink > 1,
                let fid = try? nodeId(dfd, b.name, type: S_IFREG), let tag = try? bindingTag(try knownDirectoryId(parent), fid, b.name) {
-                unbind(tag, at: Self.nodePath(dfd, b.name))
+                let fd = openat(dfd, b.name, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)
+                if fd >= 0 { leaving = (tag, fd) }
             }
             if unlinkat(dfd, b.name, flags) != 0 {
                 let e = Errno.current
@@ -474,6 +494,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name, encryptedNames: names.usesDirectoryIds) else { throw e }
                 try syscall { unlinkat(dfd, b.name, flags) }
             }
+            if let l = leaving { unbind(l.tag, at: Self.nodePath(l.fd)) }
             removeSibling(b, in: dfd)
             return (InodeKey(st), b.name)
         }
@@ -509,6 +530,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func rename(_ parent: Inode, _ name: [UInt8], _ newParent: Inode, _ newName: [UInt8], _ flags: UInt32) throws {
         try checkWritable()
         let exchange = flags & kmsfs_rename_exchange() != 0
+        // Old tags to remove once the inode table knows the new names (an open reading the recorded name in
+        // between must still find its tag): each with a descriptor of its node.
+        var stale: [(tag: [UInt8], fd: Int32)] = []
+        defer { for s in stale { close(s.fd) } }
         let (moved, replaced, from, to): (InodeKey, InodeKey?, String, String) = try inodes.withDirectory(parent) { dfd in
             try inodes.withDirectory(newParent) { ndfd in
                 let from = try names.backingName(name, in: try nameDirectory(parent, fd: dfd), creating: false)
@@ -518,13 +543,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 let exists = fstatat(ndfd, to.name, &target, AT_SYMLINK_NOFOLLOW) == 0
                 let sameNode = exists && st.st_dev == target.st_dev && st.st_ino == target.st_ino
                 // Bound nodes get their new name's tag before the rename and lose the old one after it.
-                var added: [(tag: [UInt8], before: String, after: String, old: [UInt8])] = []
+                var added: [(tag: [UInt8], before: String, after: (Int32, String), old: [UInt8])] = []
                 if bindsNames && !sameNode {
                     let fromDir = try knownDirectoryId(parent), toDir = try knownDirectoryId(newParent)
                     if let nid = try nodeId(dfd, from.name, type: st.st_mode & S_IFMT) {
                         let tag = try bindingTag(toDir, nid, to.name)
                         try bind(tag, at: Self.nodePath(dfd, from.name))
-                        added.append((tag, Self.nodePath(dfd, from.name), Self.nodePath(ndfd, to.name), try bindingTag(fromDir, nid, from.name)))
+                        added.append((tag, Self.nodePath(dfd, from.name), (ndfd, to.name), try bindingTag(fromDir, nid, from.name)))
                     }
                     if exchange && exists, let tid = try nodeId(ndfd, to.name, type: target.st_mode & S_IFMT) {
                         let tag = try bindingTag(fromDir, tid, from.name)
@@ -534,7 +559,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                             for a in added { unbind(a.tag, at: a.before) }
                             throw error
                         }
-                        added.append((tag, Self.nodePath(ndfd, to.name), Self.nodePath(dfd, from.name), try bindingTag(toDir, tid, to.name)))
+                        added.append((tag, Self.nodePath(ndfd, to.name), (dfd, from.name), try bindingTag(toDir, tid, to.name)))
                     }
                 }
                 try placeSibling(to, in: ndfd)
@@ -552,7 +577,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                     removeSibling(to, in: ndfd)
                     throw error
                 }
-                for a in added { unbind(a.old, at: a.after) }
+                for a in added {
+                    let (d, n) = a.after
+                    let fd = openat(d, n, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)
+                    if fd >= 0 { stale.append((a.old, fd)) }
+                }
                 if !exchange { removeSibling(from, in: dfd) }
                 return (InodeKey(st), exists ? InodeKey(target) : nil, from.name, to.name)
             }
@@ -566,6 +595,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 inodes.removed(r, from: newParent, name: to)
             }
         }
+        for s in stale { unbind(s.tag, at: Self.nodePath(s.fd)) }
     }
 
     // MARK: - extended attributes (stored on the backing node as they are; see the threat model)

@@ -128,6 +128,26 @@ final class InodeTable: @unchecked Sendable {
         return Unmanaged<Inode>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(nodeId))!).takeUnretainedValue()
     }
 
+    /// Whether the node `key` is known under a name other than `name` of `parent` (and not under that one): a
+    /// name a known node has not been seen with, whose binding must be checked before it is taken.
+    func isKnownElsewhere(_ key: InodeKey, parent: Inode, name: String) -> Bool {
+        lock.withLock {
+            guard let known = byKey[key], known !== root else { return false }
+            if known.parent === parent && known.name == name { return false }
+            return !(known.otherLinks ?? []).contains { $0.parent === parent && $0.name == name }
+        }
+    }
+
+    /// Every name under which `inode` was looked up and is still recorded.
+    func names(of inode: Inode) -> [(parent: Inode, name: String)] {
+        lock.withLock {
+            var all: [(parent: Inode, name: String)] = []
+            if let p = inode.parent { all.append((p, inode.name)) }
+            for l in inode.otherLinks ?? [] { all.append((l.parent, l.name)) }
+            return all
+        }
+    }
+
     /// Records one kernel lookup of entry `name` of `parent`, whose attributes are `st`.
     func remember(parent: Inode, name: String, st: stat) -> Inode {
         let key = InodeKey(st)

@@ -30,11 +30,16 @@ extension EncryptedFilesystem {
         name.map { "/proc/self/fd/\(dfd)/\($0)" } ?? "/proc/self/fd/\(dfd)"
     }
 
-    /// The tags a node carries (none when it has no attribute, or it cannot be read).
-    static func tags(at path: String) -> [[UInt8]] {
+    /// The tags a node carries (none when it has no attribute); an attribute that cannot be read throws, so that
+    /// a change never replaces tags it could not see.
+    static func tags(at path: String) throws -> [[UInt8]] {
         var buffer = [UInt8](repeating: 0, count: 4096)
         let n = buffer.withUnsafeMutableBytes { CSystem.getxattr(path, bindingAttribute, $0.baseAddress, $0.count) }
-        guard n > 0, n % tagSize == 0 else { return [] }
+        if n < 0 {
+            if errno == ENODATA { return [] }
+            throw Errno.current
+        }
+        guard n % tagSize == 0 else { return [] }
         return stride(from: 0, to: n, by: tagSize).map { Array(buffer[$0..<$0 + tagSize]) }
     }
 
@@ -67,7 +72,7 @@ extension EncryptedFilesystem {
     /// (rename, which holds one more tag only for a moment), so the node may not pass `maxNames`.
     func bind(_ tag: [UInt8], at path: String, newName: Bool = false) throws {
         try bindingLock.withLock {
-            var all = EncryptedFilesystem.tags(at: path)
+            var all = try EncryptedFilesystem.tags(at: path)
             if all.contains(tag) { return }
             if newName && all.count >= EncryptedFilesystem.maxNames { throw Errno(EMLINK) }
             all.append(tag)
@@ -79,7 +84,7 @@ extension EncryptedFilesystem {
     /// name be put back).
     func unbind(_ tag: [UInt8], at path: String) {
         bindingLock.withLock {
-            let all = EncryptedFilesystem.tags(at: path)
+            guard let all = try? EncryptedFilesystem.tags(at: path) else { return }
             let rest = all.filter { $0 != tag }
             if rest.count != all.count { try? EncryptedFilesystem.setTags(rest, at: path) }
         }
@@ -88,7 +93,7 @@ extension EncryptedFilesystem {
     /// True when the node at `path` carries `tag` (compared in constant time).
     static func isBound(_ tag: [UInt8], at path: String) -> Bool {
         var found = false
-        for t in tags(at: path) where Digest.constantTimeEquals(t, tag) { found = true }
+        for t in (try? tags(at: path)) ?? [] where Digest.constantTimeEquals(t, tag) { found = true }
         return found
     }
 
@@ -126,13 +131,20 @@ extension EncryptedFilesystem {
     }
 
     /// Checks that node `nodeId` at `path`, reached as backing name `name` of directory `parent`, carries that
-    /// name's tag; otherwise logs once and fails with EIO.
-    func checkBinding(path: String, nodeId: [UInt8], parent: Inode, name: String, what: () -> String) throws {
+    /// name's tag; otherwise logs once (unless `quiet`) and fails with EIO.
+    func checkBinding(path: String, nodeId: [UInt8], parent: Inode, name: String, quiet: Bool = false, what: () -> String) throws {
         let tag = try bindingTag(try knownDirectoryId(parent), nodeId, name)
         guard EncryptedFilesystem.isBound(tag, at: path) else {
-            FailureLog.shared.log(.error, kind: "binding-\(Hex.encode(nodeId))",
-                                  "cannot use \(what()): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory, or the attribute removed); it gives EIO")
+            if !quiet {
+                FailureLog.shared.log(.error, kind: "binding-\(Hex.encode(nodeId))",
+                                      "cannot use \(what()): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory, or the attribute removed); it gives EIO")
+            }
             throw Errno.EIO
         }
+    }
+
+    /// Checks every name in `names` (see above).
+    func checkBinding(path: String, nodeId: [UInt8], names: [(parent: Inode, name: String)], what: () -> String) throws {
+        for (parent, name) in names { try checkBinding(path: path, nodeId: nodeId, parent: parent, name: name, what: what) }
     }
 }

@@ -16,27 +16,66 @@ public struct VolumePin: Equatable, Sendable {
     public var commitment: String?
     /// Format 1 and 2: the endpoint the config names, if any (format 3 never takes it from the volume).
     public var endpoint: String?
+    /// The encrypted directory the volume was pinned at: another volume ID found there is a config replaced as
+    /// a whole (a new volume there is accepted only explicitly, with `kmsfs pin`).
+    public var directory: String?
 
-    public init(volumeId: String, provider: String, keyIds: [String], commitment: String?, endpoint: String?) {
-        self.volumeId = volumeId
+    public init(volumeId: String, provider: String, keyIds: [String], commitment: String?, endpoint: String?,
+                directory: String? = nil) {
+        self.volumeId = volumeId.lowercased()
         self.provider = provider
         self.keyIds = keyIds
         self.commitment = commitment
         self.endpoint = endpoint
+        self.directory = directory
     }
 
-    /// The pin a volume config asks for.
-    public init(_ config: VolumeConfig) {
+    /// The pin a volume config asks for, at encrypted directory `directory`.
+    public init(_ config: VolumeConfig, directory: String? = nil) {
         self.init(volumeId: config.volumeId, provider: config.keyProvider.type, keyIds: config.keyProvider.keyIds,
                   commitment: config.formatVersion >= 3 ? config.volumeKey?.commitment.lowercased() : nil,
-                  endpoint: config.formatVersion >= 3 ? nil : config.keyProvider.endpoint)
+                  endpoint: config.formatVersion >= 3 ? nil : config.keyProvider.endpoint, directory: directory)
     }
 
-    /// The line that stores this pin: `VOLUME-ID provider=P keys=K1,K2 commitment=HEX|none [endpoint=URL]`.
+    /// The line that stores this pin:
+    /// `VOLUME-ID provider=P keys=K1,K2 commitment=HEX|none [endpoint=URL] [dir=PERCENT-ENCODED-PATH]`.
     public var line: String {
         var s = "\(volumeId) provider=\(provider) keys=\(keyIds.joined(separator: ",")) commitment=\(commitment ?? "none")"
         if let e = endpoint { s += " endpoint=\(e)" }
+        if let d = directory { s += " dir=\(VolumePin.percentEncode(d))" }
         return s
+    }
+
+    /// A path with every byte outside printable ASCII, and space, "%" and ",", as %XX.
+    static func percentEncode(_ s: String) -> String {
+        var out = ""
+        for b in s.utf8 {
+            if b > 0x20 && b < 0x7f && b != UInt8(ascii: "%") && b != UInt8(ascii: ",") {
+                out.append(Character(UnicodeScalar(b)))
+            } else {
+                out += "%" + Hex.encode([b]).uppercased()
+            }
+        }
+        return out
+    }
+
+    static func percentDecode(_ s: String) -> String? {
+        var bytes: [UInt8] = []
+        var i = s.utf8.startIndex
+        let u = s.utf8
+        while i != u.endIndex {
+            if u[i] == UInt8(ascii: "%") {
+                let a = u.index(after: i)
+                guard a != u.endIndex, u.index(after: a) != u.endIndex,
+                      let v = Hex.decode(String(decoding: [u[a], u[u.index(after: a)]], as: UTF8.self)) else { return nil }
+                bytes += v
+                i = u.index(i, offsetBy: 3)
+            } else {
+                bytes.append(u[i])
+                i = u.index(after: i)
+            }
+        }
+        return String(validating: bytes, as: UTF8.self)
     }
 
     /// Parses a stored line; nil if it is not one.
@@ -49,12 +88,17 @@ public struct VolumePin: Equatable, Sendable {
             values[String(f[..<eq])] = String(f[f.index(after: eq)...])
         }
         guard let p = values["provider"], !p.isEmpty, let k = values["keys"], let c = values["commitment"],
-              Set(values.keys).isSubset(of: ["provider", "keys", "commitment", "endpoint"]) else { return nil }
+              Set(values.keys).isSubset(of: ["provider", "keys", "commitment", "endpoint", "dir"]) else { return nil }
+        var directory: String? = nil
+        if let d = values["dir"] {
+            guard let decoded = VolumePin.percentDecode(d), decoded.hasPrefix("/") else { return nil }
+            directory = decoded
+        }
         let keys = k.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         guard !keys.contains(where: \.isEmpty) else { return nil }
         if c != "none" && Hex.decode(c)?.count != 32 { return nil }
         self.init(volumeId: fields[0], provider: p, keyIds: keys, commitment: c == "none" ? nil : c.lowercased(),
-                  endpoint: values["endpoint"])
+                  endpoint: values["endpoint"], directory: directory)
     }
 
     /// True when every field can be written on one line (key IDs and endpoints never hold spaces or commas).
@@ -113,16 +157,39 @@ public struct KnownVolumes: Sendable {
 
     /// The pin of `volumeId` and its line number, or nil when the host has none.
     public func pin(of volumeId: String) throws(Failure) -> (pin: VolumePin, line: Int)? {
+        let id = volumeId.lowercased()
         for (n, entry) in try entries().enumerated() {
-            if case .pin(let p) = entry, p.volumeId == volumeId { return (p, lineNumber(n)) }
+            if case .pin(let p) = entry, p.volumeId == id { return (p, lineNumber(n)) }
         }
         return nil
     }
 
-    /// Records `pin`, replacing the volume's earlier pin if there is one.
+    /// The pin recorded for encrypted directory `directory`, if any.
+    public func pin(at directory: String) throws(Failure) -> (pin: VolumePin, line: Int)? {
+        for (n, entry) in try entries().enumerated() {
+            if case .pin(let p) = entry, p.directory == directory { return (p, lineNumber(n)) }
+        }
+        return nil
+    }
+
+    /// Records `pin`, replacing the volume's earlier pin if there is one (keeping the directory it was pinned at
+    /// when `pin` names none). Another volume's pin at the same directory loses its directory: that directory
+    /// now holds this volume.
     public func record(_ pin: VolumePin) throws(Failure) {
-        guard pin.isStorable else { throw Failure(description: "cannot pin volume \(pin.volumeId): a key ID or endpoint holds a space or comma") }
+        guard pin.isStorable, VolumePin(line: pin.line) == pin else {
+            throw Failure(description: "cannot pin volume \(pin.volumeId): a key ID or endpoint holds a space or comma")
+        }
         try update { entries in
+            var pin = pin
+            for i in entries.indices {
+                guard case .pin(var p) = entries[i] else { continue }
+                if p.volumeId == pin.volumeId {
+                    if pin.directory == nil { pin.directory = p.directory }
+                } else if pin.directory != nil && p.directory == pin.directory {
+                    p.directory = nil
+                    entries[i] = .pin(p)
+                }
+            }
             if let i = entries.firstIndex(where: { if case .pin(let p) = $0 { return p.volumeId == pin.volumeId } else { return false } }) {
                 entries[i] = .pin(pin)
             } else {

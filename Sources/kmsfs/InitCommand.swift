@@ -216,7 +216,7 @@ extension InitCommand {
         }
         // The host that made the volume trusts it as made.
         do {
-            try known.knownVolumes.record(VolumePin(config))
+            try known.knownVolumes.record(VolumePin(config, directory: dir))
         } catch {
             printError("warning: the volume was created, but could not be pinned on this host (its first mount will pin it): \(error)")
         }

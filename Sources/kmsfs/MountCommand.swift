@@ -202,7 +202,7 @@ struct MountCommand: ParsableCommand {
         if volume.formatVersion >= 3 { volumeKeys = try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keyService) }
         if !pinned {
             do {
-                try VolumeAccess.pin(volume, trust: trust)
+                try VolumeAccess.pin(volume, cipher: cipher, trust: trust)
             } catch {
                 volumeKeys?.wipe()
                 throw error

@@ -65,8 +65,13 @@ struct PinCommand: ParsableCommand {
             throw CLIError("\(error)")
         }
         let why = existing.flatMap { $0.pin.mismatch(with: volume) }
-        if let why, !update, !print {
+        if let why, !update {
             throw CLIError("volume \(volume.volumeId) is pinned differently (\(knownVolumes.path) line \(existing!.line)): \(why); give --update to accept the config as it is now")
+        }
+        if print, let (pin, _) = existing {
+            // What this host trusts, not what the config now says.
+            Swift.print(pin.line)
+            return
         }
         if existing != nil && why == nil && !update && !print {
             Swift.print("Volume \(volume.volumeId) is already pinned, and its config matches.")
@@ -77,7 +82,7 @@ struct PinCommand: ParsableCommand {
             let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil)
             try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys).wipe()
         }
-        let pin = VolumePin(volume)
+        let pin = VolumePin(volume, directory: cipher)
         if print {
             Swift.print(pin.line)
             return

@@ -30,7 +30,7 @@ struct OfflineOptions: ParsableArguments {
             if volume.encryptsNames { nameCipher = NameCipher(keys: volumeKeys!) }
         }
         if !pinned {
-            try VolumeAccess.pin(volume, trust: trust)
+            try VolumeAccess.pin(volume, cipher: cipher, trust: trust)
             printError("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
         }
         return (cipher, OfflineReader(volume: volume, keys: keys, volumeKeys: volumeKeys), OfflineNames(cipherDir: cipher, volume: volume, cipher: nameCipher))

@@ -146,7 +146,7 @@ struct RewrapCommand: ParsableCommand {
         }
         defer { volumeKeys?.wipe() }
         if !pinned {
-            try VolumeAccess.pin(original, trust: trust)
+            try VolumeAccess.pin(original, cipher: cipher, trust: trust)
             printError("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
         }
         // While files move to the new keys, this host accepts the config naming old and new ones; once the

@@ -37,12 +37,18 @@ enum VolumeAccess {
     static func checkPin(_ volume: VolumeConfig, cipher: String, trust: TrustOptions) throws -> Bool {
         let known = trust.knownVolumes
         let found: (pin: VolumePin, line: Int)?
+        let here: (pin: VolumePin, line: Int)?
         do {
             found = try known.pin(of: volume.volumeId)
+            here = try known.pin(at: cipher)
         } catch {
             throw CLIError("\(error)")
         }
         guard let (pin, line) = found else {
+            // A config replaced as a whole may also name a new volume ID: the directory remembers its volume.
+            if let (other, otherLine) = here {
+                throw CLIError("refusing volume \(volume.volumeId) (\(cipher)): this directory was pinned as volume \(other.volumeId) (\(known.path) line \(otherLine)), and its config now names another volume (replaced as a whole?); if it really is a new volume, run kmsfs pin \(cipher) after checking it")
+            }
             if trust.requirePinned {
                 throw CLIError("volume \(volume.volumeId) (\(cipher)) is not pinned in \(known.path), and --require-pinned was given: add its line from kmsfs pin --print on a host that trusts it")
             }
@@ -54,10 +60,10 @@ enum VolumeAccess {
         return true
     }
 
-    /// Pins a volume whose config has just been authenticated (first use, or `kmsfs pin`).
-    static func pin(_ volume: VolumeConfig, trust: TrustOptions) throws {
+    /// Pins a volume whose config has just been authenticated (first use, or `kmsfs pin`), at `cipher`.
+    static func pin(_ volume: VolumeConfig, cipher: String, trust: TrustOptions) throws {
         do {
-            try trust.knownVolumes.record(VolumePin(volume))
+            try trust.knownVolumes.record(VolumePin(volume, directory: cipher))
         } catch {
             throw CLIError("\(error)")
         }

@@ -182,6 +182,7 @@ struct EncryptedNamesTests {
         try syscall { mkdir(v.path("d1"), 0o755) }
         try syscall { mkdir(v.path("d2"), 0o755) }
         try P.writeFile(v.path("d1/in-one"), [1])
+        try P.writeFile(v.path("d2/in-two"), [2])
         try syscall { symlink("target", v.path("link")) }
         try syscall { setxattr(v.path("f"), "user.k", "value-f", 7, 0) }
         try syscall { setxattr(v.path("g"), "user.k", "value-g", 7, 0) }
@@ -256,6 +257,34 @@ struct EncryptedNamesTests {
         #expect(log.contains("cannot read extended attribute user.k of /f"))
         #expect(log.contains("cannot use /salary-alice: the backing entry does not carry its name's binding"), "\(log)")
         #expect(log.contains("cannot use /d1: the backing entry does not carry its name's binding") || log.contains("cannot use /d2: the backing entry does not carry its name's binding"), "\(log)")
+    }
+
+    @Test("While mounted: a backing entry replaced by a hard link of another file the mount knows, or two known directories' names exchanged, gives EIO (the new name is checked at lookup)")
+    func tamperWhileMounted() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("a"), Array("content of a".utf8))
+        try P.writeFile(v.path("b"), Array("content of b".utf8))
+        try syscall { mkdir(v.path("d1"), 0o755) }
+        try syscall { mkdir(v.path("d2"), 0o755) }
+        try P.writeFile(v.path("d1/one"), [1])
+        try P.writeFile(v.path("d2/two"), [2])
+        // The mount keeps b and d2 known (held open) while their backing entries are tampered with.
+        let holdB = try P.open(v.path("b"), O_RDONLY)
+        defer { close(holdB) }
+        let holdD2 = try P.open(v.path("d2"), O_RDONLY | O_DIRECTORY)
+        defer { close(holdD2) }
+        let a = v.backing("a"), b = v.backing("b"), d1 = v.backing("d1"), d2 = v.backing("d2")
+        try syscall { unlink(a) }
+        try syscall { Glibc.link(b, a) }
+        try syscall { Glibc.rename(d1, d1 + ".swap") }
+        try syscall { Glibc.rename(d2, d1) }
+        try syscall { Glibc.rename(d1 + ".swap", d2) }
+        // Past the kernel's name cache, the names are looked up again.
+        usleep(1_300_000)  // the mount caches names for 1 s
+        #expect(P.errno { try P.readFile(v.path("a")) } == EIO)
+        #expect(P.errno { try P.readFile(v.path("d1/two")) } == EIO)
+        #expect(try P.readFile(v.path("b")) == Array("content of b".utf8))
+        #expect(v.daemonLogText.contains("cannot use /a: the backing entry does not carry its name's binding"), "\(v.daemonLogText)")
     }
 
     @Test("A file may have 128 names (their binding tags fit the backing attributes); one more link fails with EMLINK, and every name still opens")

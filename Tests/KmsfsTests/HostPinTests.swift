@@ -121,6 +121,14 @@ struct HostPinTests {
         #expect(d2.status == 1 && d2.stderr.contains("without a volume key, but this host pinned a format 3 volume with one (a downgraded config)"), "\(d2.stderr)")
         #expect(attackerProxy.server.requests.isEmpty, "the attacker's server was never asked")
 
+        // A config replaced as a whole may name a new volume ID too: the directory remembers its volume.
+        var renamed = try forged(config, aws, provider: legitAWS)
+        renamed.volumeId = "0123456789abcdef0123456789abcdef"
+        renamed = try forged(renamed, aws, provider: legitAWS)
+        try FileIO.writeFileAtomically(VolumeConfig.path(in: v.cipher), contents: try renamed.encoded())
+        let n = try mount(v, env: [:])
+        #expect(n.status == 1 && n.stderr.contains("this directory was pinned as volume \(config.volumeId)"), "\(n.stderr)")
+
         // A config whose provider does not match its keys is refused at mount (on a host with no pin).
         var mismatched = config
         mismatched.keyProvider.keyIds = ["local:0123456789abcdef"]
@@ -167,6 +175,9 @@ struct HostPinTests {
         #expect(info.stdout.contains("host pin:       MISMATCH:"), "\(info.stdout)")
         let printed = try run(kmsfsBinary, ["pin", "--print", v.cipher], environment: v.environment)
         #expect(printed.status == 0 && printed.stdout.hasPrefix(volumeId + " provider=local keys="), "\(printed.stdout)")
+        // Host B will not print (for other hosts) a config its pin does not match.
+        let printB = try run(kmsfsBinary, ["pin", "--print", v.cipher], environment: envB)
+        #expect(printB.status == 1 && printB.stderr.contains("is pinned differently"), "\(printB.stderr)")
         let noUpdate = try run(kmsfsBinary, ["pin", v.cipher], environment: envB)
         #expect(noUpdate.status == 1 && noUpdate.stderr.contains("give --update"), "\(noUpdate.stderr)")
         let update = try run(kmsfsBinary, ["pin", "--update", v.cipher], environment: envB)
