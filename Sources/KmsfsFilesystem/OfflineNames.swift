@@ -1,3 +1,4 @@
+import CSystem
 import Glibc
 import KmsfsCrypto
 import KmsfsFormat
@@ -111,6 +112,55 @@ public struct OfflineNames {
             }
             return found.sorted { $0.path < $1.path }
         }
+    }
+
+    /// Rewrites the name binding tags of every regular file and directory below backing directory `rel` to the
+    /// names they have now, trusting them: for a tree restored by a copy that dropped extended attributes (see
+    /// `kmsfs rebind`). Names that do not decrypt are handed to `undecryptable` and left alone. Returns the
+    /// number of nodes tagged.
+    public func rebind(_ rel: String = "", undecryptable: (String) -> Void) throws -> Int {
+        guard volume.bindsNames, let cipher else { return 0 }
+        var found: [InodeKey: (path: String, tags: [[UInt8]])] = [:]
+        func walk(_ rel: String) throws {
+            try withDirectory(rel) { fd, id in
+                for name in try EncryptedFilesystem.entryNames(of: fd) {
+                    if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: volume) { continue }
+                    let child = rel.isEmpty ? name : rel + "/" + name
+                    guard mapping.mountName(name, in: NameDirectory(inRoot: rel.isEmpty, id: id, fd: fd)) != nil else {
+                        undecryptable(child)
+                        continue
+                    }
+                    var st = stat()
+                    guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { continue }
+                    let type = st.st_mode & S_IFMT
+                    let nodeId: [UInt8]
+                    switch type {
+                    case S_IFREG:
+                        let f = openat(fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                        guard f >= 0 else { throw Errno.current }
+                        defer { close(f) }
+                        nodeId = try EncryptedFilesystem.fileId(f)
+                    case S_IFDIR:
+                        let d = openat(fd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                        guard d >= 0 else { throw Errno.current }
+                        defer { close(d) }
+                        guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: d), let did = cipher.directoryId(fromFile: c) else {
+                            undecryptable(child + " (its directory ID file is missing or not this volume's)")
+                            continue
+                        }
+                        nodeId = did
+                    default:
+                        continue
+                    }
+                    let tag = try cipher.keys.nameBindingTag(directoryId: id, nodeId: nodeId, backingName: Array(name.utf8))
+                    found[InodeKey(st), default: (cipherDir + "/" + child, [])].tags.append(tag)
+                    if type == S_IFDIR { try walk(child) }
+                }
+            }
+        }
+        try walk(rel)
+        for (_, node) in found { try EncryptedFilesystem.setTags(node.tags, at: node.path) }
+        return found.count
     }
 
     /// Why backing entry `name` of directory `dfd` (whose ID is `directoryId`) cannot be trusted under that

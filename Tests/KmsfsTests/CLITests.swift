@@ -96,7 +96,7 @@ struct CLITests {
 
     @Test("Every command has --help; --version names the format; unmount refuses what is not a kmsfs mount")
     func helpVersionUnmount() throws {
-        for command in [[], ["init"], ["mount"], ["unmount"], ["info"], ["decrypt"], ["verify"], ["path"]] {
+        for command in [[], ["init"], ["mount"], ["unmount"], ["info"], ["decrypt"], ["verify"], ["path"], ["pin"], ["rebind"]] {
             let r = try run(kmsfsBinary, command + ["--help"])
             #expect(r.status == 0 && r.stdout.contains("USAGE:"), "\(command)")
         }

@@ -287,6 +287,31 @@ struct EncryptedNamesTests {
         #expect(v.daemonLogText.contains("cannot use /a: the backing entry does not carry its name's binding"), "\(v.daemonLogText)")
     }
 
+    @Test("A copy of the backing directory that dropped extended attributes fails its name bindings until kmsfs rebind tags it again")
+    func rebindAfterCopy() throws {
+        let v = try MountedVolume()
+        try syscall { mkdir(v.path("d"), 0o755) }
+        try P.writeFile(v.path("d/f"), [1, 2, 3])
+        try syscall { Glibc.link(v.path("d/f"), v.path("g")) }
+        try v.unmount()
+        // cp -r keeps no extended attributes, as many backup and sync tools.
+        let copy = v.dir.path + "/copy"
+        #expect(try run("cp", ["-r", v.cipher, copy]).status == 0)
+        let before = try run(kmsfsBinary, ["verify", copy], environment: v.environment)
+        #expect(before.status == 1 && before.stdout.contains("does not carry its name's binding"), "\(before.stdout)")
+        let rebind = try run(kmsfsBinary, ["rebind", copy], environment: v.environment)
+        #expect(rebind.status == 0 && rebind.stdout.contains("3 files and directories bound"), "\(rebind.stdout)\(rebind.stderr)")
+        let after = try run(kmsfsBinary, ["verify", copy], environment: v.environment)
+        #expect(after.status == 0 && after.stdout.contains("all intact"), "\(after.stdout)")
+        let m = v.dir.path + "/m2"
+        try syscall { mkdir(m, 0o755) }
+        let mounted = try run(kmsfsBinary, ["mount", copy, m], environment: v.environment)
+        #expect(mounted.status == 0, "\(mounted.stderr)")
+        defer { _ = try? run("fusermount3", ["-u", m]) }
+        #expect(try P.readFile(m + "/d/f") == [1, 2, 3])
+        #expect(try P.readFile(m + "/g") == [1, 2, 3])
+    }
+
     @Test("A file may have 128 names (their binding tags fit the backing attributes); one more link fails with EMLINK, and every name still opens")
     func linkLimit() throws {
         let v = try MountedVolume()
