@@ -16,12 +16,18 @@ public struct VolumePin: Equatable, Sendable {
     public var commitment: String?
     /// Format 1 and 2: the endpoint the config names, if any (format 3 never takes it from the volume).
     public var endpoint: String?
+    /// AWS KMS: the region and shared-config profile the config names (a profile can carry its own endpoint or
+    /// credential process, so another one is another KMS as far as trust goes).
+    public var region: String?
+    public var profile: String?
     /// The encrypted directory the volume was pinned at: another volume ID found there is a config replaced as
     /// a whole (a new volume there is accepted only explicitly, with `kmsfs pin`).
     public var directory: String?
 
     public init(volumeId: String, provider: String, keyIds: [String], commitment: String?, endpoint: String?,
-                directory: String? = nil) {
+                region: String? = nil, profile: String? = nil, directory: String? = nil) {
+        self.region = region
+        self.profile = profile
         self.volumeId = volumeId.lowercased()
         self.provider = provider
         self.keyIds = keyIds
@@ -34,7 +40,8 @@ public struct VolumePin: Equatable, Sendable {
     public init(_ config: VolumeConfig, directory: String? = nil) {
         self.init(volumeId: config.volumeId, provider: config.keyProvider.type, keyIds: config.keyProvider.keyIds,
                   commitment: config.formatVersion >= 3 ? config.volumeKey?.commitment.lowercased() : nil,
-                  endpoint: config.formatVersion >= 3 ? nil : config.keyProvider.endpoint, directory: directory)
+                  endpoint: config.formatVersion >= 3 ? nil : config.keyProvider.endpoint,
+                  region: config.keyProvider.region, profile: config.keyProvider.profile, directory: directory)
     }
 
     /// The line that stores this pin:
@@ -42,6 +49,8 @@ public struct VolumePin: Equatable, Sendable {
     public var line: String {
         var s = "\(volumeId) provider=\(provider) keys=\(keyIds.joined(separator: ",")) commitment=\(commitment ?? "none")"
         if let e = endpoint { s += " endpoint=\(e)" }
+        if let r = region { s += " region=\(r)" }
+        if let p = profile { s += " profile=\(p)" }
         if let d = directory { s += " dir=\(VolumePin.percentEncode(d))" }
         return s
     }
@@ -88,7 +97,7 @@ public struct VolumePin: Equatable, Sendable {
             values[String(f[..<eq])] = String(f[f.index(after: eq)...])
         }
         guard let p = values["provider"], !p.isEmpty, let k = values["keys"], let c = values["commitment"],
-              Set(values.keys).isSubset(of: ["provider", "keys", "commitment", "endpoint", "dir"]) else { return nil }
+              Set(values.keys).isSubset(of: ["provider", "keys", "commitment", "endpoint", "region", "profile", "dir"]) else { return nil }
         var directory: String? = nil
         if let d = values["dir"] {
             guard let decoded = VolumePin.percentDecode(d), decoded.hasPrefix("/") else { return nil }
@@ -98,12 +107,12 @@ public struct VolumePin: Equatable, Sendable {
         guard !keys.contains(where: \.isEmpty) else { return nil }
         if c != "none" && Hex.decode(c)?.count != 32 { return nil }
         self.init(volumeId: fields[0], provider: p, keyIds: keys, commitment: c == "none" ? nil : c.lowercased(),
-                  endpoint: values["endpoint"], directory: directory)
+                  endpoint: values["endpoint"], region: values["region"], profile: values["profile"], directory: directory)
     }
 
     /// True when every field can be written on one line (key IDs and endpoints never hold spaces or commas).
     var isStorable: Bool {
-        let all = [provider] + keyIds + (endpoint.map { [$0] } ?? [])
+        let all = [provider] + keyIds + [endpoint, region, profile].compactMap { $0 }
         return all.allSatisfy { s in !s.isEmpty && !s.utf8.contains { $0 <= 0x20 || $0 == UInt8(ascii: ",") || $0 == 0x7f } }
     }
 
@@ -126,6 +135,9 @@ public struct VolumePin: Equatable, Sendable {
         }
         if asked.endpoint != endpoint {
             return "its config names KMS endpoint \(asked.endpoint ?? "(none)"), but this host pinned \(endpoint ?? "(none)")"
+        }
+        if asked.region != region || asked.profile != profile {
+            return "its config names region \(asked.region ?? "(none)") and profile \(asked.profile ?? "(none)"), but this host pinned \(region ?? "(none)") and \(profile ?? "(none)")"
         }
         return nil
     }
@@ -234,7 +246,16 @@ public struct KnownVolumes: Sendable {
             guard st.st_mode & 0o022 == 0, st.st_uid == 0 || st.st_uid == getuid() else {
                 throw Failure(description: "\(path) may be changed by other users (mode \(String(st.st_mode & 0o777, radix: 8)), owner \(st.st_uid)): refusing to trust it; make it owned by you and not group- or world-writable")
             }
-            bytes = try FileIO.readFile(path)
+            // The contents of the very file whose owner and mode were checked.
+            var all = [UInt8](repeating: 0, count: Int(st.st_size) + 1)
+            var got = 0
+            while got < all.count {
+                let n = try all.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress! + got, count: $0.count - got, offset: got) }
+                if n == 0 { break }
+                got += n
+                if got == all.count { all += [UInt8](repeating: 0, count: all.count) }
+            }
+            bytes = Array(all[0..<got])
         } catch let f as Failure {
             throw f
         } catch {

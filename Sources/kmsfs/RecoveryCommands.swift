@@ -179,7 +179,9 @@ extension DecryptCommand {
                             printError("\(label): \(report.damage)")
                         }
                         if report.isIntact || skipCorrupt {
-                            if kmsfs_renameat2(out, tmp, out, name, UInt32(kmsfs_rename_noreplace())) != 0 {
+                            if kmsfs_renameat2(out, tmp, out, name, UInt32(kmsfs_rename_noreplace())) != 0
+                                // No RENAME_NOREPLACE here (NFS, say): a hard link never replaces either.
+                                && !((errno == EINVAL || errno == ENOSYS) && linkat(out, tmp, out, name, 0) == 0 && unlinkat(out, tmp, 0) == 0) {
                                 let e = Errno.current
                                 unlinkat(out, tmp, 0)
                                 printError("\(label): \(e.code == EEXIST ? "already exists in the output; not overwritten" : "cannot put it in place: \(e)")")
