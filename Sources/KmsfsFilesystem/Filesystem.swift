@@ -544,12 +544,19 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 let sameNode = exists && st.st_dev == target.st_dev && st.st_ino == target.st_ino
                 // Bound nodes get their new name's tag before the rename and lose the old one after it.
                 var added: [(tag: [UInt8], before: String, after: (Int32, String), old: [UInt8])] = []
+                var replacedStale: (tag: [UInt8], fd: Int32)? = nil
                 if bindsNames && !sameNode {
                     let fromDir = try knownDirectoryId(parent), toDir = try knownDirectoryId(newParent)
                     if let nid = try nodeId(dfd, from.name, type: st.st_mode & S_IFMT) {
                         let tag = try bindingTag(toDir, nid, to.name)
                         try bind(tag, at: Self.nodePath(dfd, from.name))
                         added.append((tag, Self.nodePath(dfd, from.name), (ndfd, to.name), try bindingTag(fromDir, nid, from.name)))
+                    }
+                    // A file replaced by the rename that keeps other names loses this name's tag (after the rename).
+                    if !exchange && exists && target.st_mode & S_IFMT == S_IFREG && target.st_nlink > 1,
+                       let tid = try? nodeId(ndfd, to.name, type: S_IFREG) {
+                        let fd = openat(ndfd, to.name, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)
+                        if fd >= 0 { replacedStale = (try bindingTag(toDir, tid, to.name), fd) }
                     }
                     if exchange && exists, let tid = try nodeId(ndfd, to.name, type: target.st_mode & S_IFMT) {
                         let tag = try bindingTag(fromDir, tid, from.name)
@@ -574,9 +581,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                     }
                 } catch {
                     for a in added { unbind(a.tag, at: a.before) }
+                    if let r = replacedStale { close(r.fd) }
                     removeSibling(to, in: ndfd)
                     throw error
                 }
+                if let r = replacedStale { stale.append(r) }
                 for a in added {
                     let (d, n) = a.after
                     let fd = openat(d, n, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)

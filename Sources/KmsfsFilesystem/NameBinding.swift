@@ -34,11 +34,12 @@ extension EncryptedFilesystem {
     /// a change never replaces tags it could not see.
     static func tags(at path: String) throws -> [[UInt8]] {
         var buffer = [UInt8](repeating: 0, count: 4096)
-        let n = buffer.withUnsafeMutableBytes { CSystem.getxattr(path, bindingAttribute, $0.baseAddress, $0.count) }
-        if n < 0 {
-            if errno == ENODATA { return [] }
-            throw Errno.current
+        let n = try withOwnerAccess(path) { () throws -> Int in
+            let n = buffer.withUnsafeMutableBytes { CSystem.getxattr(path, bindingAttribute, $0.baseAddress, $0.count) }
+            if n < 0 && errno != ENODATA { throw Errno.current }
+            return n
         }
+        if n < 0 { return [] }
         guard n % tagSize == 0 else { return [] }
         return stride(from: 0, to: n, by: tagSize).map { Array(buffer[$0..<$0 + tagSize]) }
     }
@@ -48,20 +49,30 @@ extension EncryptedFilesystem {
     /// permission for the moment (a file created read-only, say).
     static func setTags(_ tags: [[UInt8]], at path: String) throws {
         let bytes = tags.flatMap { $0 }
-        func attempt() -> Int32 {
-            if bytes.isEmpty {
-                let r = CSystem.removexattr(path, bindingAttribute)
-                return r != 0 && errno == ENODATA ? 0 : r
+        _ = try withOwnerAccess(path) {
+            try syscall {
+                if bytes.isEmpty {
+                    let r = CSystem.removexattr(path, bindingAttribute)
+                    return r != 0 && errno == ENODATA ? 0 : r
+                }
+                return bytes.withUnsafeBytes { CSystem.setxattr(path, bindingAttribute, $0.baseAddress, $0.count, 0) }
             }
-            return bytes.withUnsafeBytes { CSystem.setxattr(path, bindingAttribute, $0.baseAddress, $0.count, 0) }
         }
-        if attempt() == 0 { return }
-        let e = Errno.current
-        var st = stat()
-        guard e.code == EACCES || e.code == EPERM, stat(path, &st) == 0, st.st_uid == geteuid(),
-              chmod(path, (st.st_mode & 0o7777) | 0o200) == 0 else { throw e }
-        defer { chmod(path, st.st_mode & 0o7777) }
-        try syscall { attempt() }
+    }
+
+    /// Runs `body` (an extended attribute call on the node at `path`); if it fails with EACCES or EPERM on a node
+    /// the daemon owns, runs it again with read and write lent to the owner for the moment. User attributes take
+    /// the node's read (get) and write (set) permission, and a daemon that does not bypass permissions meets
+    /// nodes whose owner has neither (a file created read-only, `chmod 000`).
+    static func withOwnerAccess<R>(_ path: String, _ body: () throws -> R) throws -> R {
+        do {
+            return try body()
+        } catch let e as Errno where e.code == EACCES || e.code == EPERM {
+            var st = stat()
+            guard stat(path, &st) == 0, st.st_uid == geteuid(), chmod(path, (st.st_mode & 0o7777) | 0o600) == 0 else { throw e }
+            defer { chmod(path, st.st_mode & 0o7777) }
+            return try body()
+        }
     }
 
     /// Most names (hard links) a bound file may have: their tags take 2 KiB, which fits the extended attribute
@@ -102,17 +113,41 @@ extension EncryptedFilesystem {
     func nodeId(_ dfd: Int32, _ name: String, type: mode_t) throws -> [UInt8]? {
         switch type {
         case S_IFREG:
-            let fd = try syscall { openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
-            defer { close(fd) }
-            return try EncryptedFilesystem.fileId(fd)
+            return try EncryptedFilesystem.withOwnerPermission(dfd, name, 0o400) {
+                let fd = try syscall { openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
+                defer { close(fd) }
+                return try EncryptedFilesystem.fileId(fd)
+            }
         case S_IFDIR:
-            let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
-            defer { close(fd) }
-            guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd),
-                  let id = names.cipher?.directoryId(fromFile: c) else { throw Errno.EIO }
-            return id
+            return try EncryptedFilesystem.withOwnerPermission(dfd, name, 0o100) {
+                let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+                defer { close(fd) }
+                // The ID file is opened once here to learn why it cannot be (no search permission: lent above).
+                let probe = openat(fd, NameCipher.directoryIdFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                if probe < 0 { throw Errno.current }
+                close(probe)
+                guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd) else { throw Errno.EIO }
+                guard let id = names.cipher?.directoryId(fromFile: c) else { throw Errno.EIO }
+                return id
+            }
         default:
             return nil
+        }
+    }
+
+    /// Runs `body`; if it fails with EACCES on a node the daemon owns (a file or directory its owner may not
+    /// read or search, with a daemon that does not bypass permissions), runs it again with `bits` lent to the
+    /// owner for the moment. Renaming or linking such a node needs no permission on it, so neither may reading
+    /// its ID for its tags.
+    static func withOwnerPermission<R>(_ dfd: Int32, _ name: String, _ bits: mode_t, _ body: () throws -> R) throws -> R {
+        do {
+            return try body()
+        } catch let e as Errno where e.code == EACCES {
+            var st = stat()
+            guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_uid == geteuid(),
+                  fchmodat(dfd, name, (st.st_mode & 0o7777) | bits, 0) == 0 else { throw e }
+            defer { fchmodat(dfd, name, st.st_mode & 0o7777, 0) }
+            return try body()
         }
     }
 

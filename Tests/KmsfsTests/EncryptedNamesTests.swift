@@ -324,6 +324,13 @@ struct EncryptedNamesTests {
         try v.remount()
         for name in ["f", "l3", "l127", "renamed", "again"] { #expect(try P.readFile(v.path(name)) == [1], "\(name)") }
         #expect(try P.stat(v.path("f")).st_nlink == 128)
+        // A file replaced by a rename that keeps another name loses the replaced name's tag.
+        try P.writeFile(v.path("x"), [2])
+        try syscall { Glibc.link(v.path("x"), v.path("y")) }
+        try P.writeFile(v.path("z"), [3])
+        try syscall { Glibc.rename(v.path("z"), v.path("x")) }
+        #expect(getxattr(v.backing("y"), "user.kmsfs.names", nil, 0) == 16)
+        #expect(try P.readFile(v.path("y")) == [2])
     }
 
     @Test("rmdir of an empty directory without write permission works for a daemon that does not bypass permissions")
@@ -339,6 +346,18 @@ struct EncryptedNamesTests {
         try syscall { rmdir(v.path("d")) }
         #expect(P.errno { try P.stat(v.path("d")) } == ENOENT)
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount).isEmpty)
+        // A file its owner may not read and a directory its owner may not search can be renamed and linked (their
+        // tags need their IDs), as on any filesystem.
+        try P.writeFile(v.path("secret"), [1])
+        try syscall { chmod(v.path("secret"), 0) }
+        try syscall { mkdir(v.path("closed"), 0) }
+        try syscall { Glibc.rename(v.path("secret"), v.path("secret2")) }
+        try syscall { Glibc.link(v.path("secret2"), v.path("secret3")) }
+        try syscall { Glibc.rename(v.path("closed"), v.path("closed2")) }
+        try syscall { chmod(v.path("secret2"), 0o600) }
+        try syscall { chmod(v.path("closed2"), 0o700) }
+        #expect(try P.readFile(v.path("secret3")) == [1])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("closed2")).isEmpty)
     }
 
     @Test("A config that was changed, or that names a KMS endpoint, is refused at mount with one line; the names mode cannot be turned off")
