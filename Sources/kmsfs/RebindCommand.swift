@@ -27,19 +27,11 @@ struct RebindCommand: ParsableCommand {
             print("\(cipher) does not bind names: nothing to do")
             return
         }
-        let dirFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
-        defer { close(dirFd) }
-        guard VolumeLock.tryLock(dirFd, exclusive: true) else { throw CLIError("\(cipher) is in use (mounted, or a rewrap is running); unmount it first") }
-        let lease: VolumeLease
-        do {
-            lease = try VolumeLease.acquire(cipherDir: cipher, purpose: "rebind")
-        } catch let held as VolumeLease.Held {
-            throw CLIError("\(cipher) is \(held); unmount it first")
-        } catch {
-            throw CLIError("cannot take the lease of \(cipher): \(error)")
+        let (dirFd, lease) = try VolumeAccess.holdExclusively(cipher, purpose: "rebind")
+        defer {
+            lease.release()
+            close(dirFd)
         }
-        defer { lease.release() }
         var skipped = 0
         let count: Int
         do {

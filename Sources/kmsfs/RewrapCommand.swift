@@ -56,20 +56,8 @@ struct RewrapCommand: ParsableCommand {
         var volume = try VolumeAccess.loadConfig(cipher)
         let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
         let original = volume
-        let dirFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
+        let (dirFd, lease) = try VolumeAccess.holdExclusively(cipher, purpose: "rewrap")
         defer { close(dirFd) }
-        guard VolumeLock.tryLock(dirFd, exclusive: true) else {
-            throw CLIError("\(cipher) is in use (mounted, or another rewrap is running); unmount it first")
-        }
-        let lease: VolumeLease
-        do {
-            lease = try VolumeLease.acquire(cipherDir: cipher, purpose: "rewrap")
-        } catch let held as VolumeLease.Held {
-            throw CLIError("\(cipher) is \(held); unmount it first")
-        } catch {
-            throw CLIError("cannot take the lease of \(cipher): \(error)")
-        }
         do {
             // Another host has the volume now: stop at once. Rotation is crash-safe, so stopping anywhere leaves
             // every file readable, and whoever mounts or rewraps next finishes the interrupted step.

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import KmsfsFilesystem
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
@@ -66,6 +67,27 @@ enum VolumeAccess {
             try trust.knownVolumes.record(VolumePin(volume, directory: cipher))
         } catch {
             throw CLIError("\(error)")
+        }
+    }
+
+    /// Holds the volume for an offline command that changes it (rewrap, rebind): the flock of the backing
+    /// directory (other processes here) and the lease (other hosts). Both go when `dirFd` is closed and the lease
+    /// released.
+    static func holdExclusively(_ cipher: String, purpose: String) throws -> (dirFd: Int32, lease: VolumeLease) {
+        let dirFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
+        guard VolumeLock.tryLock(dirFd, exclusive: true) else {
+            close(dirFd)
+            throw CLIError("\(cipher) is in use (mounted, or a rewrap or rebind is running); unmount it first")
+        }
+        do {
+            return (dirFd, try VolumeLease.acquire(cipherDir: cipher, purpose: purpose))
+        } catch let held as VolumeLease.Held {
+            close(dirFd)
+            throw CLIError("\(cipher) is \(held); unmount it first")
+        } catch {
+            close(dirFd)
+            throw CLIError("cannot take the lease of \(cipher): \(error)")
         }
     }
 
