@@ -232,9 +232,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             // a hard link of another, or two directories' names exchanged, would otherwise pass as it).
             let type = st.st_mode & S_IFMT
             if bindsNames && (type == S_IFREG || type == S_IFDIR) && inodes.isKnownElsewhere(InodeKey(st), parent: parent, name: b.name) {
-                let nodeId = try nodeId(dfd, b.name, type: type)!
-                try checkBinding(path: Self.nodePath(dfd, b.name), nodeId: nodeId, parent: parent, name: b.name) {
-                    mountPath(of: parent, name)
+                try Self.withBindable(dfd, b.name) { node in
+                    try checkBinding(path: Self.nodePath(node), nodeId: try nodeId(node: node), parent: parent, name: b.name) {
+                        mountPath(of: parent, name)
+                    }
                 }
             }
             let inode = inodes.remember(parent: parent, name: b.name, st: st)
@@ -307,10 +308,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         try checkWritable()
         let file = handle as? FileHandle
         if valid & FUSE_SET_ATTR_MODE_FLAG != 0 {
-            if let f = file { try syscall { fchmod(f.fd, attr.st_mode) } } else {
-                try withNode(inode, { dfd, name in
-                    try syscall { fchmodat(dfd, name, attr.st_mode, AT_SYMLINK_NOFOLLOW) }
-                }, viaDescriptor: { fd in try syscall { fchmod(fd, attr.st_mode) } })
+            // Never while owner permission is lent for a name binding (it would be put back over this change).
+            try Self.lendLock.withLock {
+                if let f = file { try syscall { fchmod(f.fd, attr.st_mode) } } else {
+                    try withNode(inode, { dfd, name in
+                        try syscall { fchmodat(dfd, name, attr.st_mode, AT_SYMLINK_NOFOLLOW) }
+                    }, viaDescriptor: { fd in try syscall { fchmod(fd, attr.st_mode) } })
+                }
             }
         }
         if valid & (FUSE_SET_ATTR_UID_FLAG | FUSE_SET_ATTR_GID_FLAG) != 0 {
@@ -379,7 +383,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 let fd = try syscall { openat(dfd, n, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
                 defer { close(fd) }
                 id = try writeDirectoryId(fd)
-                if bindsNames { try bind(try bindingTag(try knownDirectoryId(parent), id, n), at: Self.nodePath(dfd, n)) }
+                if bindsNames {
+                    let tag = try bindingTag(try knownDirectoryId(parent), id, n)
+                    try Self.withBindable(dfd, n) { try bind(tag, at: Self.nodePath($0)) }
+                }
                 if mode & 0o700 != 0o700 { try syscall { fchmodat(dfd, n, mode, 0) } }
             } catch {
                 let fd = openat(dfd, n, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -434,7 +441,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         try withEntry(newParent, newName, creating: true) { ndfd, b in
             try placeSibling(b, in: ndfd)
             // A bound file carries the new name's tag before it has the name (and loses it if the link fails).
-            let newDirId = bindsNames && inode.type == S_IFREG ? try knownDirectoryId(newParent) : nil
+            let newDirId: [UInt8]?
+            do {
+                newDirId = bindsNames && inode.type == S_IFREG ? try knownDirectoryId(newParent) : nil
+            } catch {
+                removeSibling(b, in: ndfd)
+                throw error
+            }
             func linked(_ path: String, fileId: () throws -> [UInt8], _ link: () throws -> Void) throws {
                 guard let d = newDirId else { return try link() }
                 let tag = try bindingTag(d, try fileId(), b.name)
@@ -448,8 +461,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             }
             do {
                 try withNode(inode, { dfd, name in
-                    try linked(Self.nodePath(dfd, name), fileId: { try nodeId(dfd, name, type: S_IFREG)! }) {
-                        try syscall { linkat(dfd, name, ndfd, b.name, 0) }
+                    try Self.withBindable(dfd, name) { node in
+                        try linked(Self.nodePath(node), fileId: { try nodeId(node: node) }) {
+                            try syscall { linkat(dfd, name, ndfd, b.name, 0) }
+                        }
                     }
                 }, viaDescriptor: { fd in
                     // A file whose names are all gone, linked again from one of its open handles.
@@ -475,30 +490,43 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     private func remove(_ parent: Inode, _ name: [UInt8], flags: Int32) throws {
         try checkWritable()
-        let (key, n): (InodeKey, String) = try withEntry(parent, name, creating: false) { dfd, b in
+        let (key, n, leaving): (InodeKey, String, (tag: [UInt8], fd: Int32)?) = try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
             // A file that keeps other names loses this name's tag, after the name is gone (a crash in between
             // leaves an extra tag, never a name without one).
             var leaving: (tag: [UInt8], fd: Int32)? = nil
-            defer { if let l = leaving { close(l.fd) } }
-            if bindsNames && flags == 0 && st.st_mode & S_IFMT == S_IFREG && st.st_nlink > 1,
-               let fid = try? nodeId(dfd, b.name, type: S_IFREG), let tag = try? bindingTag(try knownDirectoryId(parent), fid, b.name) {
+            if bindsNames && flags == 0 && st.st_mode & S_IFMT == S_IFREG && st.st_nlink > 1 {
                 let fd = openat(dfd, b.name, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)
-                if fd >= 0 { leaving = (tag, fd) }
+                if fd >= 0 {
+                    if let fid = try? nodeId(node: fd), let tag = try? bindingTag(try knownDirectoryId(parent), fid, b.name) {
+                        leaving = (tag, fd)
+                    } else {
+                        close(fd)
+                    }
+                }
             }
-            if unlinkat(dfd, b.name, flags) != 0 {
-                let e = Errno.current
-                // A directory that looks empty through the mount still holds kmsfs's own files (its directory
-                // ID, and files a crash left half made under a temporary name): remove them, then the directory.
-                guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name, encryptedNames: names.usesDirectoryIds) else { throw e }
-                try syscall { unlinkat(dfd, b.name, flags) }
+            do {
+                if unlinkat(dfd, b.name, flags) != 0 {
+                    let e = Errno.current
+                    // A directory that looks empty through the mount still holds kmsfs's own files (its directory
+                    // ID, and files a crash left half made under a temporary name): remove them, then the directory.
+                    guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name, encryptedNames: names.usesDirectoryIds) else { throw e }
+                    try syscall { unlinkat(dfd, b.name, flags) }
+                }
+            } catch {
+                if let l = leaving { close(l.fd) }
+                throw error
             }
-            if let l = leaving { unbind(l.tag, at: Self.nodePath(l.fd)) }
             removeSibling(b, in: dfd)
-            return (InodeKey(st), b.name)
+            return (InodeKey(st), b.name, leaving)
         }
         inodes.removed(key, from: parent, name: n)
+        // After the inode table forgot the name: an open checking the recorded names no longer checks this one.
+        if let l = leaving {
+            unbind(l.tag, at: Self.nodePath(l.fd))
+            close(l.fd)
+        }
     }
 
     /// Removes kmsfs's own files in directory `name` of `dfd` (see `ownEntries`) if they are all it holds; true
@@ -512,14 +540,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         // a daemon that is not root needs that permission for a moment to remove kmsfs's files in it first.
         var st = stat()
         var opened = false
-        defer { if opened { fchmodat(dfd, name, st.st_mode & 0o7777, 0) } }
+        defer { if opened { chmod(EncryptedFilesystem.nodePath(fd), st.st_mode & 0o7777) } }
         for l in own {
             if TemporaryNames.isTemporary(l) {
                 Log.info("removing a file left half made by a crash: \(l) in the backing directory being removed")
             }
             if unlinkat(fd, l, 0) != 0 && (errno == EACCES || errno == EPERM) && !opened
-                && fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_uid == geteuid()
-                && fchmodat(dfd, name, (st.st_mode & 0o7777) | 0o300, 0) == 0 {
+                && fstat(fd, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR && st.st_uid == geteuid()
+                && chmod(EncryptedFilesystem.nodePath(fd), (st.st_mode & 0o7777) | 0o300) == 0 {
                 opened = true
                 unlinkat(fd, l, 0)
             }
@@ -542,34 +570,53 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 try syscall { fstatat(dfd, from.name, &st, AT_SYMLINK_NOFOLLOW) }
                 let exists = fstatat(ndfd, to.name, &target, AT_SYMLINK_NOFOLLOW) == 0
                 let sameNode = exists && st.st_dev == target.st_dev && st.st_ino == target.st_ino
-                // Bound nodes get their new name's tag before the rename and lose the old one after it.
-                var added: [(tag: [UInt8], before: String, after: (Int32, String), old: [UInt8])] = []
+                // Bound nodes get their new name's tag before the rename and lose the old one after it. Each is held
+                // by an O_PATH descriptor, which follows the node through the rename (and never a planted link).
+                var added: [(tag: [UInt8], fd: Int32, old: [UInt8])] = []
+                var nodes: [Int32] = []
+                defer { for fd in nodes where !stale.contains(where: { $0.fd == fd }) { close(fd) } }
+                func node(_ d: Int32, _ n: String) throws -> Int32 {
+                    let fd = try syscall { openat(d, n, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC) }
+                    nodes.append(fd)
+                    return fd
+                }
                 var replacedStale: (tag: [UInt8], fd: Int32)? = nil
+                func undo() { for a in added { unbind(a.tag, at: Self.nodePath(a.fd)) } }
                 if bindsNames && !sameNode {
-                    let fromDir = try knownDirectoryId(parent), toDir = try knownDirectoryId(newParent)
-                    if let nid = try nodeId(dfd, from.name, type: st.st_mode & S_IFMT) {
-                        let tag = try bindingTag(toDir, nid, to.name)
-                        try bind(tag, at: Self.nodePath(dfd, from.name))
-                        added.append((tag, Self.nodePath(dfd, from.name), (ndfd, to.name), try bindingTag(fromDir, nid, from.name)))
-                    }
-                    // A file replaced by the rename that keeps other names loses this name's tag (after the rename).
-                    if !exchange && exists && target.st_mode & S_IFMT == S_IFREG && target.st_nlink > 1,
-                       let tid = try? nodeId(ndfd, to.name, type: S_IFREG) {
-                        let fd = openat(ndfd, to.name, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)
-                        if fd >= 0 { replacedStale = (try bindingTag(toDir, tid, to.name), fd) }
-                    }
-                    if exchange && exists, let tid = try nodeId(ndfd, to.name, type: target.st_mode & S_IFMT) {
-                        let tag = try bindingTag(fromDir, tid, from.name)
-                        do {
-                            try bind(tag, at: Self.nodePath(ndfd, to.name))
-                        } catch {
-                            for a in added { unbind(a.tag, at: a.before) }
-                            throw error
+                    do {
+                        let fromDir = try knownDirectoryId(parent), toDir = try knownDirectoryId(newParent)
+                        let type = st.st_mode & S_IFMT
+                        if type == S_IFREG || type == S_IFDIR {
+                            let fd = try node(dfd, from.name)
+                            let nid = try nodeId(node: fd)
+                            let tag = try bindingTag(toDir, nid, to.name), old = try bindingTag(fromDir, nid, from.name)
+                            try bind(tag, at: Self.nodePath(fd))
+                            added.append((tag, fd, old))
                         }
-                        added.append((tag, Self.nodePath(ndfd, to.name), (dfd, from.name), try bindingTag(toDir, tid, to.name)))
+                        let ttype = target.st_mode & S_IFMT
+                        // A file replaced by the rename that keeps other names loses this name's tag (after it).
+                        if !exchange && exists && ttype == S_IFREG && target.st_nlink > 1 {
+                            let fd = try node(ndfd, to.name)
+                            replacedStale = (try bindingTag(toDir, try nodeId(node: fd), to.name), fd)
+                        }
+                        if exchange && exists && (ttype == S_IFREG || ttype == S_IFDIR) {
+                            let fd = try node(ndfd, to.name)
+                            let tid = try nodeId(node: fd)
+                            let tag = try bindingTag(fromDir, tid, from.name), old = try bindingTag(toDir, tid, to.name)
+                            try bind(tag, at: Self.nodePath(fd))
+                            added.append((tag, fd, old))
+                        }
+                    } catch {
+                        undo()
+                        throw error
                     }
                 }
-                try placeSibling(to, in: ndfd)
+                do {
+                    try placeSibling(to, in: ndfd)
+                } catch {
+                    undo()
+                    throw error
+                }
                 do {
                     if kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) != 0 {
                         // A directory replaced by a rename looks empty through the mount but still holds its
@@ -580,17 +627,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                         try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
                     }
                 } catch {
-                    for a in added { unbind(a.tag, at: a.before) }
-                    if let r = replacedStale { close(r.fd) }
+                    undo()
                     removeSibling(to, in: ndfd)
                     throw error
                 }
                 if let r = replacedStale { stale.append(r) }
-                for a in added {
-                    let (d, n) = a.after
-                    let fd = openat(d, n, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC)
-                    if fd >= 0 { stale.append((a.old, fd)) }
-                }
+                for a in added { stale.append((a.old, a.fd)) }
                 if !exchange { removeSibling(from, in: dfd) }
                 return (InodeKey(st), exists ? InodeKey(target) : nil, from.name, to.name)
             }

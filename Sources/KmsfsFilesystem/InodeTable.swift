@@ -141,9 +141,10 @@ final class InodeTable: @unchecked Sendable {
     /// Every name under which `inode` was looked up and is still recorded.
     func names(of inode: Inode) -> [(parent: Inode, name: String)] {
         lock.withLock {
+            // Only names in directories the kernel still knows: a record in a forgotten one may be stale.
             var all: [(parent: Inode, name: String)] = []
-            if let p = inode.parent { all.append((p, inode.name)) }
-            for l in inode.otherLinks ?? [] { all.append((l.parent, l.name)) }
+            if let p = inode.parent, isLive(p) { all.append((p, inode.name)) }
+            for l in inode.otherLinks ?? [] where isLive(l.parent) { all.append((l.parent, l.name)) }
             return all
         }
     }

@@ -24,11 +24,24 @@ extension EncryptedFilesystem {
         return try k.nameBindingTag(directoryId: dirId, nodeId: nodeId, backingName: Array(name.utf8))
     }
 
-    /// A path that reaches backing node `name` of directory `dfd` (or the node `dfd` itself) for the *xattr
-    /// calls, which take no descriptor of an O_PATH directory.
-    static func nodePath(_ dfd: Int32, _ name: String? = nil) -> String {
-        name.map { "/proc/self/fd/\(dfd)/\($0)" } ?? "/proc/self/fd/\(dfd)"
+    /// The path of descriptor `fd` for the *xattr and chmod calls (which take no O_PATH descriptor). It reaches
+    /// exactly the node the descriptor holds, whatever its name has become since.
+    static func nodePath(_ fd: Int32) -> String { "/proc/self/fd/\(fd)" }
+
+    /// Runs `body` with an O_PATH descriptor of backing entry `name` of `dfd`, which must be a regular file or a
+    /// directory (a symbolic link planted there is never followed: EIO).
+    static func withBindable<R>(_ dfd: Int32, _ name: String, _ body: (Int32) throws -> R) throws -> R {
+        let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_NOFOLLOW | O_CLOEXEC) }
+        defer { close(fd) }
+        var st = stat()
+        try syscall { fstat(fd, &st) }
+        guard st.st_mode & S_IFMT == S_IFREG || st.st_mode & S_IFMT == S_IFDIR else { throw Errno.EIO }
+        return try body(fd)
     }
+
+    /// Lending owner permission is serialized (a chmod through the mount takes this lock too), so that two
+    /// lends, or a lend and a chmod, never restore each other's modes.
+    static let lendLock = Lock()
 
     /// The tags a node carries (none when it has no attribute); an attribute that cannot be read throws, so that
     /// a change never replaces tags it could not see.
@@ -60,16 +73,25 @@ extension EncryptedFilesystem {
         }
     }
 
-    /// Runs `body` (an extended attribute call on the node at `path`); if it fails with EACCES or EPERM on a node
-    /// the daemon owns, runs it again with read and write lent to the owner for the moment. User attributes take
-    /// the node's read (get) and write (set) permission, and a daemon that does not bypass permissions meets
-    /// nodes whose owner has neither (a file created read-only, `chmod 000`).
+    /// Runs `body` (an extended attribute call on the node at `path`, a descriptor's `nodePath`); if it fails
+    /// with EACCES or EPERM on a regular file or directory the daemon owns, runs it again with read and write
+    /// lent to the owner for the moment. User attributes take the node's read (get) and write (set) permission,
+    /// and a daemon that does not bypass permissions meets nodes whose owner has neither (`chmod 000`).
     static func withOwnerAccess<R>(_ path: String, _ body: () throws -> R) throws -> R {
         do {
             return try body()
         } catch let e as Errno where e.code == EACCES || e.code == EPERM {
+            return try lending(path, 0o600, e, body)
+        }
+    }
+
+    /// Runs `body` again with `bits` lent to the owner of the node at `path` (a descriptor's `nodePath`), under
+    /// `lendLock`; rethrows `original` when the node is not the daemon's regular file or directory.
+    private static func lending<R>(_ path: String, _ bits: mode_t, _ original: Errno, _ body: () throws -> R) throws -> R {
+        try lendLock.withLock {
             var st = stat()
-            guard stat(path, &st) == 0, st.st_uid == geteuid(), chmod(path, (st.st_mode & 0o7777) | 0o600) == 0 else { throw e }
+            guard stat(path, &st) == 0, st.st_mode & S_IFMT == S_IFREG || st.st_mode & S_IFMT == S_IFDIR,
+                  st.st_uid == geteuid(), chmod(path, (st.st_mode & 0o7777) | bits) == 0 else { throw original }
             defer { chmod(path, st.st_mode & 0o7777) }
             return try body()
         }
@@ -111,43 +133,35 @@ extension EncryptedFilesystem {
     /// The node ID of backing entry `name` of `dfd`: a regular file's file ID (bytes 16 to 31 of its header), a
     /// directory's ID; nil for other nodes, which are not bound.
     func nodeId(_ dfd: Int32, _ name: String, type: mode_t) throws -> [UInt8]? {
-        switch type {
-        case S_IFREG:
-            return try EncryptedFilesystem.withOwnerPermission(dfd, name, 0o400) {
-                let fd = try syscall { openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
+        guard type == S_IFREG || type == S_IFDIR else { return nil }
+        return try EncryptedFilesystem.withBindable(dfd, name) { try nodeId(node: $0) }
+    }
+
+    /// The node ID of the regular file or directory held by O_PATH descriptor `node`. A node its owner may not
+    /// read (a file) or search (a directory) is read with that permission lent for the moment: renaming or
+    /// linking it needs none, so neither may reading its ID for its tags.
+    func nodeId(node: Int32) throws -> [UInt8] {
+        var st = stat()
+        try syscall { fstat(node, &st) }
+        let path = EncryptedFilesystem.nodePath(node)
+        func read() throws -> [UInt8] {
+            if st.st_mode & S_IFMT == S_IFREG {
+                let fd = try syscall { Glibc.open(path, O_RDONLY | O_CLOEXEC) }
                 defer { close(fd) }
                 return try EncryptedFilesystem.fileId(fd)
             }
-        case S_IFDIR:
-            return try EncryptedFilesystem.withOwnerPermission(dfd, name, 0o100) {
-                let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
-                defer { close(fd) }
-                // The ID file is opened once here to learn why it cannot be (no search permission: lent above).
-                let probe = openat(fd, NameCipher.directoryIdFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-                if probe < 0 { throw Errno.current }
-                close(probe)
-                guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: fd) else { throw Errno.EIO }
-                guard let id = names.cipher?.directoryId(fromFile: c) else { throw Errno.EIO }
-                return id
-            }
-        default:
-            return nil
+            // The ID file is opened once to learn why it cannot be (no search permission: lent below).
+            let probe = openat(node, NameCipher.directoryIdFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+            if probe < 0 { throw Errno.current.code == EACCES ? Errno(EACCES) : Errno.EIO }
+            close(probe)
+            guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: node),
+                  let id = names.cipher?.directoryId(fromFile: c) else { throw Errno.EIO }
+            return id
         }
-    }
-
-    /// Runs `body`; if it fails with EACCES on a node the daemon owns (a file or directory its owner may not
-    /// read or search, with a daemon that does not bypass permissions), runs it again with `bits` lent to the
-    /// owner for the moment. Renaming or linking such a node needs no permission on it, so neither may reading
-    /// its ID for its tags.
-    static func withOwnerPermission<R>(_ dfd: Int32, _ name: String, _ bits: mode_t, _ body: () throws -> R) throws -> R {
         do {
-            return try body()
+            return try read()
         } catch let e as Errno where e.code == EACCES {
-            var st = stat()
-            guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_uid == geteuid(),
-                  fchmodat(dfd, name, (st.st_mode & 0o7777) | bits, 0) == 0 else { throw e }
-            defer { fchmodat(dfd, name, st.st_mode & 0o7777, 0) }
-            return try body()
+            return try EncryptedFilesystem.lending(path, st.st_mode & S_IFMT == S_IFREG ? 0o400 : 0o100, e, read)
         }
     }
 

@@ -133,34 +133,51 @@ public struct OfflineNames {
                     var st = stat()
                     guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { continue }
                     let type = st.st_mode & S_IFMT
+                    guard type == S_IFREG || type == S_IFDIR else { continue }
                     let nodeId: [UInt8]
-                    switch type {
-                    case S_IFREG:
+                    if type == S_IFREG {
                         let f = openat(fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-                        guard f >= 0 else { throw Errno.current }
-                        defer { close(f) }
-                        nodeId = try EncryptedFilesystem.fileId(f)
-                    case S_IFDIR:
+                        guard f >= 0, let fid = try? EncryptedFilesystem.fileId(f) else {
+                            undecryptable(child + " (cannot read its header: \(f < 0 ? "\(Errno.current)" : "not a kmsfs file"))")
+                            if f >= 0 { close(f) }
+                            continue
+                        }
+                        close(f)
+                        nodeId = fid
+                    } else {
                         let d = openat(fd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                        guard d >= 0 else { throw Errno.current }
+                        guard d >= 0 else {
+                            undecryptable(child + " (\(Errno.current))")
+                            continue
+                        }
                         defer { close(d) }
                         guard let c = EncryptedNames.readSibling(NameCipher.directoryIdFile, in: d), let did = cipher.directoryId(fromFile: c) else {
                             undecryptable(child + " (its directory ID file is missing or not this volume's)")
                             continue
                         }
                         nodeId = did
-                    default:
-                        continue
                     }
                     let tag = try cipher.keys.nameBindingTag(directoryId: id, nodeId: nodeId, backingName: Array(name.utf8))
-                    found[InodeKey(st), default: (cipherDir + "/" + child, [])].tags.append(tag)
+                    found[InodeKey(st), default: (child, [])].tags.append(tag)
                     if type == S_IFDIR { try walk(child) }
                 }
             }
         }
         try walk(rel)
-        for (_, node) in found { try EncryptedFilesystem.setTags(node.tags, at: node.path) }
-        return found.count
+        // Through a descriptor of each node (a name replaced by a link meanwhile is never followed).
+        let top = open(cipherDir, O_PATH_FLAG | O_DIRECTORY | O_CLOEXEC)
+        guard top >= 0 else { throw Errno.current }
+        defer { close(top) }
+        var count = 0
+        for (_, node) in found {
+            do {
+                try EncryptedFilesystem.withBindable(top, node.path) { try EncryptedFilesystem.setTags(node.tags, at: EncryptedFilesystem.nodePath($0)) }
+                count += 1
+            } catch {
+                undecryptable(node.path + " (cannot write its tags: \(error))")
+            }
+        }
+        return count
     }
 
     /// Why backing entry `name` of directory `dfd` (whose ID is `directoryId`) cannot be trusted under that
@@ -188,7 +205,7 @@ public struct OfflineNames {
             return nil
         }
         guard let tag = try? cipher.keys.nameBindingTag(directoryId: directoryId, nodeId: nodeId, backingName: Array(name.utf8)),
-              EncryptedFilesystem.isBound(tag, at: EncryptedFilesystem.nodePath(dfd, name)) else {
+              (try? EncryptedFilesystem.withBindable(dfd, name) { EncryptedFilesystem.isBound(tag, at: EncryptedFilesystem.nodePath($0)) }) == true else {
             return "the entry does not carry its name's binding (names exchanged or moved in the backing directory)"
         }
         return nil

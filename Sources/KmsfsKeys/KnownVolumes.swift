@@ -136,7 +136,8 @@ public struct VolumePin: Equatable, Sendable {
         if asked.endpoint != endpoint {
             return "its config names KMS endpoint \(asked.endpoint ?? "(none)"), but this host pinned \(endpoint ?? "(none)")"
         }
-        if asked.region != region || asked.profile != profile {
+        // Pins written before region and profile were pinned have neither: nothing to compare.
+        if (region != nil || profile != nil) && (asked.region != region || asked.profile != profile) {
             return "its config names region \(asked.region ?? "(none)") and profile \(asked.profile ?? "(none)"), but this host pinned \(region ?? "(none)") and \(profile ?? "(none)")"
         }
         return nil

@@ -216,7 +216,8 @@ extension InitCommand {
         }
         // The host that made the volume trusts it as made.
         do {
-            try known.knownVolumes.record(VolumePin(config, directory: dir))
+            // The directory as every later command resolves it (symbolic links, "." and trailing "/" gone).
+            try known.knownVolumes.record(VolumePin(config, directory: (try? Paths.resolve(dir)) ?? dir))
         } catch {
             printError("warning: the volume was created, but could not be pinned on this host (its first mount will pin it): \(error)")
         }

@@ -68,8 +68,9 @@ struct PinCommand: ParsableCommand {
         if let why, !update {
             throw CLIError("volume \(volume.volumeId) is pinned differently (\(knownVolumes.path) line \(existing!.line)): \(why); give --update to accept the config as it is now")
         }
-        if print, let (pin, _) = existing {
-            // What this host trusts, not what the config now says.
+        if print, var (pin, _) = existing {
+            // What this host trusts, not what the config now says; without this host's directory.
+            pin.directory = nil
             Swift.print(pin.line)
             return
         }
@@ -84,7 +85,9 @@ struct PinCommand: ParsableCommand {
         }
         let pin = VolumePin(volume, directory: cipher)
         if print {
-            Swift.print(pin.line)
+            var shared = pin
+            shared.directory = nil
+            Swift.print(shared.line)
             return
         }
         do {

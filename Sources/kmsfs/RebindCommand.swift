@@ -32,6 +32,15 @@ struct RebindCommand: ParsableCommand {
             lease.release()
             close(dirFd)
         }
+        do {
+            // Another host took the volume: stop before writing tags from an old walk over its changes.
+            try lease.startRenewing { why in
+                printError("kmsfs rebind: \(why); stopping")
+                _exit(3)
+            }
+        } catch {
+            throw CLIError("cannot start renewing the lease of \(cipher): \(error)")
+        }
         var skipped = 0
         let count: Int
         do {
