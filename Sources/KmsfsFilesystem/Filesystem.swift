@@ -461,6 +461,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             }
             do {
                 try withNode(inode, { dfd, name in
+                    // Only bound files need a descriptor of the node (FIFOs, sockets and devices are linked as they are).
+                    guard newDirId != nil else { _ = try syscall { linkat(dfd, name, ndfd, b.name, 0) }; return }
                     try Self.withBindable(dfd, name) { node in
                         try linked(Self.nodePath(node), fileId: { try nodeId(node: node) }) {
                             try syscall { linkat(dfd, name, ndfd, b.name, 0) }

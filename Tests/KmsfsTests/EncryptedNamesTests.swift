@@ -331,6 +331,17 @@ struct EncryptedNamesTests {
         try syscall { Glibc.rename(v.path("z"), v.path("x")) }
         #expect(getxattr(v.backing("y"), "user.kmsfs.names", nil, 0) == 16)
         #expect(try P.readFile(v.path("y")) == [2])
+        // Nodes that are not bound (a FIFO, a symbolic link) link, rename and unlink as they are.
+        try syscall { mkfifo(v.path("fifo"), 0o644) }
+        try syscall { symlink("target", v.path("sym")) }
+        for (a, b, c) in [("fifo", "fifo2", "fifo3"), ("sym", "sym2", "sym3")] {
+            try syscall { Glibc.link(v.path(a), v.path(b)) }
+            try syscall { Glibc.rename(v.path(b), v.path(c)) }
+            var lst = stat()
+            #expect(Glibc.lstat(v.path(c), &lst) == 0 && lst.st_nlink == 2)
+            try syscall { unlink(v.path(c)) }
+            try syscall { unlink(v.path(a)) }
+        }
     }
 
     @Test("rmdir of an empty directory without write permission works for a daemon that does not bypass permissions")
