@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include "kmsfs_system.h"
+#include <dlfcn.h>
+#include <sys/stat.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -60,4 +62,12 @@ int kmsfs_cpu_count(void) {
     if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
+}
+
+int kmsfs_exe_is_self(void) {
+    Dl_info info;
+    if (dladdr((void *)kmsfs_exe_is_self, &info) == 0 || info.dli_fname == NULL) return -1;
+    struct stat self, exe;
+    if (stat(info.dli_fname, &self) != 0 || stat("/proc/self/exe", &exe) != 0) return -1;
+    return self.st_dev == exe.st_dev && self.st_ino == exe.st_ino;
 }

@@ -309,7 +309,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         let file = handle as? FileHandle
         if valid & FUSE_SET_ATTR_MODE_FLAG != 0 {
             // Never while owner permission is lent for a name binding (it would be put back over this change).
-            try Self.lendLock.withLock {
+            _ = try Self.lendLock.withLock {
                 if let f = file { try syscall { fchmod(f.fd, attr.st_mode) } } else {
                     try withNode(inode, { dfd, name in
                         try syscall { fchmodat(dfd, name, attr.st_mode, AT_SYMLINK_NOFOLLOW) }

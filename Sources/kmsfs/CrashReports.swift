@@ -1,3 +1,4 @@
+import CSystem
 import Glibc
 
 /// What the Swift runtime's crash report may show. By default a crash report (when output is not a terminal)
@@ -16,14 +17,9 @@ enum CrashReports {
     static func restrict() {
         let current = getenv("SWIFT_BACKTRACE").map { String(cString: $0) } ?? ""
         if current.hasSuffix(setting) { return }
-        // Not when /proc/self/exe is a loader or a tool running kmsfs (ld.so, valgrind), which would take the
-        // arguments as its own.
-        var target = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = readlink("/proc/self/exe", &target, target.count - 1)
-        guard n > 0 else { return }
-        let exe = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        let base = exe.split(separator: "/").last.map(String.init) ?? exe
-        if base.hasPrefix("ld-") || base.hasPrefix("ld.so") || base.contains("valgrind") || base.contains("memcheck") { return }
+        // Only when /proc/self/exe is kmsfs itself, not a loader or a tool running it (ld.so, valgrind), which
+        // would take the arguments as its own.
+        guard kmsfs_exe_is_self() == 1 else { return }
         setenv("SWIFT_BACKTRACE", current.isEmpty ? setting : current + "," + setting, 1)
         var argv: [UnsafeMutablePointer<CChar>?] = CommandLine.arguments.map { strdup($0) } + [nil]
         execv("/proc/self/exe", &argv)

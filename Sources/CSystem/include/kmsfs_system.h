@@ -56,4 +56,8 @@ int kmsfs_spawn_closefrom(posix_spawn_file_actions_t *actions, int from);
 /// The number of CPUs this process may run on (its affinity mask).
 int kmsfs_cpu_count(void);
 
+/// 1 when /proc/self/exe is the file this code was loaded from (kmsfs itself, not a loader or a tool running
+/// it, such as ld.so or valgrind), 0 when it is another file, -1 when that cannot be told.
+int kmsfs_exe_is_self(void);
+
 #endif
