@@ -118,6 +118,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         names = settings.names
         volumeKeys = settings.volumeKeys
         readOnlyMount = settings.readOnly
+        if settings.readOnly { Self.lendingAllowed.store(false, ordering: .relaxed) }
         directIO = settings.directIO
         writebackCache = settings.writebackCache && !settings.directIO
         chownToCaller = geteuid() == 0

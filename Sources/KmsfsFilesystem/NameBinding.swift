@@ -4,6 +4,7 @@ import KmsfsCrypto
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
+import Synchronization
 
 // Name binding (format 3 volumes with encrypted names made since names are bound: config `nameBinding`).
 //
@@ -42,6 +43,9 @@ extension EncryptedFilesystem {
     /// Lending owner permission is serialized (a chmod through the mount takes this lock too), so that two
     /// lends, or a lend and a chmod, never restore each other's modes.
     static let lendLock = Lock()
+    /// False in a read-only mount's daemon (one mount per process): it changes nothing in the backing directory,
+    /// not even a mode for a moment, and a check that would need it fails instead.
+    static let lendingAllowed = Atomic<Bool>(true)
 
     /// The tags a node carries (none when it has no attribute); an attribute that cannot be read throws, so that
     /// a change never replaces tags it could not see.
@@ -88,7 +92,8 @@ extension EncryptedFilesystem {
     /// Runs `body` again with `bits` lent to the owner of the node at `path` (a descriptor's `nodePath`), under
     /// `lendLock`; rethrows `original` when the node is not the daemon's regular file or directory.
     private static func lending<R>(_ path: String, _ bits: mode_t, _ original: Errno, _ body: () throws -> R) throws -> R {
-        try lendLock.withLock {
+        guard lendingAllowed.load(ordering: .relaxed) else { throw original }
+        return try lendLock.withLock {
             var st = stat()
             guard stat(path, &st) == 0, st.st_mode & S_IFMT == S_IFREG || st.st_mode & S_IFMT == S_IFDIR,
                   st.st_uid == geteuid(), chmod(path, (st.st_mode & 0o7777) | bits) == 0 else { throw original }

@@ -312,6 +312,23 @@ struct EncryptedNamesTests {
         #expect(try P.readFile(m + "/g") == [1, 2, 3])
     }
 
+    @Test("A directory without its name's tag: bound on first use if empty (a crash inside mkdir), EIO otherwise")
+    func directoryWithoutTag() throws {
+        let v = try MountedVolume()
+        try syscall { mkdir(v.path("empty"), 0o755) }
+        try syscall { mkdir(v.path("full"), 0o755) }
+        try P.writeFile(v.path("full/f"), [1])
+        try v.unmount()
+        for name in ["empty", "full"] { #expect(removexattr(v.backing(name), "user.kmsfs.names") == 0) }
+        try v.start()
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("empty")).isEmpty)
+        #expect(getxattr(v.backing("empty"), "user.kmsfs.names", nil, 0) == 16)
+        #expect(P.errno { try FileManager.default.contentsOfDirectory(atPath: v.path("full")) } != nil)
+        let log = v.daemonLogText
+        #expect(log.contains("/empty is empty and lacks its name's binding: binding it"), "\(log)")
+        #expect(log.contains("cannot use /full: the backing entry does not carry its name's binding"), "\(log)")
+    }
+
     @Test("A file may have 128 names (their binding tags fit the backing attributes); one more link fails with EMLINK, and every name still opens")
     func linkLimit() throws {
         let v = try MountedVolume()
