@@ -94,6 +94,31 @@ struct CLITests {
         #expect(bad.status != 0 && bad.stderr.contains("not a kmsfs file"))
     }
 
+    @Test("Shell completion: bash, zsh and fish scripts come from kmsfs itself; the bash one completes subcommands and options")
+    func shellCompletion() throws {
+        let dir = try TempDir()
+        for shell in ["bash", "zsh", "fish"] {
+            let r = try run(kmsfsBinary, ["--generate-completion-script", shell])
+            #expect(r.status == 0 && r.stdout.contains("rebind") && r.stdout.contains("known-volumes"), "\(shell): \(r.stderr)")
+            try P.writeFile(dir.path + "/kmsfs.\(shell)", Array(r.stdout.utf8))
+        }
+        #expect(try run("bash", ["-n", dir.path + "/kmsfs.bash"]).status == 0)
+        func complete(_ words: [String]) throws -> [String] {
+            let line = words.joined(separator: " ")
+            let script = """
+                source '\(dir.path)/kmsfs.bash'
+                COMP_WORDS=(\(words.map { "'\($0)'" }.joined(separator: " "))); COMP_CWORD=\(words.count - 1)
+                COMP_LINE='\(line)'; COMP_POINT=${#COMP_LINE}
+                _kmsfs kmsfs '\(words.last!)' '\(words[words.count - 2])'
+                printf '%s\\n' "${COMPREPLY[@]}"
+                """
+            let r = try run("bash", ["-c", script])
+            return r.stdout.split(separator: "\n").map(String.init)
+        }
+        #expect(Set(try complete(["kmsfs", "re"])) == ["rewrap", "rebind"])
+        #expect(try complete(["kmsfs", "mount", "--require-p"]).contains("--require-pinned"))
+    }
+
     @Test("Every command has --help; --version names the format; unmount refuses what is not a kmsfs mount")
     func helpVersionUnmount() throws {
         for command in [[], ["init"], ["mount"], ["unmount"], ["info"], ["decrypt"], ["verify"], ["path"], ["pin"], ["rebind"]] {
