@@ -94,6 +94,23 @@ struct CLITests {
         #expect(bad.status != 0 && bad.stderr.contains("not a kmsfs file"))
     }
 
+    @Test("The systemd unit passes systemd-analyze verify (and a broken copy does not)")
+    func systemdUnit() throws {
+        let dir = try TempDir()
+        let unit = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("scripts/systemd/kmsfs@.service").path
+        let text = String(decoding: try FileIO.readFile(unit), as: UTF8.self)
+        #expect(text.contains("Restart=no") && text.contains("After=network-online.target") && text.contains("ExecStop="))
+        // The binary under test stands in for the installed one.
+        let here = text.replacingOccurrences(of: "/usr/local/bin/kmsfs", with: kmsfsBinary)
+        try P.writeFile(dir.path + "/kmsfs@test.service", Array(here.utf8))
+        let ok = try run("systemd-analyze", ["verify", dir.path + "/kmsfs@test.service"])
+        #expect(ok.status == 0, "\(ok.stdout)\(ok.stderr)")
+        let broken = here.replacingOccurrences(of: kmsfsBinary, with: dir.path + "/no-such-kmsfs")
+        try P.writeFile(dir.path + "/kmsfs@broken.service", Array(broken.utf8))
+        #expect(try run("systemd-analyze", ["verify", dir.path + "/kmsfs@broken.service"]).status != 0)
+    }
+
     @Test("Shell completion: bash, zsh and fish scripts come from kmsfs itself; the bash one completes subcommands and options")
     func shellCompletion() throws {
         let dir = try TempDir()

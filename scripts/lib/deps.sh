@@ -39,7 +39,7 @@ ensure_build_deps() {
 
 # Tools the tests drive besides the mount itself.
 ensure_test_tools() {
-    ensure_debs strace util-linux coreutils
+    ensure_debs strace util-linux coreutils systemd
 }
 
 # moto's KMS-protocol server (and boto3, which moto brings), for the tests. Sets MOTO_SERVER and
