@@ -8,7 +8,9 @@ struct Kmsfs: ParsableCommand {
     /// Every command first makes sure a crash report cannot show memory contents (see CrashReports).
     static func main() {
         CrashReports.restrict()
-        main(nil)
+        // Run by mount.fuse3 for an fstab line (see MountHelper): the mount form; else as given.
+        let names = configuration.subcommands.compactMap { $0.configuration.commandName }
+        main(MountHelper.arguments(CommandLine.arguments, subcommands: names + ["help"]))
     }
 
     static let configuration = CommandConfiguration(

@@ -94,6 +94,43 @@ struct CLITests {
         #expect(bad.status != 0 && bad.stderr.contains("not a kmsfs file"))
     }
 
+    @Test("An fstab line of type fuse.kmsfs (and the kmsfs#CIPHERDIR form) mounts through the real mount binary, mount -a and umount, with kmsfs options as mount options")
+    func fstab() throws {
+        let v = try MountedVolume()
+        try P.writeFile(v.path("f"), [4, 2])
+        try v.unmount()
+        let volumeId = try VolumeConfig.decode(try FileIO.readFile(VolumeConfig.path(in: v.cipher))).volumeId
+        let key = v.configHome + "/kmsfs/keys/\(volumeId).key"
+        let known = v.configHome + "/kmsfs/known-volumes"
+        // mount(8) runs mount.fuse3 with a clean environment, which runs "kmsfs" from the default PATH: the binary
+        // under test stands in there for the installed one while this test runs.
+        let helper = "/usr/local/sbin/kmsfs"
+        #expect(access(helper, F_OK) != 0, "\(helper) already exists; this test will not replace it")
+        try syscall { symlink(kmsfsBinary, helper) }
+        defer { unlink(helper) }
+        let options = "defaults,_netdev,nofail,allow_other,key_file=\(key),known_volumes=\(known)"
+        for line in ["\(v.cipher) \(v.mount) fuse.kmsfs \(options) 0 0", "kmsfs#\(v.cipher) \(v.mount) fuse \(options) 0 0"] {
+            let fstab = v.dir.path + "/fstab"
+            try P.writeFile(fstab, Array((line + "\n").utf8))
+            let m = try run("mount", ["-T", fstab, v.mount])
+            #expect(m.status == 0 && isKmsfsMount(v.mount), "\(line): \(m.stderr)")
+            #expect(try P.readFile(v.path("f")) == [4, 2])
+            #expect(try run("umount", [v.mount]).status == 0)
+            #expect(!isKmsfsMount(v.mount))
+            let all = try run("mount", ["-a", "-T", fstab])
+            #expect(all.status == 0 && isKmsfsMount(v.mount), "\(all.stderr)")
+            #expect(try run("umount", [v.mount]).status == 0)
+        }
+        // ro becomes kmsfs's --read-only; x-* options are for systemd and dropped.
+        let fstab = v.dir.path + "/fstab"
+        try P.writeFile(fstab, Array("\(v.cipher) \(v.mount) fuse.kmsfs ro,x-systemd.automount,\(options) 0 0\n".utf8))
+        let ro = try run("mount", ["-T", fstab, v.mount])
+        #expect(ro.status == 0, "\(ro.stderr)")
+        #expect(try P.readFile(v.path("f")) == [4, 2])
+        #expect(P.errno { try P.writeFile(v.path("g"), [1]) } == EROFS)
+        #expect(try run("umount", [v.mount]).status == 0)
+    }
+
     @Test("The systemd unit passes systemd-analyze verify (and a broken copy does not)")
     func systemdUnit() throws {
         let dir = try TempDir()
