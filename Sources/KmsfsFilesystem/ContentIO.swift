@@ -179,7 +179,8 @@ struct ContentIO {
         let n = try stored.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: $0.count, offset: layout.headerLength) }
         if n != marker.count || !Digest.constantTimeEquals(stored, marker) {
             if file.firstReport(ofChunk: -1) {
-                Log.error("\(file.path) is empty but lacks its empty-file marker: it was cut behind kmsfs's back (or damaged); reads of it return EIO")
+                Log.shared.log(.error, "\(file.path) is empty but lacks its empty-file marker: it was cut behind kmsfs's back (or damaged); reads of it return EIO",
+                               event: "emptied-file", fields: ["file": file.path])
             }
             throw Errno.EIO
         }
@@ -356,7 +357,8 @@ struct ContentIO {
 
     private func reportCorrupt(chunk: Int) {
         if file.firstReport(ofChunk: chunk) {
-            Log.error("corrupt chunk \(chunk) of \(file.path): authentication failed, reads of it return EIO")
+            Log.shared.log(.error, "corrupt chunk \(chunk) of \(file.path): authentication failed, reads of it return EIO",
+                           event: "corrupt-chunk", fields: ["file": file.path, "chunk": String(chunk)])
         }
     }
 }

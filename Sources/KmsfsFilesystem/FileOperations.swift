@@ -46,7 +46,8 @@ extension EncryptedFilesystem {
                     header = h
                     layout = h.layout
                 } catch {
-                    Log.error("cannot open \(mountPath(of: inode)): \(error)")
+                    Log.shared.log(.error, "cannot open \(mountPath(of: inode)): \(error)", event: "open-failed",
+                                   fields: ["file": mountPath(of: inode), "error": "\(error)"])
                     throw Errno.EIO
                 }
             }
@@ -105,7 +106,8 @@ extension EncryptedFilesystem {
         } catch let e as KeyError {
             // One line per failed create (rate-limited when the same failure repeats), naming key, error and outcome.
             FailureLog.shared.log(.error, kind: "create-\(e.keyId)-\(e.errorType)",
-                                  "cannot create \(path): no data key from key \(e.keyId): \(e.typeAndDetail)\(e.alsoTriedText)")
+                                  "cannot create \(path): no data key from key \(e.keyId): \(e.typeAndDetail)\(e.alsoTriedText)",
+                                  event: "create-failed", fields: ["file": path, "keyId": e.keyId, "error": e.errorType])
             throw e.kind == .accessDenied ? Errno.EACCES : Errno.EIO
         }
         var created = false
@@ -280,9 +282,11 @@ extension EncryptedFilesystem {
                 return FileSecrets(chunkKey: opened.keys.chunkKey, fileId: header.fileId, layout: file.layout)
             } catch {
                 if case .key(let e) = error {
-                    FailureLog.shared.log(.error, kind: "open-\(e.keyId)-\(e.errorType)", "cannot open \(file.path): \(error)")
+                    FailureLog.shared.log(.error, kind: "open-\(e.keyId)-\(e.errorType)", "cannot open \(file.path): \(error)",
+                                          event: "open-failed", fields: ["file": file.path, "keyId": e.keyId, "error": e.errorType])
                 } else {
-                    Log.error("cannot open \(file.path): \(error)")
+                    Log.shared.log(.error, "cannot open \(file.path): \(error)", event: "open-failed",
+                                   fields: ["file": file.path, "error": "\(error)"])
                 }
                 if case .key(let e) = error, e.kind == .accessDenied { throw Errno.EACCES }
                 throw Errno.EIO

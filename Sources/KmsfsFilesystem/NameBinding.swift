@@ -190,8 +190,10 @@ extension EncryptedFilesystem {
         let tag = try bindingTag(try knownDirectoryId(parent), nodeId, name)
         guard EncryptedFilesystem.isBound(tag, at: path) else {
             if !quiet {
+                let file = what()
                 FailureLog.shared.log(.error, kind: "binding-\(Hex.encode(nodeId))",
-                                      "cannot use \(what()): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory, or the attribute removed); it gives EIO")
+                                      "cannot use \(file): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory, or the attribute removed); it gives EIO",
+                                      event: "name-binding", fields: ["file": file])
             }
             throw Errno.EIO
         }

@@ -211,7 +211,7 @@ public final class FailureLog: @unchecked Sendable {
     }
 
     /// Logs `message` at `level` unless `burst` lines of the same `kind` were logged in the current window.
-    public func log(_ level: LogLevel, kind: String, _ message: String) {
+    public func log(_ level: LogLevel, kind: String, _ message: String, event: String = "message", fields: [String: String] = [:]) {
         let now = Monotonic.seconds()
         let line: String? = lock.withLock {
             var k = kinds[kind] ?? Kind(windowStart: now, logged: 0, suppressed: 0)
@@ -231,7 +231,7 @@ public final class FailureLog: @unchecked Sendable {
             if kinds.count > 1000 { kinds = kinds.filter { now - $0.value.windowStart < window } }
             return suppressed > 0 ? "\(message) (and \(suppressed) more like it not logged)" : message
         }
-        if let line { Log.shared.log(level, line) }
+        if let line { Log.shared.log(level, line, event: event, fields: fields) }
     }
 
     /// Logs how many lines of each kind were left out and not yet reported (at unmount).

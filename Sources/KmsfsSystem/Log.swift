@@ -37,6 +37,15 @@ public enum LogSink: Sendable, Equatable {
     case syslog
 }
 
+/// How log lines written to standard error or a file look.
+public enum LogFormat: String, Sendable {
+    /// One line of text per event (with time and pid in files).
+    case text
+    /// One JSON object per line, for log pipelines: "time", "level", "event" (a stable name of what happened),
+    /// "message", and what the event names ("file", "keyId", "chunk", "error", ...).
+    case json
+}
+
 /// The process-wide logger. Messages must never contain key material: callers log file paths, key IDs,
 /// chunk indices and error types, never key bytes or plaintext.
 public final class Log: Sendable {
@@ -45,15 +54,17 @@ public final class Log: Sendable {
     private struct Config: Sendable {
         var sink: LogSink = .standardError
         var level: LogLevel = .info
+        var format: LogFormat = .text
         var lastError: String? = nil
     }
     private let config = Mutex(Config())
 
-    public func configure(sink: LogSink, level: LogLevel) {
+    public func configure(sink: LogSink, level: LogLevel, format: LogFormat? = nil) {
         if sink == .syslog { kmsfs_openlog("kmsfs") }
         config.withLock {
             $0.sink = sink
             $0.level = level
+            if let f = format { $0.format = f }
         }
     }
 
@@ -62,12 +73,22 @@ public final class Log: Sendable {
 
     public var level: LogLevel { config.withLock { $0.level } }
 
-    public func log(_ level: LogLevel, _ message: String) {
+    /// Logs `message`; `event` names what happened (stable, for log pipelines) and `fields` what it concerns
+    /// (file, key ID, chunk, error). They show in the JSON format; the text format is the message alone.
+    public func log(_ level: LogLevel, _ message: String, event: String = "message", fields: [String: String] = [:]) {
         let c = config.withLock { c in
             if level == .error { c.lastError = message }
             return c
         }
         guard level <= c.level else { return }
+        if c.format == .json && c.sink != .syslog {
+            var object: [(String, String)] = [("time", Log.timestamp()), ("level", level.name), ("event", event),
+                                               ("pid", String(getpid())), ("message", message)]
+            object += fields.sorted { $0.key < $1.key }
+            let line = "{" + object.map { "\(Log.jsonString($0.0)):\(Log.jsonString($0.1))" }.joined(separator: ",") + "}\n"
+            if case .file(let fd) = c.sink { write(fd: fd, line: line) } else { write(fd: 2, line: line) }
+            return
+        }
         switch c.sink {
         case .syslog:
             kmsfs_syslog(level.syslogPriority, message)
@@ -76,6 +97,28 @@ public final class Log: Sendable {
         case .file(let fd):
             write(fd: fd, line: "\(Log.timestamp()) kmsfs[\(getpid())] \(level.name): \(message)\n")
         }
+    }
+
+    /// A JSON string literal of `s` (RFC 8259 escaping; bytes that are not UTF-8 never reach here).
+    static func jsonString(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if u.value < 0x20 {
+                    let h = String(u.value, radix: 16)
+                    out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
+                } else {
+                    out.unicodeScalars.append(u)
+                }
+            }
+        }
+        return out + "\""
     }
 
     public static func error(_ message: String) { shared.log(.error, message) }

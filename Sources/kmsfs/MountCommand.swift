@@ -76,6 +76,9 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .long, help: "Log every error and debug detail (never key material).")
     var debug = false
 
+    @Option(name: .long, help: ArgumentHelp("Daemon log lines as text, or as one JSON object per line (time, level, event, message, file, keyId, chunk, error) for log pipelines.", valueName: "text|json"))
+    var logFormat: LogFormat = .text
+
     @OptionGroup var trust: TrustOptions
 
     @Option(name: .long, help: .hidden)
@@ -124,7 +127,7 @@ struct MountCommand: ParsableCommand {
     /// Mounts and serves until unmounted. Returns the exit status.
     private func serve(_ reporter: Reporter) throws -> Int32 {
         if reporter.isDaemon { setsid() }
-        Log.shared.configure(sink: .standardError, level: debug ? .debug : .info)
+        Log.shared.configure(sink: .standardError, level: debug ? .debug : .info, format: logFormat)
 
         let cipher = try Paths.resolve(cipherDir)
         let mount = try Paths.resolve(mountPoint)
@@ -231,12 +234,12 @@ struct MountCommand: ParsableCommand {
         let options = fuseOptionList(cipher: cipher)
         Log.debug("mounting \(cipher) on \(mount) with options \(options.joined(separator: ","))")
         let outcome = FuseServer.run(fs, mountpoint: mount, options: options) {
-            Log.info("mounted \(cipher) on \(mount)")
+            Log.shared.log(.info, "mounted \(cipher) on \(mount)", event: "mounted", fields: ["cipherdir": cipher, "mountpoint": mount])
             reporter.ready("mounted \(cipher) on \(mount) (log: \(logDescription))")
         }
         switch outcome {
         case .unmounted:
-            Log.info("unmounted \(mount)")
+            Log.shared.log(.info, "unmounted \(mount)", event: "unmounted", fields: ["mountpoint": mount])
             return 0
         case .badOptions:
             throw CLIError("invalid mount options\(Log.shared.lastError.map { ": " + $0 } ?? "")")
@@ -267,7 +270,7 @@ struct MountCommand: ParsableCommand {
         if path == nil {
             var st = stat()
             if stat("/dev/log", &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK {
-                Log.shared.configure(sink: .syslog, level: level)
+                Log.shared.configure(sink: .syslog, level: level, format: logFormat)
                 return "syslog"
             }
             let state = env["XDG_STATE_HOME"].flatMap { $0.hasPrefix("/") ? $0 : nil } ?? ((env["HOME"] ?? "/root") + "/.local/state")
@@ -282,7 +285,7 @@ struct MountCommand: ParsableCommand {
         let fd = open(path!, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
         if fd < 0 { throw CLIError("cannot open log file \(path!): \(Errno.current)") }
         dup2(fd, 2)  // anything the runtime prints on a crash lands in the log too
-        Log.shared.configure(sink: .file(fd), level: level)
+        Log.shared.configure(sink: .file(fd), level: level, format: logFormat)
         return path!
     }
 
@@ -302,6 +305,7 @@ struct MountCommand: ParsableCommand {
         if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }
         if let l = logFile { args += ["--log-file", Paths.absolute(l)] }
         if debug { args.append("--debug") }
+        args += ["--log-format", logFormat.rawValue]
         if let n = keyPool { args += ["--key-pool", String(n)] }
         args += ["--key-pool-age", String(keyPoolAge), "--kms-max-inflight", String(kmsMaxInflight), "--max-inodes", String(maxInodes)]
         args += ["--kms-deadline", String(kmsDeadline), "--kms-probe-interval", String(kmsProbeInterval), "--kms-max-rate", String(kmsMaxRate)]
@@ -400,3 +404,5 @@ final class FenceBox: @unchecked Sendable {
         target?.fence(why)
     }
 }
+
+extension LogFormat: ExpressibleByArgument {}

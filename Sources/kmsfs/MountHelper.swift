@@ -8,7 +8,7 @@ enum MountHelper {
         "key_file": "--key-file", "audit_log": "--audit-log", "log_file": "--log-file",
         "known_volumes": "--known-volumes", "key_pool": "--key-pool", "key_pool_age": "--key-pool-age",
         "kms_deadline": "--kms-deadline", "kms_max_inflight": "--kms-max-inflight", "kms_max_rate": "--kms-max-rate",
-        "kms_probe_interval": "--kms-probe-interval", "max_inodes": "--max-inodes",
+        "kms_probe_interval": "--kms-probe-interval", "max_inodes": "--max-inodes", "log_format": "--log-format",
     ]
     /// kmsfs options that are flags.
     static let flags: [String: String] = [

@@ -49,6 +49,29 @@ struct FailureTests {
         #expect(try P.pread(fd, 4096, 2 * 4096) == Array(data[(2 * 4096)..<(3 * 4096)]))
     }
 
+    @Test("--log-format json: every daemon log line is one JSON object with time, level and event; a corrupt chunk names its file and chunk")
+    func jsonLogs() throws {
+        let v = try MountedVolume(mountArgs: ["--log-format", "json", "--direct-io"])
+        try P.writeFile(v.path("f"), Array(repeating: 7, count: 3 * 4096))
+        try #require(v.waitForKeysWiped("f"))
+        try flipByte(v.backing("f"), at: try FileHeader(decoding: try P.readFile(v.backing("f"))).headerLength + 4096 + 28 + 10)
+        #expect(P.errno { try P.readFile(v.path("f")) } == EIO)
+        try v.unmount()
+        let lines = v.daemonLogText.split(separator: "\n")
+        var events: [[String: Any]] = []
+        for line in lines {
+            let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+            #expect(object != nil, "not a JSON line: \(line)")
+            if let o = object {
+                #expect(o["time"] is String && o["level"] is String && o["event"] is String && o["message"] is String, "\(o)")
+                events.append(o)
+            }
+        }
+        #expect(events.contains { $0["event"] as? String == "mounted" })
+        #expect(events.contains { $0["event"] as? String == "corrupt-chunk" && $0["file"] as? String == "/f" && $0["chunk"] as? String == "1" && $0["level"] as? String == "error" }, "\(events)")
+        #expect(events.contains { $0["event"] as? String == "unmounted" })
+    }
+
     @Test("A file cut at a chunk boundary fails reading its end; chunks swapped on disk fail too")
     func truncatedAndSwapped() throws {
         let v = try MountedVolume(chunkSize: 4096)
