@@ -53,6 +53,8 @@ struct DecryptCommand: ParsableCommand {
 
     @OptionGroup var volume: OfflineOptions
 
+    @OptionGroup var progress: ProgressOptions
+
     @Argument(help: ArgumentHelp("The file's path inside the volume.", valueName: "path"))
     var path: String
 
@@ -131,11 +133,16 @@ extension DecryptCommand {
         guard top >= 0 else { throw CLIError("cannot open \(target): \(Errno.current)") }
         defer { close(top) }
         var failed = 0, files = 0
+        let meter = Progress("restored", options: progress)
+        func complain(_ line: String) {
+            meter.clearLine()
+            printError(line)
+        }
         // Everything is made relative to the output directory's descriptor with the names' exact bytes (a name
         // need not be UTF-8), and nothing already there is overwritten.
         func restore(_ rel: String, _ shown: String, _ out: Int32) throws {
             let entries = try names.entries(of: rel, shown: shown) { backing, why in
-                printError("\(backing): \(why); skipped")
+                complain("\(backing): \(why); skipped")
                 failed += 1
             }
             for entry in entries {
@@ -146,13 +153,13 @@ extension DecryptCommand {
                 switch st.st_mode & S_IFMT {
                 case S_IFDIR:
                     if mkdirat(out, name, 0o700) != 0 && errno != EEXIST {
-                        printError("\(label): cannot create it: \(Errno.current)")
+                        complain("\(label): cannot create it: \(Errno.current)")
                         failed += 1
                         continue
                     }
                     let sub = openat(out, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
                     guard sub >= 0 else {
-                        printError("\(label): cannot open it: \(Errno.current)")
+                        complain("\(label): cannot open it: \(Errno.current)")
                         failed += 1
                         continue
                     }
@@ -161,10 +168,11 @@ extension DecryptCommand {
                     fchmod(sub, st.st_mode & 0o7777)
                 case S_IFREG:
                     files += 1
+                    defer { meter.step(bytes: Int(st.st_size)) }
                     let tmp = TemporaryNames.make()
                     let fd = openat(out, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
                     guard fd >= 0 else {
-                        printError("\(label): cannot create a file beside it: \(Errno.current)")
+                        complain("\(label): cannot create a file beside it: \(Errno.current)")
                         failed += 1
                         continue
                     }
@@ -176,7 +184,7 @@ extension DecryptCommand {
                         close(fd)
                         if !report.isIntact {
                             failed += 1
-                            printError("\(label): \(report.damage)")
+                            complain("\(label): \(report.damage)")
                         }
                         if report.isIntact || skipCorrupt {
                             if kmsfs_renameat2(out, tmp, out, name, UInt32(kmsfs_rename_noreplace())) != 0
@@ -184,7 +192,7 @@ extension DecryptCommand {
                                 && !((errno == EINVAL || errno == ENOSYS) && linkat(out, tmp, out, name, 0) == 0 && unlinkat(out, tmp, 0) == 0) {
                                 let e = Errno.current
                                 unlinkat(out, tmp, 0)
-                                printError("\(label): \(e.code == EEXIST ? "already exists in the output; not overwritten" : "cannot put it in place: \(e)")")
+                                complain("\(label): \(e.code == EEXIST ? "already exists in the output; not overwritten" : "cannot put it in place: \(e)")")
                                 failed += 1
                             }
                         } else {
@@ -193,23 +201,24 @@ extension DecryptCommand {
                     } catch {
                         close(fd)
                         unlinkat(out, tmp, 0)
-                        printError("\(label): \(error)")
+                        complain("\(label): \(error)")
                         failed += 1
                     }
                 case S_IFLNK:
                     guard let t = try? names.linkTarget(ofBacking: child),
                           symlinkat((t + [0]).map { CChar(bitPattern: $0) }, out, name) == 0 else {
-                        printError("\(label): cannot restore the symbolic link\(errno == EEXIST ? ": already exists in the output" : "")")
+                        complain("\(label): cannot restore the symbolic link\(errno == EEXIST ? ": already exists in the output" : "")")
                         failed += 1
                         continue
                     }
                 default:
-                    printError("\(label): a special file; not restored")
+                    complain("\(label): a special file; not restored")
                 }
             }
         }
         try restore(start, path.split(separator: "/").joined(separator: "/"), top)
-        print("\(files) files restored into \(target)\(failed > 0 ? ", \(failed) failed" : "")")
+        meter.finish(summary: "\(files) files restored into \(target)\(failed > 0 ? ", \(failed) failed" : "")",
+                     fields: [("files", files), ("failed", failed), ("output", target)])
         if failed > 0 { throw ExitCode(1) }
     }
 }
@@ -222,6 +231,8 @@ struct VerifyCommand: ParsableCommand {
     )
 
     @OptionGroup var volume: OfflineOptions
+
+    @OptionGroup var progress: ProgressOptions
 
     @Argument(help: ArgumentHelp("Only these files, or the files below these directories, inside the volume (default: all).", valueName: "path"))
     var paths: [String] = []
@@ -251,20 +262,34 @@ struct VerifyCommand: ParsableCommand {
             }
         }
         var damaged = undecryptable, bytes = 0
-        for (backing, rel) in files {
+        // Progress counts backing bytes (known before reading: the ETA needs them).
+        let sizes = files.map { backing, _ -> Int in
+            var st = stat()
+            return stat(cipher + "/" + backing, &st) == 0 ? Int(st.st_size) : 0
+        }
+        let totalBytes = sizes.reduce(0, +)
+        let meter = Progress("checked", total: files.count, totalBytes: totalBytes, options: progress)
+        // Damage goes to standard output, or with --json to standard error (standard output is the summary).
+        func report(_ line: String) {
+            meter.clearLine()
+            if progress.json { printErrorRaw(line + "\n") } else { print(line) }
+        }
+        for (n, (backing, rel)) in files.enumerated() {
+            defer { meter.step(bytes: sizes[n]) }
             do {
-                let report = try reader.read(backingPath: cipher + "/" + backing, label: "/" + rel) { _ in }
-                bytes += report.plaintextSize
-                if !report.isIntact {
+                let r = try reader.read(backingPath: cipher + "/" + backing, label: "/" + rel) { _ in }
+                bytes += r.plaintextSize
+                if !r.isIntact {
                     damaged += 1
-                    print("/\(rel): \(report.damage)")
+                    report("/\(rel): \(r.damage)")
                 }
             } catch {
                 damaged += 1
-                print("/\(rel): \(error)")
+                report("/\(rel): \(error)")
             }
         }
-        print("\(files.count) files, \(bytes) bytes checked: \(damaged == 0 ? "all intact" : "\(damaged) damaged")")
+        meter.finish(summary: "\(files.count) files, \(bytes) bytes checked: \(damaged == 0 ? "all intact" : "\(damaged) damaged")",
+                     fields: [("files", files.count), ("bytes", bytes), ("damaged", damaged), ("intact", damaged == 0)])
         if damaged > 0 { throw ExitCode(1) }
     }
 

@@ -44,6 +44,8 @@ struct RewrapCommand: ParsableCommand {
 
     @OptionGroup var trust: TrustOptions
 
+    @OptionGroup var progress: ProgressOptions
+
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
     var cipherDir: String
 
@@ -178,13 +180,12 @@ struct RewrapCommand: ParsableCommand {
             }
         }
         var allUniform = true
+        var last: VolumeRewrapper.Summary? = nil
         for (n, pass) in passes.enumerated() {
             let summary = try rewrap(cipher: cipher, volume: volume, provider: provider, targets: pass, headerLength: uniformLength)
             if summary.longer > 0 { allUniform = false }
             if n == 0 { try writeConfig(volume) }
-            if n == passes.count - 1 {
-                print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, 0 failed")
-            }
+            if n == passes.count - 1 { last = summary }
         }
         if let h = uniformLength, volume.headerLength != h {
             if allUniform {
@@ -199,7 +200,14 @@ struct RewrapCommand: ParsableCommand {
         } catch {
             printError("warning: \(error); this host still accepts the old keys for this volume")
         }
-        print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
+        let s = last!
+        if progress.json {
+            let keys = targets.map { "\"\($0)\"" }.joined(separator: ",")
+            print("{\"files\":\(s.total),\"rewrapped\":\(s.rewrapped),\"unchanged\":\(s.unchanged),\"failed\":0,\"keys\":[\(keys)]}")
+        } else if !progress.quiet {
+            print("\(s.total) files: \(s.rewrapped) rewrapped, \(s.unchanged) already under the new keys, 0 failed")
+            print("Every file is now wrapped under: \(targets.joined(separator: ", "))")
+        }
     }
 
     private func writeConfig(_ volume: VolumeConfig, _ cipher: String, provider: KeyProvider, volumeKeys: VolumeKeys?) throws {
@@ -226,18 +234,18 @@ struct RewrapCommand: ParsableCommand {
                         headerLength: Int?) throws -> VolumeRewrapper.Summary {
         let keys = KeyService(provider: provider, keyIds: targets, audit: nil, maxInFlight: jobs)
         let rewrapper = VolumeRewrapper(cipherDir: cipher, volume: volume, keys: keys, targets: targets, headerLength: headerLength)
-        var lastReport = time(nil)
+        let meter = Progress("rewrapped", options: progress)
         let summary: VolumeRewrapper.Summary
         do {
             summary = try rewrapper.run(jobs: jobs) { done, total in
-                if done == total || time(nil) > lastReport {
-                    printError("rewrapped \(done)/\(total) files")
-                    lastReport = time(nil)
-                }
+                meter.total = total
+                while meter.done < done { meter.step() }
             }
         } catch let e as RewrapJournal.Interrupted {
+            meter.clearLine()
             throw CLIError(e.description)
         }
+        meter.clearLine()
         for f in summary.failed { printError("/\(f.path): \(f.reason)") }
         guard summary.failed.isEmpty else {
             print("\(summary.total) files: \(summary.rewrapped) rewrapped, \(summary.unchanged) already under the new keys, \(summary.failed.count) failed")

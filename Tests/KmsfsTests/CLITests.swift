@@ -94,6 +94,30 @@ struct CLITests {
         #expect(bad.status != 0 && bad.stderr.contains("not a kmsfs file"))
     }
 
+    @Test("verify, decrypt -r and rewrap show progress (redrawn on a terminal, plain lines otherwise), --quiet and --json summaries")
+    func progressAndSummaries() throws {
+        let v = try MountedVolume()
+        for i in 0..<3 { try P.writeFile(v.path("f\(i)"), Array(repeating: UInt8(i), count: 5000 * (i + 1))) }
+        try v.unmount()
+        let plain = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(plain.status == 0 && plain.stderr.contains("checked 1/3 files") && plain.stdout.contains("3 files, 30000 bytes checked: all intact"), "\(plain.stderr)\(plain.stdout)")
+        let quiet = try run(kmsfsBinary, ["verify", "--quiet", v.cipher], environment: v.environment)
+        #expect(quiet.status == 0 && quiet.stdout.isEmpty && !quiet.stderr.contains("checked"), "\(quiet.stdout)\(quiet.stderr)")
+        let json = try run(kmsfsBinary, ["verify", "--json", v.cipher], environment: v.environment)
+        let summary = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+        #expect(summary?["files"] as? Int == 3 && summary?["bytes"] as? Int == 30000 && summary?["damaged"] as? Int == 0 && summary?["intact"] as? Bool == true, "\(json.stdout)")
+        let out = v.dir.path + "/restored"
+        let restore = try run(kmsfsBinary, ["decrypt", "-r", "--json", "-o", out, v.cipher, "/"], environment: v.environment)
+        let r = try JSONSerialization.jsonObject(with: Data(restore.stdout.utf8)) as? [String: Any]
+        #expect(r?["files"] as? Int == 3 && r?["failed"] as? Int == 0, "\(restore.stdout)\(restore.stderr)")
+        let rewrap = try run(kmsfsBinary, ["rewrap", "--json", "--key-file", v.dir.path + "/new.key", v.cipher], environment: v.environment)
+        let w = try JSONSerialization.jsonObject(with: Data((rewrap.stdout.split(separator: "\n").last.map(String.init) ?? "").utf8)) as? [String: Any]
+        #expect(w?["files"] as? Int == 3 && w?["rewrapped"] as? Int == 3, "\(rewrap.stdout)\(rewrap.stderr)")
+        // On a terminal the line is redrawn in place.
+        let tty = try run("script", ["-qec", "\(kmsfsBinary) verify \(v.cipher)", "/dev/null"], environment: v.environment)
+        #expect(tty.stdout.contains("\r\u{1b}[K") && tty.stdout.contains("checked"), "\(tty.stdout.debugDescription)")
+    }
+
     @Test("An fstab line of type fuse.kmsfs (and the kmsfs#CIPHERDIR form) mounts through the real mount binary, mount -a and umount, with kmsfs options as mount options")
     func fstab() throws {
         let v = try MountedVolume()
