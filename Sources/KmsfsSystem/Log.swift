@@ -100,7 +100,7 @@ public final class Log: Sendable {
     }
 
     /// A JSON string literal of `s` (RFC 8259 escaping; bytes that are not UTF-8 never reach here).
-    static func jsonString(_ s: String) -> String {
+    public static func jsonString(_ s: String) -> String {
         var out = "\""
         for u in s.unicodeScalars {
             switch u {

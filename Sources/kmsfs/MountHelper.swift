@@ -17,11 +17,19 @@ enum MountHelper {
         "debug": "--debug",
     ]
     /// Options for mount(8) and fstab only, meaningless to the filesystem.
-    static let mountOnly: Set<String> = ["defaults", "rw", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "owner", "group", "comment"]
+    /// `dev` and `suid` too: mount.fuse3 adds them to every line, and kmsfs mounts are always nosuid,nodev (as
+    /// `kmsfs mount` is), since modes and device numbers come from a backing directory others may write.
+    static let mountOnly: Set<String> = ["defaults", "rw", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "owner", "group", "comment", "dev", "suid"]
 
     /// The arguments for kmsfs's parser: the `mount` form when `arguments` (argv) is the helper form, else nil.
     static func arguments(_ argv: [String], subcommands: [String]) -> [String]? {
         guard argv.count >= 3, !argv[1].hasPrefix("-"), !argv[2].hasPrefix("-"), !subcommands.contains(argv[1]) else { return nil }
+        // Exactly what mount.fuse3 passes after the two paths: -o OPTIONS (or -oOPTIONS), nothing else. Any other
+        // command line (a mistyped subcommand, flags after the paths) is left to the parser, which names the error.
+        var k = 3
+        while k < argv.count {
+            if argv[k] == "-o" && k + 1 < argv.count { k += 2 } else if argv[k].hasPrefix("-o") && argv[k].count > 2 { k += 1 } else { return nil }
+        }
         var result = ["mount"]
         var fuse: [String] = []
         var i = 3
@@ -34,13 +42,14 @@ enum MountHelper {
                 group = String(argv[i].dropFirst(2))
                 i += 1
             } else {
-                i += 1  // -n, -s, -v from mount(8): nothing for kmsfs
+                i += 1
             }
             for option in (group ?? "").split(separator: ",").map(String.init) where !option.isEmpty {
                 let name = option.split(separator: "=", maxSplits: 1).first.map(String.init) ?? option
                 if let flag = valued[name], let eq = option.firstIndex(of: "=") {
                     result += [flag, String(option[option.index(after: eq)...])]
-                } else if let flag = flags[name] {
+                } else if let flag = flags[name], !option.contains("=") {
+                    // A flag given a value (allow_open_key_file=no) is not taken as the flag: FUSE refuses it.
                     result.append(flag)
                 } else if !mountOnly.contains(name) && !name.hasPrefix("x-") && !name.hasPrefix("comment=") {
                     fuse.append(option)

@@ -58,8 +58,9 @@ final class Progress {
 
     private func line(now: Double) -> String {
         let elapsed = max(now - start, 0.001)
-        var s = "\(what) \(done)\(total.map { "/\($0)" } ?? "") files, \(Progress.size(bytes))"
-        s += String(" (\(Progress.size(Int(Double(bytes) / elapsed)))/s")
+        var s = "\(what) \(done)\(total.map { "/\($0)" } ?? "") files"
+        s += bytes > 0 ? ", \(Progress.size(bytes)) (\(Progress.size(Int(Double(bytes) / elapsed)))/s" : " ("
+        if bytes == 0 { s += "\(Int((Double(done) / elapsed).rounded())) files/s" }
         if let t = totalBytes, t > 0, bytes > 0 {
             let eta = Double(t - bytes) / (Double(bytes) / elapsed)
             s += ", about \(Int(max(eta, 0).rounded())) s left"
@@ -83,7 +84,7 @@ final class Progress {
                 case let b as Bool: v = b ? "true" : "false"
                 case let i as Int: v = String(i)
                 case let d as Double: v = String(d)
-                default: v = "\"\(String(describing: value).replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\""))\""
+                default: v = Log.jsonString(String(describing: value))
                 }
                 return "\"\(key)\":\(v)"
             }

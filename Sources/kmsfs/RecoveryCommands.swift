@@ -299,7 +299,8 @@ struct VerifyCommand: ParsableCommand {
                       undecryptable: inout Int) throws {
         var bad = 0
         for entry in try names.entries(of: rel, shown: shown, undecryptable: { backing, why in
-            print("\(backing): \(why)")
+            // With --json, standard output is the summary alone.
+            if progress.json { printErrorRaw("\(backing): \(why)\n") } else { print("\(backing): \(why)") }
             bad += 1
         }) {
             switch entry.status.st_mode & S_IFMT {

@@ -110,7 +110,7 @@ struct RewrapCommand: ParsableCommand {
                     } else {
                         let (key, master) = try LocalMasterKey.generate()
                         try LocalKeyFile.write(master, to: path, keyId: key.keyId)
-                        print("New master key: \(path) (back it up)")
+                        if progress.json { printError("New master key: \(path) (back it up)") } else { print("New master key: \(path) (back it up)") }
                         next = key
                     }
                     volume.keyProvider.keyFile = path
@@ -202,7 +202,7 @@ struct RewrapCommand: ParsableCommand {
         }
         let s = last!
         if progress.json {
-            let keys = targets.map { "\"\($0)\"" }.joined(separator: ",")
+            let keys = targets.map(Log.jsonString).joined(separator: ",")
             print("{\"files\":\(s.total),\"rewrapped\":\(s.rewrapped),\"unchanged\":\(s.unchanged),\"failed\":0,\"keys\":[\(keys)]}")
         } else if !progress.quiet {
             print("\(s.total) files: \(s.rewrapped) rewrapped, \(s.unchanged) already under the new keys, 0 failed")
