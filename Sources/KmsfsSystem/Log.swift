@@ -85,7 +85,7 @@ public final class Log: Sendable {
             var object: [(String, String)] = [("time", Log.timestamp()), ("level", level.name), ("event", event),
                                                ("pid", String(getpid())), ("message", message)]
             object += fields.sorted { $0.key < $1.key }
-            let line = "{" + object.map { "\(Log.jsonString($0.0)):\(Log.jsonString($0.1))" }.joined(separator: ",") + "}\n"
+            let line = "{" + object.map { "\(JSON.quote($0.0)):\(JSON.quote($0.1))" }.joined(separator: ",") + "}\n"
             if case .file(let fd) = c.sink { write(fd: fd, line: line) } else { write(fd: 2, line: line) }
             return
         }
@@ -97,28 +97,6 @@ public final class Log: Sendable {
         case .file(let fd):
             write(fd: fd, line: "\(Log.timestamp()) kmsfs[\(getpid())] \(level.name): \(message)\n")
         }
-    }
-
-    /// A JSON string literal of `s` (RFC 8259 escaping; bytes that are not UTF-8 never reach here).
-    public static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let h = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
     }
 
     public static func error(_ message: String) { shared.log(.error, message) }

@@ -84,7 +84,7 @@ final class Progress {
                 case let b as Bool: v = b ? "true" : "false"
                 case let i as Int: v = String(i)
                 case let d as Double: v = String(d)
-                default: v = Log.jsonString(String(describing: value))
+                default: v = JSON.quote(String(describing: value))
                 }
                 return "\"\(key)\":\(v)"
             }

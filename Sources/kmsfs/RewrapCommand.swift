@@ -202,7 +202,7 @@ struct RewrapCommand: ParsableCommand {
         }
         let s = last!
         if progress.json {
-            let keys = targets.map(Log.jsonString).joined(separator: ",")
+            let keys = targets.map(JSON.quote).joined(separator: ",")
             print("{\"files\":\(s.total),\"rewrapped\":\(s.rewrapped),\"unchanged\":\(s.unchanged),\"failed\":0,\"keys\":[\(keys)]}")
         } else if !progress.quiet {
             print("\(s.total) files: \(s.rewrapped) rewrapped, \(s.unchanged) already under the new keys, 0 failed")
