@@ -229,16 +229,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         try withEntry(parent, name, creating: false) { dfd, b in
             var st = stat()
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
-            // A node already known under another name: this name must be bound to it too (a backing entry made
-            // a hard link of another, or two directories' names exchanged, would otherwise pass as it).
-            let type = st.st_mode & S_IFMT
-            if bindsNames && (type == S_IFREG || type == S_IFDIR) && inodes.isKnownElsewhere(InodeKey(st), parent: parent, name: b.name) {
-                try Self.withBindable(dfd, b.name) { node in
-                    try checkBinding(path: Self.nodePath(node), nodeId: try nodeId(node: node), parent: parent, name: b.name) {
-                        mountPath(of: parent, name)
-                    }
-                }
-            }
+            try checkNewName(parent, dfd, b.name, st) { mountPath(of: parent, name) }
             let inode = inodes.remember(parent: parent, name: b.name, st: st)
             st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: b.name))
             return (inode, st)
@@ -841,6 +832,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             } else {
                 // Gone since the directory was read: leave it out, as a later readdir would.
                 guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { return true }
+                // A name that fails its binding is left out, as lookup would refuse it.
+                guard (try? checkNewName(handle.inode, dfd, name, st, { mountPath(of: handle.inode, shown) })) != nil else { return true }
                 let i = inodes.remember(parent: handle.inode, name: name, st: st)
                 st.st_size = off_t(plaintextSize(i, backingSize: Int(st.st_size), dfd: dfd, name: name))
                 inode = i

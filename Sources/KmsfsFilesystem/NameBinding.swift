@@ -199,6 +199,17 @@ extension EncryptedFilesystem {
         }
     }
 
+    /// Before a name of `parent` is recorded for the node `st` describes (lookup, readdirplus): a node already
+    /// known under another name must carry this name's tag too (a backing entry made a hard link of another, or
+    /// two directories' names exchanged, would otherwise pass as it). New nodes are checked at first use.
+    func checkNewName(_ parent: Inode, _ dfd: Int32, _ name: String, _ st: stat, _ what: () -> String) throws {
+        let type = st.st_mode & S_IFMT
+        guard bindsNames && (type == S_IFREG || type == S_IFDIR) && inodes.isKnownElsewhere(InodeKey(st), parent: parent, name: name) else { return }
+        try EncryptedFilesystem.withBindable(dfd, name) { node in
+            try checkBinding(path: EncryptedFilesystem.nodePath(node), nodeId: try nodeId(node: node), parent: parent, name: name, what: what)
+        }
+    }
+
     /// Checks every name in `names` (see above).
     func checkBinding(path: String, nodeId: [UInt8], names: [(parent: Inode, name: String)], what: () -> String) throws {
         for (parent, name) in names { try checkBinding(path: path, nodeId: nodeId, parent: parent, name: name, what: what) }
