@@ -231,7 +231,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
             try checkNewName(parent, dfd, b.name, st) { mountPath(of: parent, name) }
             let inode = inodes.remember(parent: parent, name: b.name, st: st)
-            st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: b.name))
+            present(&st, inode, dfd: dfd, name: b.name)
             return (inode, st)
         }
     }
@@ -246,8 +246,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             try withNode(inode) { dfd, name in
                 try syscall { fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) }
                 // The name holds another node only if the backing directory was changed behind the mount's back.
-                if inode !== inodes.root && InodeKey(st) != inode.key { throw Errno(ESTALE) }
-                st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: name))
+                if inode !== inodes.root && InodeKey(st) != (inode.type == S_IFLNK ? inodes.key(of: inode) : inode.key) {
+                    throw Errno(ESTALE)
+                }
+                present(&st, inode, dfd: dfd, name: name)
             }
         } catch let e as Errno where e.code == ENOENT {
             // No name left: an unlinked file still open.
@@ -259,6 +261,23 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             guard found != nil else { throw e }
         }
         return st
+    }
+
+    /// The attributes the mount shows for the backing node `name` of `dfd` (`st`, its backing ones): its
+    /// plaintext size, and for a symbolic link whose target is bound to its name the inode number its link ID
+    /// gives (the same under every name it is stored under, so a rename keeps it).
+    func present(_ st: inout stat, _ inode: Inode, dfd: Int32, name: String) {
+        st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: name))
+        if inode.type == S_IFLNK, let ino = shownLinkInode(dfd, name) { st.st_ino = ino_t(ino) }
+    }
+
+    /// The inode number shown for bound link `name` of `dfd`, or nil (not bound, or no link ID there).
+    func shownLinkInode(_ dfd: Int32, _ name: String) -> UInt64? {
+        guard names.bindsLinkTargets else { return nil }
+        var raw = [CChar](repeating: 0, count: 24)
+        guard readlinkat(dfd, name, &raw, raw.count) == raw.count,
+              let id = NameCipher.linkId(ofStored: raw.map { UInt8(bitPattern: $0) }) else { return nil }
+        return NameCipher.shownInode(linkId: id)
     }
 
     /// The plaintext size of a regular file from its backing size: from its open entry, or the layout learned
@@ -350,12 +369,24 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func readlink(_ inode: Inode) throws -> [UInt8] {
+        guard let (parent, name) = inodes.location(of: inode) else { throw Errno.ENOENT }
+        return try inodes.withDirectory(parent) { dfd in
+            try linkTarget(dfd, name, in: parent, describe: { mountPath(of: inode) }).target
+        }
+    }
+
+    /// The target of symbolic link `name` of `parent` (reached through `dfd`), and its link ID if it is bound;
+    /// `describe` names it in the log.
+    private func linkTarget(_ dfd: Int32, _ name: String, in parent: Inode, describe: () -> String) throws -> (target: [UInt8], id: [UInt8]?) {
         var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = try withNode(inode) { dfd, name in try syscall { readlinkat(dfd, name, &raw, raw.count - 1) } }
+        let n = try syscall { readlinkat(dfd, name, &raw, raw.count - 1) }
+        let stored = raw[0..<n].map { UInt8(bitPattern: $0) }
         do {
-            return try names.mountLinkTarget(raw[0..<n].map { UInt8(bitPattern: $0) })
+            let target = try names.mountLinkTarget(stored, at: try linkPlace(parent, name))
+            return (target, names.bindsLinkTargets ? NameCipher.linkId(ofStored: stored) : nil)
         } catch {
-            FailureLog.shared.log(.error, kind: "symlink-target", "cannot read symbolic link \(mountPath(of: inode)): its stored target does not decrypt (altered, or not this volume's)")
+            let why = names.bindsLinkTargets ? "altered, not this volume's, or exchanged with another link's or moved in the backing directory" : "altered, or not this volume's"
+            FailureLog.shared.log(.error, kind: "symlink-target", "cannot read symbolic link \(describe()): its stored target does not decrypt (\(why))")
             throw error
         }
     }
@@ -404,8 +435,33 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     }
 
     func symlink(_ target: [UInt8], _ parent: Inode, _ name: [UInt8], _ caller: Caller) throws -> (Inode, stat) {
-        let stored = try names.backingLinkTarget(target)
-        return try makeNode(parent, name, caller) { dfd, n in try syscall { symlinkat(stored, dfd, n) } }
+        try makeNode(parent, name, caller) { dfd, n in
+            let stored = try names.backingLinkTarget(target, at: try linkPlace(parent, n), linkId: nil)
+            try syscall { symlinkat(stored, dfd, n) }
+        }
+    }
+
+    /// Where a link named `name` in `parent` is, for its target's sealing (the directory ID only matters in
+    /// volumes that bind links' names).
+    private func linkPlace(_ parent: Inode, _ name: String) throws -> NameCipher.LinkPlace {
+        NameCipher.LinkPlace(directoryId: names.bindsLinkTargets ? try knownDirectoryId(parent) : [], backingName: name)
+    }
+
+    /// A hard link of a symbolic link, in a volume whose link targets are sealed for their names: a new link
+    /// with the same target, owner and times (one target cannot be sealed for two names).
+    private func copyLink(_ inode: Inode, _ newParent: Inode, _ newName: [UInt8]) throws -> (Inode, stat) {
+        guard let (parent, name) = inodes.location(of: inode) else { throw Errno.ENOENT }
+        var st = stat()
+        let target = try inodes.withDirectory(parent) { dfd in
+            try syscall { fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) }
+            return try linkTarget(dfd, name, in: parent, describe: { mountPath(of: inode) }).target
+        }
+        return try makeNode(newParent, newName, Caller(uid: st.st_uid, gid: st.st_gid)) { dfd, n in
+            let stored = try names.backingLinkTarget(target, at: try linkPlace(newParent, n), linkId: nil)
+            try syscall { symlinkat(stored, dfd, n) }
+            let times = [st.st_atim, st.st_mtim]
+            _ = utimensat(dfd, n, times, AT_SYMLINK_NOFOLLOW)
+        }
     }
 
     /// Creates entry `name` of `parent` with `make`, gives it to the caller and records the kernel's reference.
@@ -423,13 +479,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             var st = stat()
             try syscall { fstatat(dfd, b.name, &st, AT_SYMLINK_NOFOLLOW) }
             let inode = inodes.remember(parent: parent, name: b.name, st: st)
-            st.st_size = off_t(plaintextSize(inode, backingSize: Int(st.st_size), dfd: dfd, name: b.name))
+            present(&st, inode, dfd: dfd, name: b.name)
             return (inode, st)
         }
     }
 
     func link(_ inode: Inode, _ newParent: Inode, _ newName: [UInt8]) throws -> (Inode, stat) {
         try checkWritable()
+        if names.bindsLinkTargets && inode.type == S_IFLNK { return try copyLink(inode, newParent, newName) }
         try withEntry(newParent, newName, creating: true) { ndfd, b in
             try placeSibling(b, in: ndfd)
             // A bound file carries the new name's tag before it has the name (and loses it if the link fails).
@@ -556,6 +613,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         // between must still find its tag): each with a descriptor of its node.
         var stale: [(tag: [UInt8], fd: Int32)] = []
         defer { for s in stale { close(s.fd) } }
+        var relinkedKey: InodeKey? = nil
         let (moved, replaced, from, to): (InodeKey, InodeKey?, String, String) = try inodes.withDirectory(parent) { dfd in
             try inodes.withDirectory(newParent) { ndfd in
                 let from = try names.backingName(name, in: try nameDirectory(parent, fd: dfd), creating: false)
@@ -575,7 +633,18 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                     return fd
                 }
                 var replacedStale: (tag: [UInt8], fd: Int32)? = nil
-                func undo() { for a in added { unbind(a.tag, at: Self.nodePath(a.fd)) } }
+                // A symbolic link whose target is sealed for its name moves as a new link, sealed for the new name
+                // and made beside it under a temporary name first; RENAME_EXCHANGE cannot do that in one step.
+                let linkType = { (s: stat) in s.st_mode & S_IFMT == S_IFLNK }
+                let relink = names.bindsLinkTargets && !sameNode && linkType(st)
+                if names.bindsLinkTargets && exchange && !sameNode && (linkType(st) || (exists && linkType(target))) {
+                    throw Errno(EINVAL)
+                }
+                var relinked: String? = nil
+                func undo() {
+                    for a in added { unbind(a.tag, at: Self.nodePath(a.fd)) }
+                    if let t = relinked { unlinkat(ndfd, t, 0) }
+                }
                 if bindsNames && !sameNode {
                     do {
                         let fromDir = try knownDirectoryId(parent), toDir = try knownDirectoryId(newParent)
@@ -606,13 +675,35 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                     }
                 }
                 do {
+                    if relink {
+                        let t = try linkTarget(dfd, from.name, in: parent, describe: {
+                            mountPath(of: parent) + "/" + String(decoding: name, as: UTF8.self)
+                        })
+                        // Stored again with the same link ID: the link keeps its identity (inode number).
+                        let stored = try names.backingLinkTarget(t.target, at: try linkPlace(newParent, to.name), linkId: t.id)
+                        let tmp = TemporaryNames.make()
+                        try syscall { symlinkat(stored, ndfd, tmp) }
+                        relinked = tmp
+                        if chownToCaller { _ = fchownat(ndfd, tmp, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW) }
+                        _ = utimensat(ndfd, tmp, [st.st_atim, st.st_mtim], AT_SYMLINK_NOFOLLOW)
+                    }
                     try placeSibling(to, in: ndfd)
                 } catch {
                     undo()
                     throw error
                 }
                 do {
-                    if kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) != 0 {
+                    if let tmp = relinked {
+                        // The new link takes the new name in one step; the old name goes after (a crash in between
+                        // leaves both names, each with the target sealed for it).
+                        try syscall { kmsfs_renameat2(ndfd, tmp, ndfd, to.name, flags) }
+                        relinked = nil
+                        var now = stat()
+                        if fstatat(ndfd, to.name, &now, AT_SYMLINK_NOFOLLOW) == 0 { relinkedKey = InodeKey(now) }
+                        if unlinkat(dfd, from.name, 0) != 0 {
+                            Log.error("rename: the symbolic link's old backing name \(from.name) could not be removed: \(Errno.current)")
+                        }
+                    } else if kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) != 0 {
                         // A directory replaced by a rename looks empty through the mount but still holds its
                         // directory ID: remove kmsfs's own files from it, then rename again.
                         let e = Errno.current
@@ -633,6 +724,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         }
         if moved == replaced { return }  // two names of one file: rename does nothing
         inodes.moved(moved, from: parent, name: from, to: newParent, newName: to)
+        if let k = relinkedKey { inodes.relinked(moved, to: k) }
         if let r = replaced {
             if exchange {
                 inodes.moved(r, from: newParent, name: to, to: parent, newName: from)
@@ -810,10 +902,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Lists entries from `offset` (0 or a value passed to `fill` earlier); `fill` returns false when the
     /// reply is full, and that entry is returned again by the next call.
     func readdir(_ handle: DirHandle, _ offset: Int, _ fill: ([UInt8], stat, Int) -> Bool) throws {
-        try entries(handle, from: offset) { _, shown, entry in
+        try entries(handle, from: offset) { name, shown, entry in
             var st = stat()
             st.st_ino = entry.pointee.d_ino
             st.st_mode = mode_t(entry.pointee.d_type) << 12
+            if entry.pointee.d_type == UInt8(DT_LNK), let ino = shownLinkInode(dirfd(handle.stream), name) { st.st_ino = ino_t(ino) }
             return fill(shown, st, telldir(handle.stream))
         }
     }
@@ -835,7 +928,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 // A name that fails its binding is left out, as lookup would refuse it.
                 guard (try? checkNewName(handle.inode, dfd, name, st, { mountPath(of: handle.inode, shown) })) != nil else { return true }
                 let i = inodes.remember(parent: handle.inode, name: name, st: st)
-                st.st_size = off_t(plaintextSize(i, backingSize: Int(st.st_size), dfd: dfd, name: name))
+                present(&st, i, dfd: dfd, name: name)
                 inode = i
             }
             if fill(shown, inode, st, telldir(handle.stream)) { return true }

@@ -10,7 +10,9 @@ import KmsfsSystem
 /// `Inode` (by backing device and inode number), so the kernel sees one inode with one size and one page cache
 /// for all their names.
 final class Inode: @unchecked Sendable {
-    let key: InodeKey
+    /// The backing node's identity. It changes only for a symbolic link stored again under a new name (see
+    /// `InodeTable.relinked`; read a link's key with `InodeTable.key(of:)`).
+    fileprivate(set) var key: InodeKey
     let type: mode_t
 
     /// FUSE node ID: the object's address (kept alive by the table while the kernel knows it); 1 for the root.
@@ -308,6 +310,22 @@ final class InodeTable: @unchecked Sendable {
             }
             if inode.type == S_IFDIR && inode.parent == nil && inode.dirFdUsers == 0 && inode.dirFd >= 0 { dropDirFd(inode) }
         }
+    }
+
+    /// A symbolic link moved by storing it again under its new name (a new backing node, `new`): its inode
+    /// stands for the new node from now on, so the kernel's reference keeps working.
+    func relinked(_ old: InodeKey, to new: InodeKey) {
+        lock.withLock {
+            guard let inode = byKey[old], byKey[new] == nil, inode.type == S_IFLNK, inode.otherLinks == nil else { return }
+            byKey[old] = nil
+            inode.key = new
+            byKey[new] = inode
+        }
+    }
+
+    /// The key of `inode`, read under the lock (a symbolic link's can change).
+    func key(of inode: Inode) -> InodeKey {
+        lock.withLock { inode.key }
     }
 
     /// An entry moved from `parent`/`name` to `newParent`/`newName`; `key` is what it names.

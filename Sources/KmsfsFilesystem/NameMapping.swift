@@ -47,10 +47,14 @@ public protocol NameMapping: Sendable {
     /// The mount name of a backing directory entry, or nil when the entry is kmsfs's own and stays hidden, or
     /// does not decrypt (then logged once).
     func mountName(_ backingName: String, in dir: NameDirectory) -> [UInt8]?
-    /// Symlink targets as stored, and as shown; `linkTargetSize` is the shown length of a stored one.
-    func backingLinkTarget(_ target: [UInt8]) throws -> String
-    func mountLinkTarget(_ stored: [UInt8]) throws -> [UInt8]
+    /// Symlink targets as stored, and as shown, for the link at `place` (its directory's ID and backing name);
+    /// `linkTargetSize` is the shown length of a stored one.
+    func backingLinkTarget(_ target: [UInt8], at place: NameCipher.LinkPlace, linkId: [UInt8]?) throws -> String
+    func mountLinkTarget(_ stored: [UInt8], at place: NameCipher.LinkPlace) throws -> [UInt8]
     func linkTargetSize(storedLength: Int) -> Int
+    /// True when a stored target is sealed for its link's place, so that a link moved to another name must be
+    /// stored again, keeping its link ID (`NameCipher.linkId(ofStored:)`; volumes that bind links' names).
+    var bindsLinkTargets: Bool { get }
     /// The volume's name cipher (names, directory IDs, link targets, extended attributes), or nil when all of
     /// these are stored as they are.
     var cipher: NameCipher? { get }
@@ -80,11 +84,12 @@ public struct PlaintextNames: NameMapping {
         PlaintextNames.isOwn(backingName, inRoot: dir.inRoot) ? nil : Array(backingName.utf8)
     }
 
-    public func backingLinkTarget(_ target: [UInt8]) throws -> String {
+    public func backingLinkTarget(_ target: [UInt8], at place: NameCipher.LinkPlace, linkId: [UInt8]?) throws -> String {
         guard let text = String(validating: target, as: UTF8.self) else { throw Errno(EILSEQ) }
         return text
     }
-    public func mountLinkTarget(_ stored: [UInt8]) throws -> [UInt8] { stored }
+    public func mountLinkTarget(_ stored: [UInt8], at place: NameCipher.LinkPlace) throws -> [UInt8] { stored }
+    public var bindsLinkTargets: Bool { false }
     public func linkTargetSize(storedLength: Int) -> Int { storedLength }
 
     /// kmsfs's own entries in a backing directory with plaintext names.
@@ -102,10 +107,15 @@ public struct PlaintextNames: NameMapping {
 /// kmsfs's own or foreign, and never shown.
 public final class EncryptedNames: NameMapping, @unchecked Sendable {
     let encryption: NameCipher
+    public let bindsLinkTargets: Bool
     /// Backing names already reported as not decrypting (each is logged once).
     private let reported = Mutex(Set<String>())
 
-    public init(cipher: NameCipher) { encryption = cipher }
+    /// `bindsLinkTargets`: the volume's config says so (`VolumeConfig.bindsLinkTargets`).
+    public init(cipher: NameCipher, bindsLinkTargets: Bool) {
+        encryption = cipher
+        self.bindsLinkTargets = bindsLinkTargets
+    }
 
     public var usesDirectoryIds: Bool { true }
     public var cipher: NameCipher? { encryption }
@@ -139,19 +149,24 @@ public final class EncryptedNames: NameMapping, @unchecked Sendable {
         return name
     }
 
-    public func backingLinkTarget(_ target: [UInt8]) throws -> String {
-        guard let stored = try encryption.encryptLinkTarget(target) else { throw Errno(ENAMETOOLONG) }
+    public func backingLinkTarget(_ target: [UInt8], at place: NameCipher.LinkPlace, linkId: [UInt8]?) throws -> String {
+        guard let stored = try encryption.encryptLinkTarget(target, for: bindsLinkTargets ? place : nil, linkId: linkId) else {
+            throw Errno(ENAMETOOLONG)
+        }
         return stored
     }
 
-    public func mountLinkTarget(_ stored: [UInt8]) throws -> [UInt8] {
-        guard let text = String(validating: stored, as: UTF8.self), let target = encryption.decryptLinkTarget(text) else {
+    public func mountLinkTarget(_ stored: [UInt8], at place: NameCipher.LinkPlace) throws -> [UInt8] {
+        guard let text = String(validating: stored, as: UTF8.self),
+              let target = encryption.decryptLinkTarget(text, for: bindsLinkTargets ? place : nil) else {
             throw Errno.EIO
         }
         return target
     }
 
-    public func linkTargetSize(storedLength: Int) -> Int { NameCipher.linkTargetSize(storedLength: storedLength) }
+    public func linkTargetSize(storedLength: Int) -> Int {
+        NameCipher.linkTargetSize(storedLength: storedLength, bound: bindsLinkTargets)
+    }
 
     /// Logs once per backing name that an entry is left out of listings.
     func report(_ backingName: String, _ why: String) {

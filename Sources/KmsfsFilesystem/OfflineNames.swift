@@ -17,7 +17,7 @@ public struct OfflineNames {
         self.cipherDir = cipherDir
         self.volume = volume
         self.cipher = cipher
-        mapping = cipher.map { EncryptedNames(cipher: $0) } ?? PlaintextNames()
+        mapping = cipher.map { EncryptedNames(cipher: $0, bindsLinkTargets: volume.bindsLinkTargets) } ?? PlaintextNames()
     }
 
     public enum Failure: Error, CustomStringConvertible {
@@ -181,8 +181,8 @@ public struct OfflineNames {
     }
 
     /// Why backing entry `name` of directory `dfd` (whose ID is `directoryId`) cannot be trusted under that
-    /// name, or nil when it can: it must carry its name's binding tag (volumes with name binding; links and
-    /// special files are not bound).
+    /// name, or nil when it can: it must carry its name's binding tag (volumes with name binding), or for a
+    /// symbolic link have a target sealed for that name (volumes that bind links; special files are not bound).
     func bindingProblem(_ dfd: Int32, _ name: String, directoryId: [UInt8], type: mode_t) -> String? {
         guard volume.bindsNames, let cipher else { return nil }
         let nodeId: [UInt8]
@@ -201,6 +201,10 @@ public struct OfflineNames {
                 return "its directory ID file is missing, damaged or not this volume's"
             }
             nodeId = id
+        case S_IFLNK where volume.bindsLinkTargets:
+            // A link is bound by its target, sealed for its directory and backing name.
+            return (try? linkTarget(dfd, name, directoryId: directoryId)) == nil
+                ? "the symbolic link's target does not open under this name (names exchanged or moved in the backing directory, or the target altered)" : nil
         default:
             return nil
         }
@@ -213,9 +217,17 @@ public struct OfflineNames {
 
     /// The target of the symbolic link at backing path `rel`, as the mount shows it.
     public func linkTarget(ofBacking rel: String) throws -> [UInt8] {
+        let dir = rel.split(separator: "/").dropLast().joined(separator: "/")
+        let name = String(rel.split(separator: "/").last ?? "")
+        return try withDirectory(dir) { fd, id in try linkTarget(fd, name, directoryId: id) }
+    }
+
+    /// The target of symbolic link `name` of backing directory `dfd` (whose ID is `directoryId`).
+    func linkTarget(_ dfd: Int32, _ name: String, directoryId: [UInt8]) throws -> [UInt8] {
         var raw = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = try syscall { readlink(cipherDir + "/" + rel, &raw, raw.count - 1) }
-        return try mapping.mountLinkTarget(raw[0..<n].map { UInt8(bitPattern: $0) })
+        let n = try syscall { readlinkat(dfd, name, &raw, raw.count - 1) }
+        return try mapping.mountLinkTarget(raw[0..<n].map { UInt8(bitPattern: $0) },
+                                           at: NameCipher.LinkPlace(directoryId: directoryId, backingName: name))
     }
 
     /// Runs `body` with a descriptor of backing directory `rel` and its ID (empty with plaintext names).

@@ -129,26 +129,79 @@ public struct NameCipher: Sendable {
 
     // MARK: - symbolic links
 
-    /// The stored form of a link target: base64url of nonce || AES-256-GCM ciphertext || tag under the metadata
-    /// key, associated data "kmsfs v3 symlink" || volume ID; nil when the target is empty or longer than
-    /// `maxLinkTarget`.
-    public func encryptLinkTarget(_ target: [UInt8]) throws -> String? {
-        guard !target.isEmpty, target.count <= NameCipher.maxLinkTarget else { return nil }
-        return Base64URL.encode(try keys.sealMetadata(target, ad: NameCipher.linkTargetAD + keys.volumeId))
+    /// Where a symbolic link is, for a target sealed for it: its directory's ID and its backing name.
+    public struct LinkPlace: Sendable {
+        public let directoryId: [UInt8]
+        public let backingName: String
+        public init(directoryId: [UInt8], backingName: String) {
+            self.directoryId = directoryId
+            self.backingName = backingName
+        }
     }
 
-    public func decryptLinkTarget(_ stored: String) -> [UInt8]? {
-        guard let sealed = Base64URL.decode(stored),
-              let target = keys.openMetadata(sealed, ad: NameCipher.linkTargetAD + keys.volumeId), !target.isEmpty else { return nil }
+    /// The stored form of a link target X, nil when X is empty or longer than `maxLinkTarget(bound:)`:
+    /// - unbound: base64url(nonce || AES-256-GCM ciphertext || tag) under the metadata key, associated data
+    ///   "kmsfs v3 symlink" || volume ID;
+    /// - bound to `place` (volumes that bind links' names): base64url(link ID || nonce || ciphertext || tag),
+    ///   associated data "kmsfs v3 symlink" || volume ID || link ID || directory ID || backing name, where the
+    ///   16-byte link ID is random for a new link and kept (`linkId`) when a link is stored again under a new
+    ///   name: it is the link's identity (its inode number in the mount, see `shownInode`).
+    public func encryptLinkTarget(_ target: [UInt8], for place: LinkPlace?, linkId: [UInt8]? = nil) throws -> String? {
+        guard !target.isEmpty, target.count <= NameCipher.maxLinkTarget(bound: place != nil) else { return nil }
+        guard let place else { return Base64URL.encode(try keys.sealMetadata(target, ad: linkTargetAD(nil, nil))) }
+        let id = try linkId ?? SecureRandom.bytes(NameCipher.linkIdSize)
+        guard id.count == NameCipher.linkIdSize else { return nil }
+        return Base64URL.encode(id + (try keys.sealMetadata(target, ad: linkTargetAD(id, place))))
+    }
+
+    public func decryptLinkTarget(_ stored: String, for place: LinkPlace?) -> [UInt8]? {
+        guard let bytes = Base64URL.decode(stored) else { return nil }
+        var id: [UInt8]? = nil
+        var sealed = bytes
+        if place != nil {
+            guard bytes.count > NameCipher.linkIdSize else { return nil }
+            id = Array(bytes[0..<NameCipher.linkIdSize])
+            sealed = Array(bytes[NameCipher.linkIdSize...])
+        }
+        guard let target = keys.openMetadata(sealed, ad: linkTargetAD(id, place)), !target.isEmpty else { return nil }
         return target
     }
 
-    /// Longest target that fits once encrypted: 4095 characters of base64url hold 3071 bytes, less 28 of GCM.
-    public static let maxLinkTarget = maxStoredLinkTarget * 6 / 8 - AESGCM.nonceSize - AESGCM.tagSize
+    private func linkTargetAD(_ id: [UInt8]?, _ place: LinkPlace?) -> [UInt8] {
+        var ad = NameCipher.linkTargetAD + keys.volumeId
+        if let id, let p = place { ad += id + p.directoryId + Array(p.backingName.utf8) }
+        return ad
+    }
+
+    public static let linkIdSize = 16
+
+    /// The link ID at the front of a bound link's stored target (not authenticated by itself: only a target
+    /// that opens vouches for it), or nil.
+    public static func linkId(ofStored stored: [UInt8]) -> [UInt8]? {
+        // 24 base64url characters hold 18 bytes, the first 16 of which are the ID.
+        guard stored.count >= 24, let text = String(validating: stored[0..<24], as: UTF8.self),
+              let bytes = Base64URL.decode(text) else { return nil }
+        return Array(bytes[0..<linkIdSize])
+    }
+
+    /// The inode number the mount shows for a bound link: its link ID's first 8 bytes (little-endian) with the
+    /// top bit set, the same under every name the link is stored under (a backing filesystem's own inode
+    /// numbers stay below 2^63).
+    public static func shownInode(linkId: [UInt8]) -> UInt64 {
+        var n: UInt64 = 0
+        for i in (0..<8).reversed() { n = n << 8 | UInt64(linkId[i]) }
+        return n | (1 << 63)
+    }
+
+    /// Longest target that fits once encrypted: 4095 characters of base64url hold 3071 bytes, less 28 of GCM
+    /// (3043), and less 16 more for the link ID of a bound link (3027).
+    public static func maxLinkTarget(bound: Bool) -> Int {
+        maxStoredLinkTarget * 6 / 8 - AESGCM.nonceSize - AESGCM.tagSize - (bound ? linkIdSize : 0)
+    }
 
     /// The target length of a link whose stored target is `storedLength` characters long (its st_size).
-    public static func linkTargetSize(storedLength: Int) -> Int {
-        max(0, storedLength * 6 / 8 - AESGCM.nonceSize - AESGCM.tagSize)
+    public static func linkTargetSize(storedLength: Int, bound: Bool) -> Int {
+        max(0, storedLength * 6 / 8 - AESGCM.nonceSize - AESGCM.tagSize - (bound ? linkIdSize : 0))
     }
 
     // MARK: - extended attributes

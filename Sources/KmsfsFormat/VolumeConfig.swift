@@ -38,8 +38,10 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     /// `names` values (format 3).
     public static let encryptedNames = "encrypted"
     public static let plaintextNames = "plaintext"
-    /// `nameBinding` value.
+    /// `nameBinding` values: "xattr" binds the names of regular files and directories (tags in an extended
+    /// attribute); "xattr+symlinks" also binds symbolic links' names, by their sealed targets.
     public static let xattrNameBinding = "xattr"
+    public static let linkNameBinding = "xattr+symlinks"
 
     public var formatVersion: Int
     /// 128-bit random volume ID, lower-case hex.
@@ -58,7 +60,8 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     /// Format 3: the volume key, wrapped under every configured key.
     public var volumeKey: VolumeKeyConfig?
     /// Format 3 with encrypted names: "xattr" when every file and directory carries the tags that bind its names
-    /// to it (`VolumeKeys.nameBindingTag`) in the backing extended attribute `user.kmsfs.names`; absent in
+    /// to it (`VolumeKeys.nameBindingTag`) in the backing extended attribute `user.kmsfs.names`; "xattr+symlinks"
+    /// when, besides, every symbolic link's target is sealed for its directory and backing name; absent in
     /// volumes made before names were bound.
     public var nameBinding: String?
     /// Format 3: lower-case hex HMAC-SHA256 of `authenticatedBytes` under the config key.
@@ -78,7 +81,12 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
     public var encryptsNames: Bool { formatVersion >= 3 && names == VolumeConfig.encryptedNames }
 
     /// True when files and directories carry name binding tags.
-    public var bindsNames: Bool { encryptsNames && nameBinding == VolumeConfig.xattrNameBinding }
+    public var bindsNames: Bool {
+        encryptsNames && (nameBinding == VolumeConfig.xattrNameBinding || nameBinding == VolumeConfig.linkNameBinding)
+    }
+
+    /// True when symbolic link targets are sealed for their link's directory and backing name.
+    public var bindsLinkTargets: Bool { encryptsNames && nameBinding == VolumeConfig.linkNameBinding }
 
     /// What the config MAC covers: every field but the wrapped volume keys (a wrong one fails the commitment) and
     /// the MAC itself, in a fixed binary encoding (kmsfs-format(5), VOLUME CONFIG):
@@ -201,8 +209,9 @@ public struct VolumeConfig: Codable, Equatable, Sendable {
                 throw FormatError.invalidConfig("format 3 needs a wrapped volume key and its commitment")
             }
             guard mac != nil else { throw FormatError.invalidConfig("format 3 needs a config MAC") }
-            guard nameBinding == nil || (nameBinding == VolumeConfig.xattrNameBinding && names == VolumeConfig.encryptedNames) else {
-                throw FormatError.invalidConfig("nameBinding must be \"xattr\", and only with encrypted names")
+            guard nameBinding == nil || ([VolumeConfig.xattrNameBinding, VolumeConfig.linkNameBinding].contains(nameBinding!)
+                                         && names == VolumeConfig.encryptedNames) else {
+                throw FormatError.invalidConfig("nameBinding must be \"xattr\" or \"xattr+symlinks\", and only with encrypted names")
             }
             guard keyProvider.endpoint == nil else {
                 throw FormatError.invalidConfig("the KMS endpoint is never taken from the volume: it comes from the host (AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, the profile, or the region)")

@@ -191,7 +191,7 @@ extension InitCommand {
             // has user attributes (tmpfs before Linux 6.6 does not, for one).
             if config.encryptsNames {
                 if InitCommand.supportsUserAttributes(dir) {
-                    config.nameBinding = VolumeConfig.xattrNameBinding
+                    config.nameBinding = VolumeConfig.linkNameBinding
                 } else {
                     printError("note: \(dir) has no user extended attributes: names are encrypted but not bound to what they name (two entries of a directory whose names are exchanged in the backing store are not caught)")
                 }

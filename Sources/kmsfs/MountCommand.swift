@@ -212,7 +212,7 @@ struct MountCommand: ParsableCommand {
             }
             Log.info("first use of volume \(volume.volumeId) on this host: pinned its provider, keys and volume key in \(trust.knownVolumes.path)")
         }
-        let names: NameMapping = volume.encryptsNames ? EncryptedNames(cipher: NameCipher(keys: volumeKeys!)) : PlaintextNames()
+        let names: NameMapping = volume.encryptsNames ? EncryptedNames(cipher: NameCipher(keys: volumeKeys!), bindsLinkTargets: volume.bindsLinkTargets) : PlaintextNames()
 
         let fs: EncryptedFilesystem
         do {

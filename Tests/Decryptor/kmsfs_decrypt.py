@@ -27,10 +27,13 @@ as the body of an empty file the 16-byte empty-file marker made with the
 volume key; its backing size H..H+15, or a 16-byte body that is not its
 marker, is damaged.  A file without the flag is empty when its body is empty.
 
-Name binding: in a volume whose config has nameBinding "xattr", every regular
-file and directory but the top, reached by backing name B in the directory
-whose ID is D, must carry tag(D, node ID, B) among the 16-byte tags of its
-backing attribute user.kmsfs.names; otherwise the run fails.  That attribute
+Name binding: in a volume whose config has nameBinding "xattr" or
+"xattr+symlinks", every regular file and directory but the top, reached by
+backing name B in the directory whose ID is D, must carry tag(D, node ID, B)
+among the 16-byte tags of its backing attribute user.kmsfs.names; otherwise
+the run fails.  With "xattr+symlinks" a symbolic link's stored target is
+base64url(I || sealed X) with I || D || B appended to its associated data (I:
+the 16-byte link ID), so a link under another name fails.  That attribute
 is kmsfs's own in every volume with encrypted names and never reported.
 
 An interrupted rotation (kmsfs.conf.rewrap-journal at the top) is applied in
@@ -418,12 +421,12 @@ def load_config(cipherdir):
             # Optional; only "xattr", and only with encrypted names.  null is
             # not one of the members that may be null (keyFile, region,
             # profile, endpoint), so it is refused as "other than xattr".
-            if conf["nameBinding"] != "xattr":
-                raise bad("nameBinding is not \"xattr\"")
+            if conf["nameBinding"] not in ("xattr", "xattr+symlinks"):
+                raise bad("nameBinding is not \"xattr\" or \"xattr+symlinks\"")
             if not v.names_encrypted:
                 raise bad("nameBinding in a volume whose names is not "
                           "\"encrypted\"")
-            v.name_binding = "xattr"
+            v.name_binding = conf["nameBinding"]
         vk = conf.get("volumeKey")
         if not isinstance(vk, dict):
             raise bad("no volumeKey")
@@ -585,13 +588,20 @@ def read_dirid(v, backing_dir, plain):
     return data[14:30]
 
 
-def decrypt_symlink(v, stored, where):
+def decrypt_symlink(v, stored, parent_id, bname, where):
     if len(stored) > 4095:
         raise Fail(where, "stored symbolic link target longer than 4095")
     sealed = b64url_decode_strict(stored)
     if sealed is None:
         raise Fail(where, "symbolic link target is not strict base64url")
-    x = open_sealed(v.metadata_key, sealed, b"kmsfs v3 symlink" + v.volume_id)
+    ad = b"kmsfs v3 symlink" + v.volume_id
+    if v.name_binding == "xattr+symlinks":
+        # SYMBOLIC LINKS, bound form: I || sealed, AD adds I || D || B.
+        if len(sealed) <= 16:
+            raise Fail(where, "bound symbolic link target too short")
+        link_id, sealed = sealed[:16], sealed[16:]
+        ad += link_id + parent_id + bname
+    x = open_sealed(v.metadata_key, sealed, ad)
     if x is None:
         raise Fail(where, "symbolic link target does not authenticate")
     if not x:
@@ -1406,7 +1416,7 @@ def run(args):
                 stored = os.readlink(e.backing)
             except OSError as ex:
                 raise Fail(where, "cannot read link: %s" % ex.strerror)
-            target = decrypt_symlink(v, stored, where) \
+            target = decrypt_symlink(v, stored, e.parent_id, e.bname, where) \
                 if v.names_encrypted else stored
             if writer:
                 writer.symlink(e, target)

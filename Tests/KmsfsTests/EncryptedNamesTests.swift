@@ -153,12 +153,12 @@ struct EncryptedNamesTests {
         try syscall { mkdir(v.path(secrets[1] + "/" + secrets[6]), 0o755) }
         try P.writeFile(v.path(secrets[1] + "/" + secrets[0]), Array("contents of \(secrets[0])".utf8))
         try P.writeFile(v.path(secrets[1] + "/" + secrets[6] + "/" + secrets[2]), [1, 2, 3])
-        try syscall { symlink("/home/" + secrets[3], v.path(secrets[1] + "/link")) }
+        try syscall { symlink("/home/" + secrets[3], v.path(secrets[1] + "/shortcut")) }
         try syscall { setxattr(v.path(secrets[1] + "/" + secrets[0]), secrets[4], secrets[5], secrets[5].utf8.count, 0) }
         try syscall { setxattr(v.path(secrets[1]), secrets[4], secrets[5], secrets[5].utf8.count, 0) }
         try v.unmount()
         let stored = try backingBytes(v.cipher)
-        for s in secrets + ["contents of", "link", "home", "attribute"] {
+        for s in secrets + ["contents of", "shortcut", "home", "attribute"] {
             #expect(!contains(stored, Array(s.utf8)), "\(s) is in the backing directory")
         }
         // The user's context is in file headers by design (it is the KMS encryption context), and nothing else.
@@ -184,12 +184,15 @@ struct EncryptedNamesTests {
         try P.writeFile(v.path("d1/in-one"), [1])
         try P.writeFile(v.path("d2/in-two"), [2])
         try syscall { symlink("target", v.path("link")) }
+        try syscall { symlink("/srv/safe", v.path("to-safe")) }
+        try syscall { symlink("/tmp/evil", v.path("to-evil")) }
         try syscall { setxattr(v.path("f"), "user.k", "value-f", 7, 0) }
         try syscall { setxattr(v.path("g"), "user.k", "value-g", 7, 0) }
         let moved = v.backing("a/moved"), altered = v.backing("b/altered")
         let link = v.backing("link"), dirId = v.backing("c") + "/" + NameCipher.directoryIdFile
         let f = v.backing("f"), g = v.backing("g")
         let alice = v.backing("salary-alice"), bob = v.backing("salary-bob"), d1 = v.backing("d1"), d2 = v.backing("d2")
+        let safe = v.backing("to-safe"), evil = v.backing("to-evil")
         // Renames, hard links and unlinks through the mount keep the bindings current.
         try syscall { Glibc.link(v.path("f"), v.path("a/f-link")) }
         try syscall { Glibc.rename(v.path("a/f-link"), v.path("b/f-link2")) }
@@ -197,8 +200,8 @@ struct EncryptedNamesTests {
         try syscall { mkdir(v.path("a/sub"), 0o755) }
         try syscall { Glibc.rename(v.path("a/sub"), v.path("b/sub2")) }
         try v.unmount()
-        // Exchanged names: the files' backing names, then the directories'.
-        for (x, y) in [(alice, bob), (d1, d2)] {
+        // Exchanged names: the files' backing names, then the directories', then the symbolic links'.
+        for (x, y) in [(alice, bob), (d1, d2), (safe, evil)] {
             try syscall { Glibc.rename(x, x + ".swap") }
             try syscall { Glibc.rename(y, x) }
             try syscall { Glibc.rename(x + ".swap", y) }
@@ -231,6 +234,8 @@ struct EncryptedNamesTests {
         #expect(verify.status == 1, "\(verify.stdout)\(verify.stderr)")
         // verify names what was exchanged, and decrypt refuses to resolve a path through it.
         #expect(verify.stdout.split(separator: "\n").filter { $0.contains("does not carry its name's binding") }.count == 4, "\(verify.stdout)")
+        // ... and the links whose targets do not open under their names (the two exchanged, the one altered).
+        #expect(verify.stdout.split(separator: "\n").filter { $0.contains("target does not open under this name") }.count == 3, "\(verify.stdout)")
         let through = try run(kmsfsBinary, ["decrypt", v.cipher, "salary-alice"], environment: v.environment)
         #expect(through.status == 1 && through.stderr.contains("/salary-alice: the backing entry does not carry its name's binding"), "\(through.stderr)")
         try v.start()
@@ -240,6 +245,10 @@ struct EncryptedNamesTests {
         #expect(P.errno { try FileManager.default.contentsOfDirectory(atPath: v.path("c")) } != nil)
         #expect(P.errno { try P.readFile(v.path("c/x")) } == EIO)
         #expect(P.errno { _ = try FileManager.default.destinationOfSymbolicLink(atPath: v.path("link")) } != nil)
+        for name in ["to-safe", "to-evil"] {
+            var raw = [CChar](repeating: 0, count: 256)
+            #expect(readlink(v.path(name), &raw, raw.count) == -1 && Glibc.errno == EIO, "\(name)")
+        }
         var out = [CChar](repeating: 0, count: 64)
         #expect(getxattr(v.path("f"), "user.k", &out, out.count) == -1 && Glibc.errno == EIO)
         #expect(getxattr(v.path("g"), "user.k", &out, out.count) == 7)
@@ -254,9 +263,72 @@ struct EncryptedNamesTests {
         #expect(log.contains("left out of the listing") && log.contains("does not decrypt in this directory"))
         #expect(log.contains("cannot use directory /c") && log.contains("directory ID file that is not this volume's, or was altered"))
         #expect(log.contains("cannot read symbolic link /link"))
+        #expect(log.contains("cannot read symbolic link /to-safe") && log.contains("cannot read symbolic link /to-evil"), "\(log)")
         #expect(log.contains("cannot read extended attribute user.k of /f"))
         #expect(log.contains("cannot use /salary-alice: the backing entry does not carry its name's binding"), "\(log)")
         #expect(log.contains("cannot use /d1: the backing entry does not carry its name's binding") || log.contains("cannot use /d2: the backing entry does not carry its name's binding"), "\(log)")
+    }
+
+    @Test("A symbolic link renamed (in place, across directories, over a file) keeps its target and inode number, stored again for each new name; a hard link of it is a copy; RENAME_EXCHANGE with a link gives EINVAL")
+    func linksFollowTheirNames() throws {
+        let v = try MountedVolume()
+        try syscall { mkdir(v.path("sub"), 0o755) }
+        try syscall { symlink("../some/target", v.path("s1")) }
+        try P.writeFile(v.path("file"), [7])
+        try P.writeFile(v.path("sub/victim"), [8])
+        let before = try P.stat(v.path("s1"))
+        func target(_ p: String) throws -> String { try FileManager.default.destinationOfSymbolicLink(atPath: v.path(p)) }
+        let stored1 = try FileManager.default.destinationOfSymbolicLink(atPath: v.backing("s1"))
+        try syscall { Glibc.rename(v.path("s1"), v.path("s2")) }
+        #expect(try target("s2") == "../some/target")
+        var raw = [CChar](repeating: 0, count: 64)
+        #expect(Glibc.readlink(v.path("s1"), &raw, raw.count) == -1 && Glibc.errno == ENOENT)
+        // Stored again for the new name: the old stored target is not the new one.
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: v.backing("s2")) != stored1)
+        try syscall { Glibc.rename(v.path("s2"), v.path("sub/s3")) }
+        #expect(try target("sub/s3") == "../some/target")
+        // Owner and modification time move with the link.
+        let moved = try P.stat(v.path("sub/s3"))
+        #expect(moved.st_uid == before.st_uid && moved.st_mtim.tv_sec == before.st_mtim.tv_sec && moved.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
+        #expect(moved.st_size == off_t("../some/target".utf8.count))
+        // The link keeps its inode number (its link ID's) through both renames, here and in a listing.
+        #expect(moved.st_ino == before.st_ino && before.st_ino >= 1 << 63, "\(before.st_ino) \(moved.st_ino)")
+        let listed = try FileManager.default.contentsOfDirectory(atPath: v.path("sub"))
+        #expect(Set(listed) == ["s3", "victim"])
+        if let d = opendir(v.path("sub")) {
+            while let e = Glibc.readdir(d) {
+                if withUnsafeBytes(of: e.pointee.d_name, { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }) == "s3" {
+                    #expect(e.pointee.d_ino == before.st_ino)
+                }
+            }
+            closedir(d)
+        }
+        // The longest target a bound link holds is 3027 bytes.
+        try syscall { symlink(String(repeating: "y", count: 3027), v.path("longest")) }
+        #expect(try P.stat(v.path("longest")).st_size == 3027)
+        #expect(P.errno { try syscall { symlink(String(repeating: "y", count: 3028), v.path("too-long")) } } == ENAMETOOLONG)
+        try syscall { unlink(v.path("longest")) }
+        #expect(P.errno { try syscall { kmsfs_renameat2(AT_FDCWD, v.path("sub/s3"), AT_FDCWD, v.path("sub/victim"), kmsfs_rename_noreplace()) } } == EEXIST)
+        #expect(P.errno { try syscall { kmsfs_renameat2(AT_FDCWD, v.path("sub/s3"), AT_FDCWD, v.path("file"), kmsfs_rename_exchange()) } } == EINVAL)
+        #expect(P.errno { try syscall { kmsfs_renameat2(AT_FDCWD, v.path("file"), AT_FDCWD, v.path("sub/s3"), kmsfs_rename_exchange()) } } == EINVAL)
+        #expect(try P.readFile(v.path("sub/victim")) == [8] && P.readFile(v.path("file")) == [7])
+        try syscall { Glibc.rename(v.path("sub/s3"), v.path("sub/victim")) }
+        #expect(try target("sub/victim") == "../some/target")
+        // A hard link of a link is a second link with the same target.
+        try syscall { Glibc.link(v.path("sub/victim"), v.path("hard")) }
+        #expect(try target("hard") == "../some/target" && target("sub/victim") == "../some/target")
+        #expect(try P.stat(v.path("hard")).st_mtim.tv_sec == before.st_mtim.tv_sec)
+        #expect(try P.stat(v.path("hard")).st_ino != P.stat(v.path("sub/victim")).st_ino)
+        #expect(try P.stat(v.path("sub/victim")).st_ino == before.st_ino)
+        try v.unmount()
+        // No temporary name is left behind, and the offline tools agree.
+        let leftovers = try FileManager.default.subpathsOfDirectory(atPath: v.cipher).filter { $0.contains(TemporaryNames.prefix) }
+        #expect(leftovers.isEmpty, "\(leftovers)")
+        let verify = try run(kmsfsBinary, ["verify", v.cipher], environment: v.environment)
+        #expect(verify.status == 0, "\(verify.stdout)\(verify.stderr)")
+        try v.start()
+        #expect(try target("hard") == "../some/target" && target("sub/victim") == "../some/target")
+        #expect(try Set(FileManager.default.contentsOfDirectory(atPath: v.mount)) == ["sub", "file", "hard"])
     }
 
     @Test("While mounted: a backing entry replaced by a hard link of another file the mount knows, or two known directories' names exchanged, gives EIO (the new name is checked at lookup)")
@@ -348,14 +420,16 @@ struct EncryptedNamesTests {
         try syscall { Glibc.rename(v.path("z"), v.path("x")) }
         #expect(getxattr(v.backing("y"), "user.kmsfs.names", nil, 0) == 16)
         #expect(try P.readFile(v.path("y")) == [2])
-        // Nodes that are not bound (a FIFO, a symbolic link) link, rename and unlink as they are.
+        // Nodes without tags link, rename and unlink as they are: a FIFO; a symbolic link (whose target is sealed
+        // for its name, so that its "hard link" is a second link with the same target).
         try syscall { mkfifo(v.path("fifo"), 0o644) }
         try syscall { symlink("target", v.path("sym")) }
-        for (a, b, c) in [("fifo", "fifo2", "fifo3"), ("sym", "sym2", "sym3")] {
+        for (a, b, c, links) in [("fifo", "fifo2", "fifo3", 2), ("sym", "sym2", "sym3", 1)] {
             try syscall { Glibc.link(v.path(a), v.path(b)) }
             try syscall { Glibc.rename(v.path(b), v.path(c)) }
             var lst = stat()
-            #expect(Glibc.lstat(v.path(c), &lst) == 0 && lst.st_nlink == 2)
+            #expect(Glibc.lstat(v.path(c), &lst) == 0 && lst.st_nlink == links)
+            if a == "sym" { #expect(try FileManager.default.destinationOfSymbolicLink(atPath: v.path(c)) == "target") }
             try syscall { unlink(v.path(c)) }
             try syscall { unlink(v.path(a)) }
         }

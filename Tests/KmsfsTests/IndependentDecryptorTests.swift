@@ -44,17 +44,20 @@ struct IndependentDecryptorTests {
         try flipByte(big, at: header.headerLength + 4096 + 28 + 100)
         #expect(try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment).status == 0)
         if initArgs.isEmpty {
-            // Two files' backing names exchanged (name binding), then a file cut to its header (empty-file marker).
-            let a = try offline(v, "chunk"), b = try offline(v, "chunk+1")
-            try syscall { rename(a, a + ".swap") }
-            try syscall { rename(b, a) }
-            try syscall { rename(a + ".swap", b) }
-            let swapped = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment)
-            #expect(swapped.status == 1 && swapped.stdout.isEmpty, "\(swapped.stdout)")
-            try syscall { rename(a, a + ".swap") }
-            try syscall { rename(b, a) }
-            try syscall { rename(a + ".swap", b) }
-            #expect(try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment).status == 0)
+            // Two files' backing names exchanged (name binding), the same for two symbolic links (their targets
+            // are sealed for their names), then a file cut to its header (empty-file marker).
+            for (x, y) in [("chunk", "chunk+1"), ("long-link", "rel-link")] {
+                let a = try offline(v, x), b = try offline(v, y)
+                try syscall { rename(a, a + ".swap") }
+                try syscall { rename(b, a) }
+                try syscall { rename(a + ".swap", b) }
+                let swapped = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment)
+                #expect(swapped.status == 1 && swapped.stdout.isEmpty, "\(x) \(swapped.stdout)")
+                try syscall { rename(a, a + ".swap") }
+                try syscall { rename(b, a) }
+                try syscall { rename(a + ".swap", b) }
+                #expect(try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment).status == 0)
+            }
             let one = try offline(v, "one")
             try syscall { truncate(one, off_t(header.headerLength)) }
             let emptied = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment)
