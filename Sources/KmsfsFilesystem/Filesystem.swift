@@ -217,7 +217,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         do {
             return try withNode(inode, body)
         } catch let e as Errno where e.code == ENOENT {
-            if let r = try table.withDescriptor(of: inode.key, { fd, _ in try viaDescriptor(fd) }) { return r }
+            // Only regular files are open (and only a link's key can change: it is never read unlocked here).
+            if inode.type == S_IFREG, let r = try table.withDescriptor(of: inode.key, { fd, _ in try viaDescriptor(fd) }) { return r }
             throw e
         }
     }
@@ -253,6 +254,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             }
         } catch let e as Errno where e.code == ENOENT {
             // No name left: an unlinked file still open.
+            guard inode.type == S_IFREG else { throw e }
             let found: Bool? = try table.withDescriptor(of: inode.key) { fd, file in
                 try syscall { fstat(fd, &st) }
                 st.st_size = off_t(file.size)
@@ -637,9 +639,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 // and made beside it under a temporary name first; RENAME_EXCHANGE cannot do that in one step.
                 let linkType = { (s: stat) in s.st_mode & S_IFMT == S_IFLNK }
                 let relink = names.bindsLinkTargets && !sameNode && linkType(st)
-                if names.bindsLinkTargets && exchange && !sameNode && (linkType(st) || (exists && linkType(target))) {
+                if names.bindsLinkTargets && exchange && exists && !sameNode && (linkType(st) || linkType(target)) {
                     throw Errno(EINVAL)
                 }
+                // The old name must be removable once the new one is in place: checked first (a daemon that is
+                // not root, in a directory it may not write), since a replaced entry cannot be put back.
+                if relink && faccessat(dfd, ".", W_OK | X_OK, AT_EACCESS) != 0 { throw Errno.current }
                 var relinked: String? = nil
                 func undo() {
                     for a in added { unbind(a.tag, at: Self.nodePath(a.fd)) }
@@ -698,10 +703,24 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                         // leaves both names, each with the target sealed for it).
                         try syscall { kmsfs_renameat2(ndfd, tmp, ndfd, to.name, flags) }
                         relinked = nil
+                        // The inode follows the link to its new name and node before the old name goes, so that a
+                        // call on it in between finds the new one.
                         var now = stat()
-                        if fstatat(ndfd, to.name, &now, AT_SYMLINK_NOFOLLOW) == 0 { relinkedKey = InodeKey(now) }
+                        if fstatat(ndfd, to.name, &now, AT_SYMLINK_NOFOLLOW) == 0 {
+                            relinkedKey = InodeKey(now)
+                            inodes.relinked(InodeKey(st), to: InodeKey(now), from: parent, name: from.name, to: newParent, newName: to.name)
+                        }
                         if unlinkat(dfd, from.name, 0) != 0 {
-                            Log.error("rename: the symbolic link's old backing name \(from.name) could not be removed: \(Errno.current)")
+                            let e = Errno.current
+                            // Nothing replaced: take the new name back, and fail as the rename would have.
+                            if !exists {
+                                unlinkat(ndfd, to.name, 0)
+                                if let k = relinkedKey {
+                                    inodes.relinked(k, to: InodeKey(st), from: newParent, name: to.name, to: parent, newName: from.name)
+                                }
+                                throw e
+                            }
+                            Log.error("rename: the symbolic link's old backing name \(from.name) could not be removed (\(e)); it stays beside the new one")
                         }
                     } else if kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) != 0 {
                         // A directory replaced by a rename looks empty through the mount but still holds its
@@ -723,8 +742,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             }
         }
         if moved == replaced { return }  // two names of one file: rename does nothing
-        inodes.moved(moved, from: parent, name: from, to: newParent, newName: to)
-        if let k = relinkedKey { inodes.relinked(moved, to: k) }
+        if relinkedKey == nil { inodes.moved(moved, from: parent, name: from, to: newParent, newName: to) }
         if let r = replaced {
             if exchange {
                 inodes.moved(r, from: newParent, name: to, to: parent, newName: from)
@@ -906,7 +924,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             var st = stat()
             st.st_ino = entry.pointee.d_ino
             st.st_mode = mode_t(entry.pointee.d_type) << 12
-            if entry.pointee.d_type == UInt8(DT_LNK), let ino = shownLinkInode(dirfd(handle.stream), name) { st.st_ino = ino_t(ino) }
+            // (A backing filesystem that does not give types, DT_UNKNOWN, has its links found by trying.)
+            if entry.pointee.d_type == UInt8(DT_LNK) || entry.pointee.d_type == UInt8(DT_UNKNOWN),
+               let ino = shownLinkInode(dirfd(handle.stream), name) { st.st_ino = ino_t(ino) }
             return fill(shown, st, telldir(handle.stream))
         }
     }

@@ -312,11 +312,17 @@ final class InodeTable: @unchecked Sendable {
         }
     }
 
-    /// A symbolic link moved by storing it again under its new name (a new backing node, `new`): its inode
-    /// stands for the new node from now on, so the kernel's reference keeps working.
-    func relinked(_ old: InodeKey, to new: InodeKey) {
+    /// A symbolic link moved from `parent`/`name` by storing it again as `newParent`/`newName` (a new backing
+    /// node, `new`): in one step, its inode is there and stands for the new node, so the kernel's reference
+    /// keeps working.
+    func relinked(_ old: InodeKey, to new: InodeKey, from parent: Inode, name: String, to newParent: Inode, newName: String) {
         lock.withLock {
-            guard let inode = byKey[old], byKey[new] == nil, inode.type == S_IFLNK, inode.otherLinks == nil else { return }
+            guard let inode = byKey[old] else { return }
+            move(inode, from: parent, name: name, to: newParent, newName: newName)
+            guard byKey[new] == nil, inode.type == S_IFLNK, inode.otherLinks == nil else {
+                Log.warning("a renamed symbolic link's new node is known already: its old inode gives ESTALE until the kernel forgets it")
+                return
+            }
             byKey[old] = nil
             inode.key = new
             byKey[new] = inode
@@ -332,12 +338,17 @@ final class InodeTable: @unchecked Sendable {
     func moved(_ key: InodeKey, from parent: Inode, name: String, to newParent: Inode, newName: String) {
         lock.withLock {
             guard let inode = byKey[key] else { return }
-            if inode.parent === parent && inode.name == name {
-                inode.parent = newParent
-                inode.name = newName
-            } else if let i = inode.otherLinks?.firstIndex(where: { $0.parent === parent && $0.name == name }) {
-                inode.otherLinks![i] = Inode.Link(parent: newParent, name: newName)
-            }
+            move(inode, from: parent, name: name, to: newParent, newName: newName)
+        }
+    }
+
+    /// Called with the lock held.
+    private func move(_ inode: Inode, from parent: Inode, name: String, to newParent: Inode, newName: String) {
+        if inode.parent === parent && inode.name == name {
+            inode.parent = newParent
+            inode.name = newName
+        } else if let i = inode.otherLinks?.firstIndex(where: { $0.parent === parent && $0.name == name }) {
+            inode.otherLinks![i] = Inode.Link(parent: newParent, name: newName)
         }
     }
 

@@ -12,12 +12,16 @@ public enum ProviderFactory {
         public var policy: KMSPolicy
         /// Local provider: accept a key file other users can read (refused otherwise).
         public var allowOpenKeyFile: Bool
+        /// Local provider: reads the passphrase of a protected key file (nil: such a file is refused).
+        public var passphrase: LocalKeyFile.PassphraseReader?
 
-        public init(keyFile: String? = nil, environment: [String: String], policy: KMSPolicy = .defaults, allowOpenKeyFile: Bool = false) {
+        public init(keyFile: String? = nil, environment: [String: String], policy: KMSPolicy = .defaults, allowOpenKeyFile: Bool = false,
+                    passphrase: LocalKeyFile.PassphraseReader? = nil) {
             self.keyFile = keyFile
             self.environment = environment
             self.policy = policy
             self.allowOpenKeyFile = allowOpenKeyFile
+            self.passphrase = passphrase
         }
     }
 
@@ -26,7 +30,7 @@ public enum ProviderFactory {
         switch volume.keyProvider.type {
         case LocalKeyProvider.providerName:
             let path = localKeyFilePath(volume: volume, options: options)
-            let key = try LocalKeyFile.load(path: path, allowOpen: options.allowOpenKeyFile)
+            let key = try LocalKeyFile.load(path: path, allowOpen: options.allowOpenKeyFile, passphrase: options.passphrase)
             guard volume.keyProvider.keyIds.contains(key.keyId) else {
                 throw KeyError(.keyUnavailable, errorType: "WrongKeyFile", keyId: key.keyId,
                                message: "key file \(path) holds key \(key.keyId), but this volume's files are wrapped under \(volume.keyProvider.keyIds.joined(separator: ", "))")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CSystem
 import Glibc
+import KmsfsCrypto
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
@@ -27,6 +28,14 @@ struct InitCommand: ParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Local provider: use (or create) this master key file.", valueName: "path"))
     var keyFile: String?
+
+    @Flag(name: .long, help: "Local provider: protect the new master key file with a passphrase (asked twice on the terminal, or from --passfile or --extpass).")
+    var passphrase = false
+
+    @OptionGroup var passphraseSource: PassphraseOptions
+
+    @Option(name: .long, help: ArgumentHelp("Local provider: the scrypt cost of a protected key file, log2 of N (r = 8, p = 1); 17 uses 128 MiB for about half a second.", valueName: "n"))
+    var scryptLogN: Int = LocalKeyFile.defaultLogN
 
     @Option(name: .long, parsing: .singleValue,
             help: ArgumentHelp("AWS KMS: a key ID, key ARN, alias name or alias ARN (repeatable; tried in this order).", valueName: "key"))
@@ -59,6 +68,15 @@ struct InitCommand: ParsableCommand {
     @Argument(help: ArgumentHelp("The directory that will hold the ciphertext.", valueName: "cipherdir"))
     var cipherDir: String
 
+    func validate() throws {
+        guard Scrypt.isAcceptable(logN: scryptLogN, r: LocalKeyFile.defaultR, p: LocalKeyFile.defaultP) else {
+            throw ValidationError("--scrypt-log-n must be from 10 to 22")
+        }
+    }
+
+    /// A new key file is protected with --passphrase, or when a passphrase is given by file or command.
+    private var protectsKey: Bool { passphrase || passphraseSource.passfile != nil || passphraseSource.extpass != nil }
+
     func run() throws {
         let pairs = try parseContext(context)
         switch kms {
@@ -68,6 +86,7 @@ struct InitCommand: ParsableCommand {
             }
         case "aws", "aws-kms":
             if keyFile != nil { throw CLIError("--key-file is for the local provider") }
+            if protectsKey { throw CLIError("--passphrase, --passfile and --extpass are for the local provider") }
             if keyId.isEmpty { throw CLIError("--kms aws needs at least one --key-id") }
         default:
             throw CLIError("unknown key provider \"\(kms)\" (available: local, aws)")
@@ -134,13 +153,24 @@ struct InitCommand: ParsableCommand {
         let path = keyFile.map(Paths.absolute) ?? LocalKeyFile.defaultPath(volumeId: volumeId, environment: env)
         let keyId: String
         let created: Bool
+        let loaded: LocalMasterKey
         do {
             if keyFile != nil && Paths.exists(path) {
-                keyId = try LocalKeyFile.load(path: path).keyId
+                if passphrase {
+                    throw CLIError("\(path) exists: --passphrase protects a new key file (kmsfs passwd --key-file \(path) protects this one)")
+                }
+                loaded = try LocalKeyFile.load(path: path, passphrase: passphraseSource.reader)
+                keyId = loaded.keyId
                 created = false
             } else {
                 let (key, master) = try LocalMasterKey.generate()
-                try LocalKeyFile.write(master, to: path, keyId: key.keyId)
+                var protection: LocalKeyFile.Protection? = nil
+                if protectsKey {
+                    protection = LocalKeyFile.Protection(passphrase: try passphraseSource.newPassphrase(for: path), logN: scryptLogN)
+                }
+                defer { protection?.passphrase.wipe() }
+                try LocalKeyFile.write(master, to: path, keyId: key.keyId, protection: protection)
+                loaded = key
                 keyId = key.keyId
                 created = true
             }
@@ -154,8 +184,7 @@ struct InitCommand: ParsableCommand {
                                                                  keyFile: keyFile == nil ? nil : path),
                                   headerLength: formatVersion >= 2 ? headerLength : nil, formatVersion: formatVersion)
         do {
-            let key = try LocalKeyFile.load(path: path)
-            try write(config, to: dir, keys: KeyService(provider: LocalKeyProvider(keys: [key]), keyIds: [keyId], audit: nil))
+            try write(config, to: dir, keys: KeyService(provider: LocalKeyProvider(keys: [loaded]), keyIds: [keyId], audit: nil))
         } catch {
             if created { unlink(path) }
             if let e = error as? KeyError { throw CLIError(e.message.isEmpty ? e.description : e.message) }

@@ -43,6 +43,8 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
     var keyFile: String?
 
+    @OptionGroup var passphrase: PassphraseOptions
+
     @Option(name: .long, help: ArgumentHelp("Append one JSON line per key operation to this file.", valueName: "file"))
     var auditLog: String?
 
@@ -186,7 +188,7 @@ struct MountCommand: ParsableCommand {
         }
         let policy = KMSPolicy(deadline: kmsDeadline, probeInterval: kmsProbeInterval, maxRate: kmsMaxRate, requireAllKeys: requireAllKeys)
         let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit, maxInFlight: kmsMaxInflight,
-                                                     policy: policy, allowOpenKeyFile: allowOpenKeyFile)
+                                                     policy: policy, allowOpenKeyFile: allowOpenKeyFile, passphrase: passphrase)
 
         // Keys must not reach a core dump or swap, and modes of new files come from the caller, not our umask.
         // Key buffers are locked one by one anyway; locking the whole daemon also keeps OpenSSL's expanded key
@@ -291,6 +293,15 @@ struct MountCommand: ParsableCommand {
 
     // MARK: - the starting side
 
+    /// The path of the volume's local key file when it is protected by a passphrase (nil otherwise, or when the
+    /// config cannot be read: the daemon then says why).
+    private func protectedKeyFile() throws -> String? {
+        guard let cipher = try? Paths.resolve(cipherDir), let volume = try? VolumeAccess.loadConfig(cipher),
+              volume.keyProvider.type == LocalKeyProvider.providerName else { return nil }
+        let path = ProviderFactory.localKeyFilePath(volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment))
+        return LocalKeyFile.isProtected(path: path) ? path : nil
+    }
+
     /// Starts `kmsfs mount -f` in a new session and waits until it reports the mount live or failed.
     private func startDaemon() throws {
         var fds: [Int32] = [0, 0]
@@ -302,6 +313,23 @@ struct MountCommand: ParsableCommand {
         if writebackCache { args.append("--writeback-cache") }
         for o in fuseOptions { args += ["-o", o] }
         if let k = keyFile { args += ["--key-file", Paths.absolute(k)] }
+        if let f = passphrase.passfile { args += ["--passfile", Paths.absolute(f)] }
+        if let c = passphrase.extpass { args += ["--extpass", c] }
+        // A protected key file and no other source: asked here, on the terminal, and handed to the daemon on its
+        // standard input (a pipe, read once).
+        var passphrasePipe: Int32? = nil
+        defer { if let p = passphrasePipe { close(p) } }
+        if !passphrase.isGiven, let keyFile = try protectedKeyFile() {
+            let secret = try Passphrase.fromTerminal(prompt: "Passphrase for key file \(keyFile): ")
+            defer { secret.wipe() }
+            var p: [Int32] = [0, 0]
+            guard kmsfs_pipe_cloexec(&p) == 0 else { throw CLIError("pipe: \(Errno.current)") }
+            let written = secret.withUnsafeBytes { write(p[1], $0.baseAddress, $0.count) } == secret.count && write(p[1], "\n", 1) == 1
+            close(p[1])
+            passphrasePipe = p[0]
+            guard written else { throw CLIError("cannot hand the passphrase to the mount daemon: \(Errno.current)") }
+            args += ["--passphrase-fd", "0"]
+        }
         if let a = auditLog { args += ["--audit-log", Paths.absolute(a)] }
         if let l = logFile { args += ["--log-file", Paths.absolute(l)] }
         if debug { args.append("--debug") }
@@ -317,7 +345,7 @@ struct MountCommand: ParsableCommand {
 
         let pid: pid_t
         do {
-            pid = try Spawn.start("/proc/self/exe", args, passFd: fds[1])
+            pid = try Spawn.start("/proc/self/exe", args, stdinFd: passphrasePipe, passFd: fds[1])
         } catch {
             close(fds[0]); close(fds[1])
             throw error

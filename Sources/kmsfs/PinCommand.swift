@@ -22,6 +22,8 @@ struct PinCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
     var keyFile: String?
 
+    @OptionGroup var passphrase: PassphraseOptions
+
     @Flag(name: .long, help: "Replace a pin the config no longer matches.")
     var update = false
 
@@ -80,7 +82,7 @@ struct PinCommand: ParsableCommand {
         }
         // Trust only a config its own volume key authenticates.
         if volume.formatVersion >= 3 {
-            let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil)
+            let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil, passphrase: passphrase)
             try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys).wipe()
         }
         let pin = VolumePin(volume, directory: cipher)

@@ -11,6 +11,8 @@ struct OfflineOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Local provider: read the master key from this file.", valueName: "path"))
     var keyFile: String?
 
+    @OptionGroup var passphrase: PassphraseOptions
+
     @OptionGroup var trust: TrustOptions
 
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
@@ -22,7 +24,7 @@ struct OfflineOptions: ParsableArguments {
         let cipher = try Paths.resolve(cipherDir)
         let volume = try VolumeAccess.loadConfig(cipher)
         let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
-        let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil)
+        let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil, passphrase: passphrase)
         var nameCipher: NameCipher? = nil
         var volumeKeys: VolumeKeys? = nil
         if volume.formatVersion >= 3 {

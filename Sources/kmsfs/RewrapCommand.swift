@@ -30,6 +30,10 @@ struct RewrapCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Local provider: the current master key file, if not the configured one.", valueName: "path"))
     var currentKeyFile: String?
 
+    /// The passphrase of protected key files (the current one, an existing new one, and a new one made here when
+    /// the current one is protected: a rotation keeps the protection and the passphrase).
+    @OptionGroup var passphrase: PassphraseOptions
+
     @Option(name: .long, help: ArgumentHelp("AWS KMS: region override.", valueName: "region"))
     var region: String?
 
@@ -103,13 +107,18 @@ struct RewrapCommand: ParsableCommand {
             let current: LocalMasterKey
             let next: LocalMasterKey
             do {
-                current = try LocalKeyFile.load(path: currentPath)
+                current = try LocalKeyFile.load(path: currentPath, passphrase: passphrase.reader)
                 if let path = keyFile.map(Paths.absolute) {
                     if Paths.exists(path) {
-                        next = try LocalKeyFile.load(path: path)
+                        next = try LocalKeyFile.load(path: path, passphrase: passphrase.reader)
                     } else {
                         let (key, master) = try LocalMasterKey.generate()
-                        try LocalKeyFile.write(master, to: path, keyId: key.keyId)
+                        var protection: LocalKeyFile.Protection? = nil
+                        if LocalKeyFile.isProtected(path: currentPath) {
+                            protection = LocalKeyFile.Protection(passphrase: try passphrase.reader(currentPath))
+                        }
+                        defer { protection?.passphrase.wipe() }
+                        try LocalKeyFile.write(master, to: path, keyId: key.keyId, protection: protection)
                         if progress.json { printError("New master key: \(path) (back it up)") } else { print("New master key: \(path) (back it up)") }
                         next = key
                     }

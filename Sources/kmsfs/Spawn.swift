@@ -4,15 +4,24 @@ import KmsfsSystem
 
 /// Starting other programs (the mount daemon, fusermount3) with posix_spawn.
 enum Spawn {
-    /// Starts `path` with `arguments` (argv[0] included), stdin and stdout on /dev/null, stderr on
-    /// `stderrFd` (or /dev/null), `passFd` (if any) as descriptor 3, and no other descriptor open.
+    /// Starts `path` with `arguments` (argv[0] included), stdin on `stdinFd`, stdout on `stdoutFd` and stderr on
+    /// `stderrFd` (each /dev/null if not given), `passFd` (if any) as descriptor 3, and no other descriptor open.
     /// Returns the child's PID.
-    static func start(_ path: String, _ arguments: [String], stderrFd: Int32? = nil, passFd: Int32? = nil) throws -> pid_t {
+    static func start(_ path: String, _ arguments: [String], stdinFd: Int32? = nil, stdoutFd: Int32? = nil,
+                      stderrFd: Int32? = nil, passFd: Int32? = nil) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        if let i = stdinFd {
+            posix_spawn_file_actions_adddup2(&actions, i, 0)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        }
+        if let o = stdoutFd {
+            posix_spawn_file_actions_adddup2(&actions, o, 1)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        }
         if let e = stderrFd {
             posix_spawn_file_actions_adddup2(&actions, e, 2)
         } else {

@@ -93,11 +93,11 @@ enum VolumeAccess {
 
     static func keyService(_ volume: VolumeConfig, cipher: String, keyFile: String?, audit: AuditLog?,
                            maxInFlight: Int = KeyService.defaultMaxInFlight, policy: KMSPolicy = .defaults,
-                           allowOpenKeyFile: Bool = false) throws -> KeyService {
+                           allowOpenKeyFile: Bool = false, passphrase: PassphraseOptions) throws -> KeyService {
         do {
             let provider = try ProviderFactory.makeProvider(
                 volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment, policy: policy,
-                                               allowOpenKeyFile: allowOpenKeyFile))
+                                               allowOpenKeyFile: allowOpenKeyFile, passphrase: passphrase.reader))
             return KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit, maxInFlight: maxInFlight,
                               policy: policy)
         } catch let e as KeyError {

@@ -223,8 +223,46 @@ def read_file_bytes(path, where, limit=None):
 # Local key provider
 # ---------------------------------------------------------------------------
 
+def open_protected_key(line, passphrase, where):
+    """The master key of a passphrase-protected key line (kmsfs-format(5),
+    Local provider): scrypt logN=L r=R p=P salt=S key=K."""
+    fields = line.split(b" ")
+    names = [b"scrypt", b"logN=", b"r=", b"p=", b"salt=", b"key="]
+    if len(fields) != 6 or fields[0] != b"scrypt" or not all(
+            f.startswith(n) for f, n in zip(fields[1:], names[1:])):
+        raise Fail(where, "the key line is not a scrypt line")
+    vals = [f[len(n):] for f, n in zip(fields[1:], names[1:])]
+    nums = []
+    for v in vals[:3]:
+        if not (1 <= len(v) <= 3 and v.isdigit()):
+            raise Fail(where, "scrypt parameter is not a decimal number")
+        nums.append(int(v))
+    ln, r, p = nums
+    if not (10 <= ln <= 22 and 1 <= r <= 32 and 1 <= p <= 16) or \
+            128 * r * ((1 << ln) + p + 2) > 1 << 30:
+        raise Fail(where, "scrypt parameters out of range")
+    hexd = b"0123456789abcdefABCDEF"
+    if len(vals[3]) != 32 or len(vals[4]) != 120 or not all(
+            c in hexd for c in vals[3] + vals[4]):
+        raise Fail(where, "salt or key is not hex of the right length")
+    salt = bytes.fromhex(vals[3].decode())
+    k = bytes.fromhex(vals[4].decode())
+    if passphrase is None:
+        raise Fail(where, "the key file is protected by a passphrase "
+                   "(give --passfile)")
+    dk = hashlib.scrypt(passphrase, salt=salt, n=1 << ln, r=r, p=p,
+                        maxmem=128 * r * ((1 << ln) + p + 2) + (1 << 20),
+                        dklen=32)
+    ad = b"kmsfs key file v1" + bytes([ln, r, p]) + salt
+    try:
+        master = AESGCM(dk).decrypt(k[:12], k[12:], ad)
+    except InvalidTag:
+        raise Fail(where, "wrong passphrase")
+    return master
+
+
 class LocalProvider:
-    def __init__(self, key_file):
+    def __init__(self, key_file, passphrase=None):
         where = "key file %s" % show(key_file)
         data = read_file_bytes(key_file, where, 4097)
         if len(data) > 4096:
@@ -238,6 +276,9 @@ class LocalProvider:
             hexkey = line.strip(b" \t\r")
             if not hexkey or hexkey.startswith(b"#"):
                 continue
+            if hexkey.startswith(b"scrypt "):
+                master = open_protected_key(hexkey, passphrase, where)
+                break
             if len(hexkey) != 64 or not all(
                     c in b"0123456789abcdefABCDEF" for c in hexkey):
                 raise Fail(where, "the first line that is neither empty nor "
@@ -418,9 +459,9 @@ def load_config(cipherdir):
         v.names = names
         v.names_encrypted = names == "encrypted"
         if "nameBinding" in conf:
-            # Optional; only "xattr", and only with encrypted names.  null is
-            # not one of the members that may be null (keyFile, region,
-            # profile, endpoint), so it is refused as "other than xattr".
+            # Optional; only "xattr" or "xattr+symlinks", and only with
+            # encrypted names.  null is not one of the members that may be
+            # null (keyFile, region, profile, endpoint), so it is refused.
             if conf["nameBinding"] not in ("xattr", "xattr+symlinks"):
                 raise bad("nameBinding is not \"xattr\" or \"xattr+symlinks\"")
             if not v.names_encrypted:
@@ -1363,7 +1404,14 @@ def run(args):
             "~/.config")
         key_files = [os.path.join(base, "kmsfs", "keys",
                                   v.volume_id_hex + ".key")]
-    provider = LocalKeys([LocalProvider(os.fsencode(k)) for k in key_files])
+    passphrase = None
+    if args.passfile:
+        with open(args.passfile, "rb") as f:
+            passphrase = f.read().split(b"\n")[0]
+        if passphrase.endswith(b"\r"):
+            passphrase = passphrase[:-1]
+    provider = LocalKeys([LocalProvider(os.fsencode(k), passphrase)
+                          for k in key_files])
     if v.format == 3:
         open_volume_key(v, provider)
     else:
@@ -1443,6 +1491,8 @@ def main(argv=None):
                     "given more than once, e.g. for a volume whose rotation "
                     "was interrupted (old and new keys)")
     ap.add_argument("--out", help="also write the decrypted tree here")
+    ap.add_argument("--passfile", help="the passphrase of protected key "
+                    "files, on the first line of this file")
     ap.add_argument("--known-volumes", metavar="FILE",
                     help="check the config against this host pin file "
                     "(kmsfs(1), HOST PINS) before any key is used; the "

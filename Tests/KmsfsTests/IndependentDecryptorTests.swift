@@ -58,10 +58,19 @@ struct IndependentDecryptorTests {
                 try syscall { rename(a + ".swap", b) }
                 #expect(try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment).status == 0)
             }
+            // The key file protected by a passphrase (kmsfs passwd): read with it, refused without it.
+            let pw = v.dir.path + "/pw"
+            try P.writeFile(pw, Array("a passphrase\n".utf8))
+            let passwd = try run(kmsfsBinary, ["passwd", "--new-passfile", pw, "--scrypt-log-n", "12", v.cipher], environment: v.environment)
+            #expect(passwd.status == 0, "\(passwd.stderr)")
+            let locked = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment)
+            #expect(locked.status == 1 && locked.stderr.contains("protected by a passphrase"), "\(locked.stderr)")
+            let unlocked = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile, "--passfile", pw], environment: v.environment)
+            #expect(unlocked.status == 0, "\(unlocked.stderr)")
             let one = try offline(v, "one")
             try syscall { truncate(one, off_t(header.headerLength)) }
-            let emptied = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile], environment: v.environment)
-            #expect(emptied.status == 1, "\(emptied.stdout)")
+            let emptied = try run(python, [IndependentDecryptorTests.script, v.cipher, "--key-file", keyFile, "--passfile", pw], environment: v.environment)
+            #expect(emptied.status == 1 && emptied.stderr.contains("empty"), "\(emptied.stdout)\(emptied.stderr)")
         }
     }
 
