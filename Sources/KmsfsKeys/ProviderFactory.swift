@@ -14,9 +14,12 @@ public enum ProviderFactory {
         public var allowOpenKeyFile: Bool
         /// Local provider: reads the passphrase of a protected key file (nil: such a file is refused).
         public var passphrase: LocalKeyFile.PassphraseReader?
+        /// Exec provider: the host's key command (else KMSFS_KEY_COMMAND from `environment`).
+        public var keyCommand: String?
 
         public init(keyFile: String? = nil, environment: [String: String], policy: KMSPolicy = .defaults, allowOpenKeyFile: Bool = false,
-                    passphrase: LocalKeyFile.PassphraseReader? = nil) {
+                    passphrase: LocalKeyFile.PassphraseReader? = nil, keyCommand: String? = nil) {
+            self.keyCommand = keyCommand
             self.keyFile = keyFile
             self.environment = environment
             self.policy = policy
@@ -40,9 +43,20 @@ public enum ProviderFactory {
             let c = volume.keyProvider
             return AWSKMSProvider(settings: AWSSettings(region: c.region, profile: c.profile, endpoint: c.endpoint,
                                                         environment: options.environment), policy: options.policy)
+        case ExecKeyProvider.providerName:
+            return ExecKeyProvider(command: try keyCommand(options), timeout: options.policy.deadline)
         default:
             throw FormatError.invalidConfig("unknown key provider \"\(volume.keyProvider.type)\"")
         }
+    }
+
+    /// The key command of the host: never from the volume, which whoever writes CIPHERDIR could change.
+    public static func keyCommand(_ options: Options) throws -> String {
+        guard let c = options.keyCommand ?? options.environment["KMSFS_KEY_COMMAND"], !c.isEmpty else {
+            throw KeyError(.keyUnavailable, errorType: "NoKeyCommand", keyId: "",
+                           message: "this volume's keys are in an exec key service: give its command with --key-command or KMSFS_KEY_COMMAND")
+        }
+        return c
     }
 
 
@@ -59,8 +73,11 @@ public enum ProviderFactory {
         case AWSKMSProvider.providerName:
             valid = isAWSKeyId
             shape = "an AWS KMS key ID, alias name (alias/...) or ARN (arn:aws...:kms:...)"
+        case ExecKeyProvider.providerName:
+            valid = isExecKeyId
+            shape = "a key command's key ID (1 to 256 printable ASCII characters, no spaces or commas, not local:...)"
         default:
-            throw FormatError.invalidConfig("unknown key provider \"\(config.type)\" (kmsfs knows \"local\" and \"aws-kms\")")
+            throw FormatError.invalidConfig("unknown key provider \"\(config.type)\" (kmsfs knows \"local\", \"aws-kms\" and \"exec\")")
         }
         if let bad = config.keyIds.first(where: { !valid($0) }) {
             throw FormatError.invalidConfig("key \"\(bad)\" is not \(shape), but the config names key provider \(config.type)")
@@ -70,6 +87,11 @@ public enum ProviderFactory {
     static func isLocalKeyId(_ id: String) -> Bool {
         let b = Array(id.utf8)
         return b.count == 22 && id.hasPrefix("local:") && b[6...].allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+    }
+
+    public static func isExecKeyId(_ id: String) -> Bool {
+        let b = Array(id.utf8)
+        return (1...256).contains(b.count) && !id.hasPrefix("local:") && b.allSatisfy { $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ",") }
     }
 
     static func isAWSKeyId(_ id: String) -> Bool {

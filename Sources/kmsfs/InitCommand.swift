@@ -34,6 +34,8 @@ struct InitCommand: ParsableCommand {
 
     @OptionGroup var passphraseSource: PassphraseOptions
 
+    @OptionGroup var keyCommand: KeyCommandOption
+
     @Option(name: .long, help: ArgumentHelp("Local provider: the scrypt cost of a protected key file, log2 of N (r = 8, p = 1); 17 uses 128 MiB for about half a second.", valueName: "n"))
     var scryptLogN: Int = LocalKeyFile.defaultLogN
 
@@ -88,8 +90,13 @@ struct InitCommand: ParsableCommand {
             if keyFile != nil { throw CLIError("--key-file is for the local provider") }
             if protectsKey { throw CLIError("--passphrase, --passfile and --extpass are for the local provider") }
             if keyId.isEmpty { throw CLIError("--kms aws needs at least one --key-id") }
+        case "exec":
+            if keyFile != nil || protectsKey { throw CLIError("--key-file, --passphrase, --passfile and --extpass are for the local provider") }
+            if region != nil || profile != nil || endpoint != nil { throw CLIError("--region, --profile and --endpoint are for --kms aws") }
+            if keyId.isEmpty { throw CLIError("--kms exec needs at least one --key-id") }
+            if formatVersion < 3 { throw CLIError("--kms exec needs format 3 (the key command comes from the host, never from the volume)") }
         default:
-            throw CLIError("unknown key provider \"\(kms)\" (available: local, aws)")
+            throw CLIError("unknown key provider \"\(kms)\" (available: local, aws, exec)")
         }
         guard VolumeConfig.supportedFormatVersions.contains(formatVersion) else {
             throw CLIError("--format-version must be 1, 2 or 3")
@@ -100,7 +107,8 @@ struct InitCommand: ParsableCommand {
         }
         let dir = Paths.absolute(cipherDir)
         // AWS keys are checked before anything is created.
-        let aws = kms == "local" ? nil : try resolveAWSKeys()
+        let aws = kms == "local" || kms == "exec" ? nil : try resolveAWSKeys()
+        let exec = kms == "exec" ? try resolveExecKeys() : nil
         if Paths.exists(VolumeConfig.path(in: dir)) {
             throw CLIError("\(dir) already holds a kmsfs volume (\(VolumeConfig.fileName))")
         }
@@ -118,6 +126,8 @@ struct InitCommand: ParsableCommand {
 
         if let aws {
             try initAWS(dir: dir, volumeId: volumeId, pairs: pairs, settings: aws.settings, arns: aws.arns)
+        } else if let exec {
+            try initExec(dir: dir, volumeId: volumeId, pairs: pairs, provider: exec.provider, keyIds: exec.keyIds)
         } else {
             try initLocal(dir: dir, volumeId: volumeId, pairs: pairs)
         }
@@ -129,6 +139,39 @@ struct InitCommand: ParsableCommand {
         let arns = try VolumeAccess.checkAWSKeys(keyId, provider: AWSKMSProvider(settings: settings))
         if Set(arns).count != arns.count { throw CLIError("the same key is given twice") }
         return (settings, arns)
+    }
+
+    /// Checks every key with the key command's describe-key; returns the IDs it gives.
+    private func resolveExecKeys() throws -> (provider: ExecKeyProvider, keyIds: [String]) {
+        let command: String
+        do {
+            command = try ProviderFactory.keyCommand(.init(environment: Paths.environment, keyCommand: keyCommand.command))
+        } catch let e as KeyError {
+            throw CLIError(e.message)
+        }
+        if let bad = keyId.first(where: { !ProviderFactory.isExecKeyId($0) }) {
+            throw CLIError("key \"\(bad)\" is not a key command's key ID (1 to 256 printable ASCII characters, no spaces or commas)")
+        }
+        let provider = ExecKeyProvider(command: command, timeout: KMSPolicy.defaults.deadline)
+        let ids = try VolumeAccess.checkAWSKeys(keyId, provider: provider)
+        if let bad = ids.first(where: { !ProviderFactory.isExecKeyId($0) }) {
+            throw CLIError("the key command's describe-key names key \"\(bad)\", which is not a valid key ID")
+        }
+        if Set(ids).count != ids.count { throw CLIError("the same key is given twice") }
+        return (provider, ids)
+    }
+
+    private func initExec(dir: String, volumeId: String, pairs: [String: String], provider: ExecKeyProvider, keyIds: [String]) throws {
+        let headerLength = VolumeConfig.uniformHeaderLength(volumeId: volumeId, userContext: pairs, provider: ExecKeyProvider.providerName,
+                                                            keyIds: keyIds, wrappedKeySize: provider.wrappedKeySizeBound)
+        // The command is not recorded: it comes from the host at every use.
+        let config = VolumeConfig(volumeId: volumeId, chunkSize: chunkSize, encryptionContext: pairs,
+                                  keyProvider: KeyProviderConfig(type: ExecKeyProvider.providerName, keyIds: keyIds),
+                                  headerLength: headerLength, formatVersion: formatVersion)
+        try write(config, to: dir, keys: KeyService(provider: provider, keyIds: keyIds, audit: nil))
+        print("Created kmsfs volume \(volumeId) in \(dir) (exec key service).")
+        for (i, id) in keyIds.enumerated() { print("  key \(i + 1): \(id)") }
+        print("Give the same key command to every mount (--key-command or KMSFS_KEY_COMMAND); the volume does not record it.")
     }
 
     private func initAWS(dir: String, volumeId: String, pairs: [String: String], settings: AWSSettings, arns: [String]) throws {

@@ -45,6 +45,8 @@ struct MountCommand: ParsableCommand {
 
     @OptionGroup var passphrase: PassphraseOptions
 
+    @OptionGroup var keyCommand: KeyCommandOption
+
     @Option(name: .long, help: ArgumentHelp("Append one JSON line per key operation to this file.", valueName: "file"))
     var auditLog: String?
 
@@ -188,7 +190,8 @@ struct MountCommand: ParsableCommand {
         }
         let policy = KMSPolicy(deadline: kmsDeadline, probeInterval: kmsProbeInterval, maxRate: kmsMaxRate, requireAllKeys: requireAllKeys)
         let keyService = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: audit, maxInFlight: kmsMaxInflight,
-                                                     policy: policy, allowOpenKeyFile: allowOpenKeyFile, passphrase: passphrase)
+                                                     policy: policy, allowOpenKeyFile: allowOpenKeyFile, passphrase: passphrase,
+                                                     keyCommand: keyCommand)
 
         // Keys must not reach a core dump or swap, and modes of new files come from the caller, not our umask.
         // Key buffers are locked one by one anyway; locking the whole daemon also keeps OpenSSL's expanded key
@@ -315,6 +318,7 @@ struct MountCommand: ParsableCommand {
         if let k = keyFile { args += ["--key-file", Paths.absolute(k)] }
         if let f = passphrase.passfile { args += ["--passfile", Paths.absolute(f)] }
         if let c = passphrase.extpass { args += ["--extpass", c] }
+        if let c = keyCommand.command { args += ["--key-command", c] }
         // A protected key file and no other source: asked here, on the terminal, and handed to the daemon on its
         // standard input (a pipe, read once).
         var passphrasePipe: Int32? = nil

@@ -9,7 +9,7 @@ enum MountHelper {
         "known_volumes": "--known-volumes", "key_pool": "--key-pool", "key_pool_age": "--key-pool-age",
         "kms_deadline": "--kms-deadline", "kms_max_inflight": "--kms-max-inflight", "kms_max_rate": "--kms-max-rate",
         "kms_probe_interval": "--kms-probe-interval", "max_inodes": "--max-inodes", "log_format": "--log-format",
-        "passfile": "--passfile",
+        "passfile": "--passfile", "key_command": "--key-command",
     ]
     /// kmsfs options that are flags.
     static let flags: [String: String] = [

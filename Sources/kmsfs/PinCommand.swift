@@ -24,6 +24,8 @@ struct PinCommand: ParsableCommand {
 
     @OptionGroup var passphrase: PassphraseOptions
 
+    @OptionGroup var keyCommand: KeyCommandOption
+
     @Flag(name: .long, help: "Replace a pin the config no longer matches.")
     var update = false
 
@@ -82,7 +84,7 @@ struct PinCommand: ParsableCommand {
         }
         // Trust only a config its own volume key authenticates.
         if volume.formatVersion >= 3 {
-            let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil, passphrase: passphrase)
+            let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil, passphrase: passphrase, keyCommand: keyCommand)
             try VolumeAccess.openVolumeKey(volume, cipher: cipher, keys: keys).wipe()
         }
         let pin = VolumePin(volume, directory: cipher)

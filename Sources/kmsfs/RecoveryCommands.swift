@@ -13,6 +13,8 @@ struct OfflineOptions: ParsableArguments {
 
     @OptionGroup var passphrase: PassphraseOptions
 
+    @OptionGroup var keyCommand: KeyCommandOption
+
     @OptionGroup var trust: TrustOptions
 
     @Argument(help: ArgumentHelp("The encrypted directory.", valueName: "cipherdir"))
@@ -24,7 +26,7 @@ struct OfflineOptions: ParsableArguments {
         let cipher = try Paths.resolve(cipherDir)
         let volume = try VolumeAccess.loadConfig(cipher)
         let pinned = try VolumeAccess.checkPin(volume, cipher: cipher, trust: trust)
-        let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil, passphrase: passphrase)
+        let keys = try VolumeAccess.keyService(volume, cipher: cipher, keyFile: keyFile, audit: nil, passphrase: passphrase, keyCommand: keyCommand)
         var nameCipher: NameCipher? = nil
         var volumeKeys: VolumeKeys? = nil
         if volume.formatVersion >= 3 {

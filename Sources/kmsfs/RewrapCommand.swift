@@ -34,6 +34,8 @@ struct RewrapCommand: ParsableCommand {
     /// the current one is protected: a rotation keeps the protection and the passphrase).
     @OptionGroup var passphrase: PassphraseOptions
 
+    @OptionGroup var keyCommand: KeyCommandOption
+
     @Option(name: .long, help: ArgumentHelp("AWS KMS: region override.", valueName: "region"))
     var region: String?
 
@@ -97,6 +99,18 @@ struct RewrapCommand: ParsableCommand {
             let arns = try VolumeAccess.checkAWSKeys(keyId.isEmpty ? c.keyIds : keyId, provider: aws)
             targets = arns
             volume.keyProvider.keyIds = arns
+        case ExecKeyProvider.providerName:
+            if keyFile != nil || currentKeyFile != nil { throw CLIError("--key-file is for the local provider") }
+            let command: String
+            do {
+                command = try ProviderFactory.keyCommand(.init(environment: Paths.environment, keyCommand: keyCommand.command))
+            } catch let e as KeyError {
+                throw CLIError(e.message)
+            }
+            let exec = ExecKeyProvider(command: command, timeout: KMSPolicy.defaults.deadline)
+            provider = exec
+            targets = try VolumeAccess.checkAWSKeys(keyId.isEmpty ? volume.keyProvider.keyIds : keyId, provider: exec)
+            volume.keyProvider.keyIds = targets
         case LocalKeyProvider.providerName:
             if !keyId.isEmpty || region != nil || profile != nil || endpoint != nil {
                 throw CLIError("--key-id, --region, --profile and --endpoint are for AWS KMS volumes")

@@ -93,11 +93,12 @@ enum VolumeAccess {
 
     static func keyService(_ volume: VolumeConfig, cipher: String, keyFile: String?, audit: AuditLog?,
                            maxInFlight: Int = KeyService.defaultMaxInFlight, policy: KMSPolicy = .defaults,
-                           allowOpenKeyFile: Bool = false, passphrase: PassphraseOptions) throws -> KeyService {
+                           allowOpenKeyFile: Bool = false, passphrase: PassphraseOptions, keyCommand: KeyCommandOption) throws -> KeyService {
         do {
             let provider = try ProviderFactory.makeProvider(
                 volume: volume, options: .init(keyFile: keyFile.map(Paths.absolute), environment: Paths.environment, policy: policy,
-                                               allowOpenKeyFile: allowOpenKeyFile, passphrase: passphrase.reader))
+                                               allowOpenKeyFile: allowOpenKeyFile, passphrase: passphrase.reader,
+                                               keyCommand: keyCommand.command))
             return KeyService(provider: provider, keyIds: volume.keyProvider.keyIds, audit: audit, maxInFlight: maxInFlight,
                               policy: policy)
         } catch let e as KeyError {
@@ -119,14 +120,15 @@ enum VolumeAccess {
     }
 
     /// DescribeKey on each key: their ARNs, or one line saying which key is unusable and why.
-    static func checkAWSKeys(_ keys: [String], provider: AWSKMSProvider) throws -> [String] {
+    static func checkAWSKeys(_ keys: [String], provider: KeyProvider) throws -> [String] {
         try keys.map { key in
             do {
                 return try provider.describeKey(key)
             } catch let e as KeyError {
                 let why: String
                 switch e.kind {
-                case .accessDenied: why = "not allowed (\(e.errorType)): the credentials need kms:DescribeKey on it"
+                case .accessDenied where provider is AWSKMSProvider: why = "not allowed (\(e.errorType)): the credentials need kms:DescribeKey on it"
+                case .accessDenied: why = "not allowed (\(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message))"
                 case .keyUnavailable: why = e.errorType == "NotFoundException" ? "not found" : "not usable: \(e.message)"
                 case .unreachable: why = "KMS could not be reached: \(e.message)"
                 default: why = "\(e.errorType)\(e.message.isEmpty ? "" : ": " + e.message)"
@@ -135,6 +137,12 @@ enum VolumeAccess {
             }
         }
     }
+}
+
+/// The host's key command, for volumes whose keys are in an exec key service (kmsfs(1), KEY COMMANDS).
+struct KeyCommandOption: ParsableArguments {
+    @Option(name: .customLong("key-command"), help: ArgumentHelp("Exec provider: the key service's command, run with /bin/sh -c for every key operation (default: $KMSFS_KEY_COMMAND).", valueName: "command"))
+    var command: String?
 }
 
 /// Where the host keeps its pinned volumes.

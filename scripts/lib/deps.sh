@@ -72,6 +72,21 @@ ensure_juicefs() {
     JUICEFS="$venv/bin/juicefs"
 }
 
+# SoftHSM (a PKCS#11 token in files) and python-pkcs11 (in the test virtualenv), for the tests of the exec key
+# service through the shipped scripts/key-commands/kmsfs-pkcs11. Sets SOFTHSM_MODULE and PKCS11_PYTHON.
+ensure_pkcs11() {
+    ensure_debs softhsm2
+    SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+    local venv=/opt/kmsfs-test-venv
+    if ! "$venv/bin/python3" -c "import pkcs11; from pkcs11.mechanisms import GCMParams" 2>/dev/null; then
+        echo "== installing python-pkcs11 into $venv"
+        ensure_debs python3 python3-venv
+        [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check 'python-pkcs11==0.10.1'
+    fi
+    PKCS11_PYTHON="$venv/bin/python3"
+}
+
 # FUSE needs root and /dev/fuse.
 check_fuse() {
     if [ "$(id -u)" != 0 ]; then echo "run this as root (FUSE mounts and test users need it)" >&2; exit 1; fi
