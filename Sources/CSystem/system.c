@@ -71,3 +71,12 @@ int kmsfs_exe_is_self(void) {
     if (stat(info.dli_fname, &self) != 0 || stat("/proc/self/exe", &exe) != 0) return -1;
     return self.st_dev == exe.st_dev && self.st_ino == exe.st_ino;
 }
+
+#include <sys/socket.h>
+int kmsfs_peer_uid(int fd, unsigned int *uid) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    *uid = cred.uid;
+    return 0;
+}

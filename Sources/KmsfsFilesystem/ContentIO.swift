@@ -4,6 +4,7 @@ import Glibc
 import KmsfsCrypto
 import KmsfsFormat
 import KmsfsSystem
+import Synchronization
 
 /// Chunked read-modify-write of one file's body through a backing file descriptor.
 ///
@@ -357,6 +358,7 @@ struct ContentIO {
 
     private func reportCorrupt(chunk: Int) {
         if file.firstReport(ofChunk: chunk) {
+            MountCounters.corruptChunks.add(1, ordering: .relaxed)
             Log.shared.log(.error, "corrupt chunk \(chunk) of \(file.path): authentication failed, reads of it return EIO",
                            event: "corrupt-chunk", fields: ["file": file.path, "chunk": String(chunk)])
         }

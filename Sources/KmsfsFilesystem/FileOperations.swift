@@ -4,6 +4,7 @@ import KmsfsCrypto
 import KmsfsFormat
 import KmsfsKeys
 import KmsfsSystem
+import Synchronization
 
 /// Opening, creating, reading, writing and resizing regular files.
 extension EncryptedFilesystem {
@@ -297,7 +298,9 @@ extension EncryptedFilesystem {
     func read(_ handle: FileHandle, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
         if offset >= handle.file.size { return 0 }
         let s = try secrets(of: handle)
-        return try handle.file.io.withReadLock { try handle.content.read(s, into: buffer, count: count, offset: offset) }
+        let n = try handle.file.io.withReadLock { try handle.content.read(s, into: buffer, count: count, offset: offset) }
+        MountCounters.bytesRead.add(n, ordering: .relaxed)
+        return n
     }
 
     func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int) throws -> Int {
@@ -307,6 +310,7 @@ extension EncryptedFilesystem {
             try checkWritable()
             try handle.content.write(s, from: buffer, count: count, offset: offset)
         }
+        MountCounters.bytesWritten.add(count, ordering: .relaxed)
         return count
     }
 

@@ -71,7 +71,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let keys: KeyService
     let names: NameMapping
     let volumeKeys: VolumeKeys?
-    private let volumeKeysWiped = Atomic<Bool>(false)
+    let volumeKeysWiped = Atomic<Bool>(false)
     /// Mounted read-only, or fenced (`fence`): every change is refused with EROFS.
     var readOnly: Bool { readOnlyMount || fenced.load(ordering: .relaxed) }
     let readOnlyMount: Bool

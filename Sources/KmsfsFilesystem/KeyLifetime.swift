@@ -98,6 +98,9 @@ final class OpenFile: @unchecked Sendable {
     private let stateLock = Lock()
     private var loaded: FileSecrets?
 
+    /// True while the file's data key is in memory.
+    var holdsKey: Bool { stateLock.withLock { loaded != nil } }
+
     // Chunks already reported as corrupt (one log line each), guarded by reportLock.
     private let reportLock = Lock()
     private var reported = Set<Int>()
@@ -228,6 +231,12 @@ final class OpenFileTable: @unchecked Sendable {
     }
 
     var count: Int { lock.withLock { files.count } }
+
+    /// Files whose data key is in memory now.
+    var keysHeld: Int {
+        let all = lock.withLock { Array(files.values) }
+        return all.filter(\.holdsKey).count
+    }
 
     /// Wipes every key (unmount).
     func wipeAll() {

@@ -31,6 +31,8 @@ public final class KeyService: Sendable {
     /// they are tried in this order.
     public let keyIds: [String]
     private let audit: AuditLog?
+    /// Calls per operation, failures and latencies (for `kmsfs status`).
+    public let metrics = CallMetrics()
     /// Bounds the provider calls in flight at once (KMS requests), whoever makes them.
     private let inFlight: KmsfsSystem.Semaphore
     public let policy: KMSPolicy
@@ -233,8 +235,10 @@ public final class KeyService: Sendable {
         tries.deadline = deadline
         defer { tries.deadline = nil }
         func record(_ result: String) {
+            let elapsed = KeyService.now() - start
+            metrics.record(op, milliseconds: elapsed, failed: result != "ok")
             audit?.record(op: op, keyId: keyId, fileId: Hex.encode(subject.fileId), path: subject.path, result: result,
-                          latencyMs: KeyService.now() - start, attempts: max(1, tries.attempts), retried: tries.retried)
+                          latencyMs: elapsed, attempts: max(1, tries.attempts), retried: tries.retried)
         }
         do {
             let r = try body()

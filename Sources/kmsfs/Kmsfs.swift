@@ -23,7 +23,7 @@ struct Kmsfs: ParsableCommand {
         version: "kmsfs \(version) (on-disk format 3; reads 1 to 3)",
         subcommands: [InitCommand.self, MountCommand.self, UnmountCommand.self, InfoCommand.self,
                       RewrapCommand.self, DecryptCommand.self, VerifyCommand.self, PathCommand.self, PinCommand.self, RebindCommand.self,
-                      PasswdCommand.self]
+                      PasswdCommand.self, StatusCommand.self]
     )
 }
 

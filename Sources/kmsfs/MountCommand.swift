@@ -130,6 +130,7 @@ struct MountCommand: ParsableCommand {
 
     /// Mounts and serves until unmounted. Returns the exit status.
     private func serve(_ reporter: Reporter) throws -> Int32 {
+        MountCounters.markStarted()
         if reporter.isDaemon { setsid() }
         Log.shared.configure(sink: .standardError, level: debug ? .debug : .info, format: logFormat)
 
@@ -240,6 +241,8 @@ struct MountCommand: ParsableCommand {
         Log.debug("mounting \(cipher) on \(mount) with options \(options.joined(separator: ","))")
         let outcome = FuseServer.run(fs, mountpoint: mount, options: options) {
             Log.shared.log(.info, "mounted \(cipher) on \(mount)", event: "mounted", fields: ["cipherdir": cipher, "mountpoint": mount])
+            // kmsfs status asks here (root and this user only).
+            StatusChannel.serve(mountPoint: mount) { [fs] in fs.statusJSON(mountPoint: mount) }
             reporter.ready("mounted \(cipher) on \(mount) (log: \(logDescription))")
         }
         switch outcome {
