@@ -3,10 +3,12 @@ import Glibc
 
 /// scrypt (RFC 7914) through OpenSSL: the key derivation of passphrase-protected key files.
 public enum Scrypt {
-    /// Parameters a reader accepts: N = 2^logN with logN in 10...22, r in 1...32, p in 1...16, and at most
-    /// 1 GiB of memory (128 * r * N bytes), so a key file cannot make kmsfs allocate without bound.
+    /// Parameters a reader accepts: N = 2^logN with logN in 10...22 and below 16 * r (RFC 7914's N < 2^(128r/8)),
+    /// r in 1...32, p in 1...16, and at most 1 GiB of memory (128 * r * (N + p + 2) bytes), so a key file cannot
+    /// make kmsfs allocate without bound. With r = 8 that allows logN 10 to 19.
     public static func isAcceptable(logN: Int, r: Int, p: Int) -> Bool {
-        (10...22).contains(logN) && (1...32).contains(r) && (1...16).contains(p) && memory(logN: logN, r: r, p: p) <= 1 << 30
+        (10...22).contains(logN) && (1...32).contains(r) && (1...16).contains(p) && logN < 16 * r
+            && memory(logN: logN, r: r, p: p) <= 1 << 30
     }
 
     /// The memory scrypt needs: 128 * r * (N + p + 2) bytes.

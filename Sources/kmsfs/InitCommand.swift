@@ -36,7 +36,7 @@ struct InitCommand: ParsableCommand {
 
     @OptionGroup var keyCommand: KeyCommandOption
 
-    @Option(name: .long, help: ArgumentHelp("Local provider: the scrypt cost of a protected key file, log2 of N (r = 8, p = 1); 17 uses 128 MiB for about half a second.", valueName: "n"))
+    @Option(name: .long, help: ArgumentHelp("Local provider: the scrypt cost of a protected key file, log2 of N (r = 8, p = 1); 10 to 19; 17 uses 128 MiB for about a third of a second.", valueName: "n"))
     var scryptLogN: Int = LocalKeyFile.defaultLogN
 
     @Option(name: .long, parsing: .singleValue,
@@ -72,7 +72,7 @@ struct InitCommand: ParsableCommand {
 
     func validate() throws {
         guard Scrypt.isAcceptable(logN: scryptLogN, r: LocalKeyFile.defaultR, p: LocalKeyFile.defaultP) else {
-            throw ValidationError("--scrypt-log-n must be from 10 to 22")
+            throw ValidationError("--scrypt-log-n must be from 10 to 19 (19: 512 MiB)")
         }
     }
 
@@ -149,16 +149,8 @@ struct InitCommand: ParsableCommand {
         } catch let e as KeyError {
             throw CLIError(e.message)
         }
-        if let bad = keyId.first(where: { !ProviderFactory.isExecKeyId($0) }) {
-            throw CLIError("key \"\(bad)\" is not a key command's key ID (1 to 256 printable ASCII characters, no spaces or commas)")
-        }
         let provider = ExecKeyProvider(command: command, timeout: KMSPolicy.defaults.deadline)
-        let ids = try VolumeAccess.checkAWSKeys(keyId, provider: provider)
-        if let bad = ids.first(where: { !ProviderFactory.isExecKeyId($0) }) {
-            throw CLIError("the key command's describe-key names key \"\(bad)\", which is not a valid key ID")
-        }
-        if Set(ids).count != ids.count { throw CLIError("the same key is given twice") }
-        return (provider, ids)
+        return (provider, try VolumeAccess.checkExecKeys(keyId, provider: provider))
     }
 
     private func initExec(dir: String, volumeId: String, pairs: [String: String], provider: ExecKeyProvider, keyIds: [String]) throws {

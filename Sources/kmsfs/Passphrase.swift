@@ -36,8 +36,17 @@ struct PassphraseOptions: ParsableArguments {
             if let file { return try Passphrase.fromFile(file) }
             if let command { return try Passphrase.fromCommand(command) }
             if let fd { return try once.value { try Passphrase.fromDescriptor(fd, what: "the passphrase descriptor") } }
-            return try Passphrase.fromTerminal(prompt: "Passphrase for key file \(keyFile): ")
+            return try Passphrase.fromTerminal(prompt: "Passphrase for key file \(Passphrase.printable(keyFile)): ")
         }
+    }
+
+    /// A reader that asks once, whatever the source, and gives that passphrase for every key file after: for a
+    /// command that opens one key file and seals another under the same passphrase (rewrap), which must be the
+    /// one that opened the first, not a second answer that could differ.
+    var readerOnce: LocalKeyFile.PassphraseReader {
+        let read = reader
+        let once = PassphraseCache()
+        return { keyFile in try once.value { try read(keyFile) } }
     }
 
     /// A new passphrase: from the file or command, else asked twice on the terminal.
@@ -132,7 +141,13 @@ enum Passphrase {
                 n += 1
             }
         }
-        if !sawNewline && n == limit + 2 { buffer.wipe(); throw CLIError("\(what): the passphrase is longer than \(limit) bytes") }
+        if !sawNewline && n == limit + 2 {
+            buffer.wipe()
+            // The rest of the line is read and dropped, so that it is not left for whatever reads next (a shell).
+            var c: UInt8 = 0
+            while read(fd, &c, 1) == 1 && c != UInt8(ascii: "\n") {}
+            throw CLIError("\(what): the passphrase is longer than \(limit) bytes")
+        }
         if n > 0 && buffer.withUnsafeBytes({ $0[n - 1] }) == 13 { n -= 1 }
         guard n > 0 else { throw CLIError("\(what): the passphrase is empty") }
         guard n <= limit else { buffer.wipe(); throw CLIError("\(what): the passphrase is longer than \(limit) bytes") }
@@ -141,7 +156,18 @@ enum Passphrase {
         return out
     }
 
-    /// Asks on the controlling terminal, without echo.
+    /// A path for a prompt: control characters (which could drive the terminal) shown as "?".
+    static func printable(_ s: String) -> String {
+        String(s.unicodeScalars.map { $0.value < 0x20 || ($0.value >= 0x7f && $0.value < 0xa0) ? "?" : Character($0) })
+    }
+
+    /// The terminal and its settings while echo is off, for the signal handler that puts them back.
+    nonisolated(unsafe) private static var echoTerminal: Int32 = -1
+    nonisolated(unsafe) private static var echoSaved = termios()
+    private static let restoringSignals: [Int32] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+
+    /// Asks on the controlling terminal, without echo (put back if the process is interrupted meanwhile). Input
+    /// typed ahead is kept, so that a program may answer on a pseudo-terminal.
     static func fromTerminal(prompt: String) throws -> SecureBytes {
         let tty = open("/dev/tty", O_RDWR | O_NOCTTY | O_CLOEXEC)
         guard tty >= 0 else {
@@ -150,14 +176,28 @@ enum Passphrase {
         defer { close(tty) }
         var saved = termios()
         let isTerminal = tcgetattr(tty, &saved) == 0
+        var previous: [Int32: sighandler_t?] = [:]
         if isTerminal {
+            echoSaved = saved
+            echoTerminal = tty
+            for s in restoringSignals {
+                previous[s] = signal(s) { sig in
+                    if Passphrase.echoTerminal >= 0 { tcsetattr(Passphrase.echoTerminal, TCSANOW, &Passphrase.echoSaved) }
+                    signal(sig, SIG_DFL)
+                    raise(sig)
+                }
+            }
             var quiet = saved
             quiet.c_lflag &= ~tcflag_t(ECHO)
             quiet.c_lflag |= tcflag_t(ICANON)
             tcsetattr(tty, TCSANOW, &quiet)
         }
         defer {
-            if isTerminal { tcsetattr(tty, TCSANOW, &saved) }
+            if isTerminal {
+                tcsetattr(tty, TCSANOW, &saved)
+                echoTerminal = -1
+                for (s, h) in previous { signal(s, h ?? SIG_DFL) }
+            }
             _ = write(tty, "\n", 1)
         }
         _ = prompt.withCString { write(tty, $0, strlen($0)) }

@@ -42,7 +42,7 @@ struct PasswdCommand: ParsableCommand {
         guard !(newPassfile != nil && newExtpass != nil) else { throw ValidationError("give at most one of --new-passfile and --new-extpass") }
         guard !remove || (newPassfile == nil && newExtpass == nil) else { throw ValidationError("--remove takes no new passphrase") }
         guard Scrypt.isAcceptable(logN: scryptLogN, r: LocalKeyFile.defaultR, p: LocalKeyFile.defaultP) else {
-            throw ValidationError("--scrypt-log-n must be from 10 to 22")
+            throw ValidationError("--scrypt-log-n must be from 10 to 19 (19: 512 MiB)")
         }
     }
 

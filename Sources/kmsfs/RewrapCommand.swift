@@ -109,7 +109,7 @@ struct RewrapCommand: ParsableCommand {
             }
             let exec = ExecKeyProvider(command: command, timeout: KMSPolicy.defaults.deadline)
             provider = exec
-            targets = try VolumeAccess.checkAWSKeys(keyId.isEmpty ? volume.keyProvider.keyIds : keyId, provider: exec)
+            targets = try VolumeAccess.checkExecKeys(keyId.isEmpty ? volume.keyProvider.keyIds : keyId, provider: exec)
             volume.keyProvider.keyIds = targets
         case LocalKeyProvider.providerName:
             if !keyId.isEmpty || region != nil || profile != nil || endpoint != nil {
@@ -121,15 +121,17 @@ struct RewrapCommand: ParsableCommand {
             let current: LocalMasterKey
             let next: LocalMasterKey
             do {
-                current = try LocalKeyFile.load(path: currentPath, passphrase: passphrase.reader)
+                // One passphrase for the run: the one that opened the current key file seals the new one.
+                let once = passphrase.readerOnce
+                current = try LocalKeyFile.load(path: currentPath, passphrase: once)
                 if let path = keyFile.map(Paths.absolute) {
                     if Paths.exists(path) {
-                        next = try LocalKeyFile.load(path: path, passphrase: passphrase.reader)
+                        next = try LocalKeyFile.load(path: path, passphrase: once)
                     } else {
                         let (key, master) = try LocalMasterKey.generate()
                         var protection: LocalKeyFile.Protection? = nil
                         if LocalKeyFile.isProtected(path: currentPath) {
-                            protection = LocalKeyFile.Protection(passphrase: try passphrase.reader(currentPath))
+                            protection = LocalKeyFile.Protection(passphrase: try once(currentPath))
                         }
                         defer { protection?.passphrase.wipe() }
                         try LocalKeyFile.write(master, to: path, keyId: key.keyId, protection: protection)

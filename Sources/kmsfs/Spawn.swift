@@ -29,13 +29,22 @@ enum Spawn {
         }
         if let p = passFd { posix_spawn_file_actions_adddup2(&actions, p, 3) }
         // Nothing else leaks into the child (a daemon holding its starter's pipes would keep them open).
-        _ = kmsfs_spawn_closefrom(&actions, passFd == nil ? 3 : 4)
+        guard kmsfs_spawn_closefrom(&actions, passFd == nil ? 3 : 4) == 0 else { throw CLIError("cannot prepare to run \(path): \(Errno.current)") }
+        // SIGPIPE back to its default (kmsfs ignores it, for key commands that exit without reading).
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        sigaddset(&defaults, SIGPIPE)
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGDEF))
         var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
         var pid: pid_t = 0
         let r = path.contains("/")
-            ? posix_spawn(&pid, path, &actions, nil, &argv, environ)
-            : posix_spawnp(&pid, path, &actions, nil, &argv, environ)
+            ? posix_spawn(&pid, path, &actions, &attr, &argv, environ)
+            : posix_spawnp(&pid, path, &actions, &attr, &argv, environ)
         guard r == 0 else { throw CLIError("cannot run \(path): \(Errno(r))") }
         return pid
     }

@@ -119,6 +119,20 @@ enum VolumeAccess {
         }
     }
 
+    /// A key command's describe-key on each key: the IDs it gives, checked as the config's will be at mount
+    /// (well-formed, no key twice), or one line saying which key is unusable and why.
+    static func checkExecKeys(_ keys: [String], provider: ExecKeyProvider) throws -> [String] {
+        if let bad = keys.first(where: { !ProviderFactory.isExecKeyId($0) }) {
+            throw CLIError("key \"\(bad)\" is not a key command's key ID (1 to 256 printable ASCII characters, no spaces or commas)")
+        }
+        let ids = try checkAWSKeys(keys, provider: provider)
+        if let bad = ids.first(where: { !ProviderFactory.isExecKeyId($0) }) {
+            throw CLIError("the key command's describe-key names key \"\(bad)\", which is not a valid key ID")
+        }
+        if Set(ids).count != ids.count { throw CLIError("the same key is given twice") }
+        return ids
+    }
+
     /// DescribeKey on each key: their ARNs, or one line saying which key is unusable and why.
     static func checkAWSKeys(_ keys: [String], provider: KeyProvider) throws -> [String] {
         try keys.map { key in

@@ -1,6 +1,8 @@
 import Foundation
 import Glibc
+import KmsfsCrypto
 import KmsfsFormat
+import KmsfsKeys
 import KmsfsSystem
 import Testing
 
@@ -133,6 +135,41 @@ struct ExecKeyServiceTests {
         let log = v.daemonLogText
         #expect(log.contains("AccessDeniedException") && log.contains("refused by the test"), "\(log)")
         #expect(log.contains("Timeout") && log.contains("did not answer decrypt"), "\(log)")
+    }
+
+    @Test("Key commands that misbehave: one that never reads its request still answers; an answer over 64 KiB, a nested, repeated or escaped plaintext, a plaintext where none belongs, or a non-zero exit are refused; refusal types and messages are cleaned for the log; the command sees no descriptor but 0 to 2")
+    func misbehavingCommands() throws {
+        let key = Base64.encode([UInt8](repeating: 7, count: 32))
+        let context = EncryptionContext(["kmsfs:volume-id": String(repeating: "a", count: 32)])
+        func provider(_ script: String) -> ExecKeyProvider { ExecKeyProvider(command: script, timeout: 5) }
+        func failure(_ body: () throws -> Void) -> KeyError? {
+            do { try body(); return nil } catch let e as KeyError { return e } catch { return nil }
+        }
+        // Never reads its request (which is small enough for the pipe, and its EPIPE is ignored).
+        #expect(try provider(#"echo '{"keyId":"canonical"}'"#).describeKey("k") == "canonical")
+        // Only 0, 1 and 2 are open in the command.
+        #expect(try provider(#"n=0; i=3; while [ $i -lt 1024 ]; do [ -e /proc/$$/fd/$i ] && n=$((n+1)); i=$((i+1)); done; echo "{\"keyId\":\"extra-$n\"}""#).describeKey("k") == "extra-0")
+        let started = Date()
+        let long = failure { _ = try provider("head -c 70000 /dev/zero | tr '\\0' x; sleep 30").describeKey("k") }
+        #expect(long?.errorType == "InvalidResponse" && long?.message.contains("longer than 64 KiB") == true, "\(String(describing: long))")
+        #expect(Date().timeIntervalSince(started) < 4)
+        for bad in [#"{"plaintext":"\#(key)","ciphertext":"AAAA","x":{"plaintext":"\#(key)"}}"#,
+                    #"{"plaintext":"\#(key)","plaintext":"\#(key)","ciphertext":"AAAA"}"#,
+                    #"{"plain\u0074ext":"\#(key)","ciphertext":"AAAA"}"#,
+                    #"{"ciphertext":"AAAA","note":"no key"}"#] {
+            let e = failure { _ = try provider("cat >/dev/null; printf '%s' '\(bad)'").generateDataKey(keyId: "k", context: context) }
+            #expect(e?.errorType == "InvalidResponse", "\(bad): \(String(describing: e))")
+        }
+        #expect(try provider(#"cat >/dev/null; printf '%s' '{"plaintext":"\#(key)","ciphertext":"AAAA"}'"#)
+            .generateDataKey(keyId: "k", context: context).wrapped.blob == [0, 0, 0])
+        let echoed = failure { _ = try provider(#"echo '{"keyId":"k","plaintext":"\#(key)"}'"#).describeKey("k") }
+        #expect(echoed?.errorType == "InvalidResponse")
+        let exited = failure { _ = try provider(#"printf '%s' '{"plaintext":"\#(key)","ciphertext":"AAAA"}'; exit 3"#).generateDataKey(keyId: "k", context: context) }
+        #expect(exited?.errorType == "KeyCommandFailed" && exited?.kind == .unreachable, "\(String(describing: exited))")
+        let refused = failure { _ = try provider(#"printf '%s' '{"error":{"type":"Access\nDenied<x>Exception","message":"no\u0001 way"}}'; exit 1"#).describeKey("k") }
+        #expect(refused?.errorType == "AccessDeniedxException" && refused?.message == "no way", "\(String(describing: refused))")
+        let denied = failure { _ = try provider(#"echo '{"error":{"type":"AccessDeniedException"}}'"#).describeKey("k") }
+        #expect(denied?.kind == .accessDenied)
     }
 
     @Test("init --kms exec checks each key with the command (a missing key fails with one line) and records no command in the volume")

@@ -129,8 +129,31 @@ struct PassphraseTests {
         try v.start()
         #expect(try P.readFile(v.path("data")) == Array(repeating: 7, count: 10_000))
         try v.unmount()
-        // Not one byte of the volume changed, nor was anything added or removed.
+        // Not one byte of the volume changed, nor was anything added or removed; no temporary key file is left.
         #expect(try snapshot(v.cipher) == before)
+        let keys = try FileManager.default.contentsOfDirectory(atPath: v.configHome + "/kmsfs/keys")
+        #expect(keys == ["\(volumeId).key"], "\(keys)")
+        // The cost is bounded: N = 2^20 with r = 8 needs over 1 GiB.
+        let costly = try passwd(["--new-passfile", one, "--scrypt-log-n", "20"])
+        #expect(costly.status != 0 && costly.stderr.contains("from 10 to 19"), "\(costly.stderr)")
+    }
+
+    @Test("rewrap to a new key file keeps the protection under the passphrase that opened the current one (asked once)")
+    func rewrapKeepsProtection() throws {
+        let secrets = try TempDir()
+        let pw = try passfile(secrets, "pw", "rotation passphrase")
+        let v = try MountedVolume(initArgs: ["--passfile", pw, "--scrypt-log-n", "12"], mountArgs: ["--passfile", pw])
+        try P.writeFile(v.path("kept"), Array("across the rotation".utf8))
+        try v.unmount()
+        let newKey = v.dir.path + "/rotated.key"
+        let rewrap = try run(kmsfsBinary, ["rewrap", "--key-file", newKey, "--passfile", pw, v.cipher], environment: v.environment)
+        #expect(rewrap.status == 0, "\(rewrap.stderr)")
+        #expect(String(decoding: try P.readFile(newKey), as: UTF8.self).contains("\nscrypt logN=17 r=8 p=1 salt="))
+        try v.start(["--passfile", pw])
+        #expect(try P.readFile(v.path("kept")) == Array("across the rotation".utf8))
+        try v.unmount()
+        let locked = try run("setsid", ["-w", kmsfsBinary, "verify", v.cipher], environment: v.environment)
+        #expect(locked.status != 0 && locked.stderr.contains("there is no terminal"), "\(locked.stderr)")
     }
 
     @Test("init --passphrase asks twice on a terminal: two different answers create nothing, two equal ones protect the key")

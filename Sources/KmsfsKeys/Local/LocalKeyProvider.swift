@@ -278,7 +278,10 @@ struct ProtectedLine {
     /// Parses `scrypt logN=L r=R p=P salt=HEX key=HEX` (fields in this order, one space apart, decimal numbers,
     /// hex of either case); nil for any other line, or for parameters a reader does not accept.
     init?(_ line: UnsafeRawBufferPointer) {
-        guard line.count < 512, let text = String(validating: Array(line), as: UTF8.self), text.hasPrefix(ProtectedLine.prefix) else { return nil }
+        // The raw bytes first: an unprotected file's key line (the master key in hex) is never copied out of locked memory.
+        let prefix = Array(ProtectedLine.prefix.utf8)
+        guard line.count < 512, line.count > prefix.count, zip(line, prefix).allSatisfy({ $0 == $1 }),
+              let text = String(validating: Array(line), as: UTF8.self) else { return nil }
         let fields = text.split(separator: " ", omittingEmptySubsequences: false)
         guard fields.count == 6, fields[0] == "scrypt" else { return nil }
         func value(_ i: Int, _ name: String) -> Substring? {
