@@ -143,13 +143,7 @@ struct InitCommand: ParsableCommand {
 
     /// Checks every key with the key command's describe-key; returns the IDs it gives.
     private func resolveExecKeys() throws -> (provider: ExecKeyProvider, keyIds: [String]) {
-        let command: String
-        do {
-            command = try ProviderFactory.keyCommand(.init(environment: Paths.environment, keyCommand: keyCommand.command))
-        } catch let e as KeyError {
-            throw CLIError(e.message)
-        }
-        let provider = ExecKeyProvider(command: command, timeout: KMSPolicy.defaults.deadline)
+        let provider = try keyCommand.provider()
         return (provider, try VolumeAccess.checkExecKeys(keyId, provider: provider))
     }
 

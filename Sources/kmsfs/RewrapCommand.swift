@@ -101,13 +101,7 @@ struct RewrapCommand: ParsableCommand {
             volume.keyProvider.keyIds = arns
         case ExecKeyProvider.providerName:
             if keyFile != nil || currentKeyFile != nil { throw CLIError("--key-file is for the local provider") }
-            let command: String
-            do {
-                command = try ProviderFactory.keyCommand(.init(environment: Paths.environment, keyCommand: keyCommand.command))
-            } catch let e as KeyError {
-                throw CLIError(e.message)
-            }
-            let exec = ExecKeyProvider(command: command, timeout: KMSPolicy.defaults.deadline)
+            let exec = try keyCommand.provider()
             provider = exec
             targets = try VolumeAccess.checkExecKeys(keyId.isEmpty ? volume.keyProvider.keyIds : keyId, provider: exec)
             volume.keyProvider.keyIds = targets

@@ -157,6 +157,16 @@ enum VolumeAccess {
 struct KeyCommandOption: ParsableArguments {
     @Option(name: .customLong("key-command"), help: ArgumentHelp("Exec provider: the key service's command, run with /bin/sh -c for every key operation (default: $KMSFS_KEY_COMMAND).", valueName: "command"))
     var command: String?
+
+    /// The exec provider for offline commands (init, rewrap), or one line saying that no command was given.
+    func provider() throws -> ExecKeyProvider {
+        do {
+            let c = try ProviderFactory.keyCommand(.init(environment: Paths.environment, keyCommand: command))
+            return ExecKeyProvider(command: c, timeout: KMSPolicy.defaults.deadline)
+        } catch let e as KeyError {
+            throw CLIError(e.message)
+        }
+    }
 }
 
 /// Where the host keeps its pinned volumes.
