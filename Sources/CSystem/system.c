@@ -80,3 +80,12 @@ int kmsfs_peer_uid(int fd, unsigned int *uid) {
     *uid = cred.uid;
     return 0;
 }
+
+/* An open-file-description lock over the whole file: type F_RDLCK, F_WRLCK or F_UNLCK; wait blocks until it is
+   granted. 0 on success, -1 with errno. */
+int kmsfs_ofd_lock(int fd, int type, int wait) {
+    struct flock l = { .l_type = (short)type, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0, .l_pid = 0 };
+    int r;
+    do { r = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &l); } while (r != 0 && errno == EINTR && wait);
+    return r;
+}

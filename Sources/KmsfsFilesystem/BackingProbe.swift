@@ -25,9 +25,16 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
     public var xattrs = true
     /// The longest backing name (names longer fail with ENAMETOOLONG); 0 when unknown.
     public var nameMax = 0
+    /// Open-file-description byte-range locks are enforced: a write lock taken through one open of a file keeps
+    /// another open of it from taking one (shared mode needs them; see `EncryptedFilesystem.withIO`).
+    public var locks = false
 
-    /// What the mount assumes without probing (read-only mounts, which create nothing).
-    public static let assumed = BackingFeatures(tmpfileLink: true, renameNoReplace: true, hardLinks: true)
+    /// What the mount assumes without probing (read-only mounts, which create nothing). Locks are tried at use.
+    public static var assumed: BackingFeatures {
+        var f = BackingFeatures(tmpfileLink: true, renameNoReplace: true, hardLinks: true)
+        f.locks = true
+        return f
+    }
 
     public init(tmpfileLink: Bool, renameNoReplace: Bool, hardLinks: Bool) {
         self.tmpfileLink = tmpfileLink
@@ -42,7 +49,8 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
         return "new files are made with \(create); O_TMPFILE+link \(tmpfileLink ? "works" : "does not survive close or fails"), "
             + "rename without replace \(renameNoReplace ? "works" : "unsupported"), hard links \(hardLinks ? "work" : "unsupported"), "
             + "extended attributes \(xattrs ? "work" : "unsupported (setxattr fails with ENOTSUP)"), "
-            + "names up to \(nameMax > 0 ? "\(nameMax) bytes" : "an unknown length")"
+            + "names up to \(nameMax > 0 ? "\(nameMax) bytes" : "an unknown length"), "
+            + "byte-range locks \(locks ? "enforced" : "not enforced")"
     }
 
     /// Probes in directory `dirFd` (the top of the backing directory) with names kmsfs reserves, and removes
@@ -80,6 +88,17 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
                 features.xattrs = fsetxattr(probeFd, "user.kmsfs.probe", &v, 1, 0) == 0
                 close(probeFd)
             }
+            // Two opens of one file: a write lock through the first must keep the second from a read lock, and
+            // must be gone once released.
+            let l1 = openat(dirFd, a, O_RDWR | O_CLOEXEC), l2 = openat(dirFd, a, O_RDWR | O_CLOEXEC)
+            if l1 >= 0 && l2 >= 0 && kmsfs_ofd_lock(l1, Int32(F_WRLCK), 0) == 0 {
+                let blocked = kmsfs_ofd_lock(l2, Int32(F_RDLCK), 0) != 0 && (errno == EAGAIN || errno == EACCES)
+                _ = kmsfs_ofd_lock(l1, Int32(F_UNLCK), 0)
+                features.locks = blocked && kmsfs_ofd_lock(l2, Int32(F_RDLCK), 0) == 0
+                _ = kmsfs_ofd_lock(l2, Int32(F_UNLCK), 0)
+            }
+            if l1 >= 0 { close(l1) }
+            if l2 >= 0 { close(l2) }
         }
         if fa >= 0 && fb >= 0 {
             let refused = kmsfs_renameat2(dirFd, a, dirFd, b, kmsfs_rename_noreplace()) != 0 && errno == EEXIST

@@ -82,7 +82,13 @@ extension EncryptedFilesystem {
         }
         do {
             if writable && flags & O_TRUNC != 0 {
-                try handle.file.io.withWriteLock { try handle.content.truncateToZero() }
+                try withIO(handle, exclusive: true) { try $0.truncateToZero() }
+            } else if shared {
+                // Close-to-open: the size as the backing file has it now (another host may have written since
+                // this host last looked), and an empty file's marker checked.
+                try withIO(handle, exclusive: false) { c in
+                    if flags & O_ACCMODE != O_WRONLY && handle.file.size == 0 { try c.checkEmpty() }
+                }
             } else if flags & O_ACCMODE != O_WRONLY && handle.file.size == 0 {
                 // Reading an empty file reads nothing (the kernel does not even ask): its marker is checked now.
                 try handle.file.io.withReadLock { try handle.content.checkEmpty() }
@@ -295,10 +301,48 @@ extension EncryptedFilesystem {
         }
     }
 
+    /// Runs `body` with the file's contents under its lock, shared (`exclusive` false) or exclusive.
+    ///
+    /// In shared mode other hosts write the backing file too, and a distributed filesystem promises only
+    /// close-to-open consistency (a client may serve its own cached copy of data another client changed while
+    /// it had the file open). So each call opens the backing file afresh, takes an open-file-description lock on
+    /// the whole of it (a read lock for reads, a write lock for changes; the backing filesystem carries it to
+    /// the other hosts), reads the size as the backing file has it now, runs `body`, and closes, which sends
+    /// what it wrote to the backing filesystem before the lock goes. No chunk is read half written or rewritten
+    /// from a stale copy. Calls on one file are serialized on this host then.
+    func withIO<R>(_ h: FileHandle, exclusive: Bool, _ body: (ContentIO) throws -> R) throws -> R {
+        guard shared else {
+            return exclusive ? try h.file.io.withWriteLock { try body(h.content) } : try h.file.io.withReadLock { try body(h.content) }
+        }
+        return try h.file.io.withWriteLock {
+            let fd = Glibc.open("/proc/self/fd/\(h.fd)", (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+            guard fd >= 0 else {
+                Log.error("cannot open \(h.file.path) again for a shared read or write: \(Errno.current)")
+                throw Errno.EIO
+            }
+            var closed = false
+            defer { if !closed { close(fd) } }
+            guard kmsfs_ofd_lock(fd, Int32(exclusive ? F_WRLCK : F_RDLCK), 1) == 0 else {
+                Log.error("cannot lock \(h.file.path) against other hosts: \(Errno.current)")
+                throw Errno.EIO
+            }
+            h.file.size = h.file.layout.plaintextSize(backingSize: try FileIO.size(fd))
+            let r = try body(ContentIO(fd: fd, file: h.file))
+            closed = true
+            if close(fd) != 0 && exclusive {
+                Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
+                throw Errno.EIO
+            }
+            return r
+        }
+    }
+
     func read(_ handle: FileHandle, into buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
-        if offset >= handle.file.size { return 0 }
+        if !shared && offset >= handle.file.size { return 0 }
         let s = try secrets(of: handle)
-        let n = try handle.file.io.withReadLock { try handle.content.read(s, into: buffer, count: count, offset: offset) }
+        let n = try withIO(handle, exclusive: false) { c in
+            offset >= handle.file.size ? 0 : try c.read(s, into: buffer, count: count, offset: offset)
+        }
         MountCounters.bytesRead.add(n, ordering: .relaxed)
         return n
     }
@@ -306,9 +350,9 @@ extension EncryptedFilesystem {
     func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int) throws -> Int {
         guard handle.writable else { throw Errno.EBADF }
         let s = try secrets(of: handle)
-        try handle.file.io.withWriteLock {
+        try withIO(handle, exclusive: true) { c in
             try checkWritable()
-            try handle.content.write(s, from: buffer, count: count, offset: offset)
+            try c.write(s, from: buffer, count: count, offset: offset)
         }
         MountCounters.bytesWritten.add(count, ordering: .relaxed)
         return count
@@ -327,18 +371,18 @@ extension EncryptedFilesystem {
         }
         defer { if h !== handle { releaseFile(h) } }
         if size == 0 {
-            try h.file.io.withWriteLock { try h.content.truncateToZero() }
+            try withIO(h, exclusive: true) { try $0.truncateToZero() }
             return
         }
         let s = try secrets(of: h)
-        try h.file.io.withWriteLock { try h.content.truncate(s, to: size) }
+        try withIO(h, exclusive: true) { try $0.truncate(s, to: size) }
     }
 
     func fallocate(_ handle: FileHandle, mode: Int32, offset: Int, length: Int) throws {
         try checkWritable()
         guard handle.writable else { throw Errno.EBADF }
-        try handle.file.io.withWriteLock {
-            try handle.content.allocate({ try secrets(of: handle) }, mode: mode, offset: offset, length: length)
+        try withIO(handle, exclusive: true) { c in
+            try c.allocate({ try secrets(of: handle) }, mode: mode, offset: offset, length: length)
         }
     }
 

@@ -40,11 +40,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         /// Files and directories the daemon keeps track of before it asks the kernel to forget the least
         /// recently used ones (0: no bound).
         public var maxInodes: Int
+        /// Shared mode: other hosts may use the volume at once (see `withIO`).
+        public var shared = false
 
         public init(cipherDir: String, volume: VolumeConfig, keys: KeyService, readOnly: Bool, directIO: Bool = false,
                     writebackCache: Bool = false, names: NameMapping = PlaintextNames(),
                     keyPool: DataKeyPool.Settings = .defaults, maxInodes: Int = EncryptedFilesystem.defaultMaxInodes,
-                    volumeKeys: VolumeKeys? = nil) {
+                    volumeKeys: VolumeKeys? = nil, shared: Bool = false) {
+            self.shared = shared
             self.cipherDir = cipherDir
             self.volume = volume
             self.keys = keys
@@ -60,6 +63,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
 
     /// Seconds the kernel may cache names and attributes (all changes go through this mount).
     static let cacheTimeout = 1.0
+    /// How long the kernel may keep attributes and names: none in shared mode, where another host may change
+    /// them (every open then sees the size and names as they are: close-to-open consistency).
+    var cacheTimeout: Double { shared ? 0 : Self.cacheTimeout }
 
     /// About 150 bytes each: 8,192 inodes keep the daemon within about 1 MiB of its idle size however many files
     /// the kernel has seen. Little is lost by forgetting more often: the kernel revalidates every name it caches
@@ -78,6 +84,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     private let fenced = Atomic<Bool>(false)
     let directIO: Bool
     let writebackCache: Bool
+    /// Shared mode (`Settings.shared`).
+    let shared: Bool
     let inodes: InodeTable
     let table: OpenFileTable
     let pool: DataKeyPool
@@ -120,7 +128,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         readOnlyMount = settings.readOnly
         if settings.readOnly { Self.lendingAllowed.store(false, ordering: .relaxed) }
         directIO = settings.directIO
-        writebackCache = settings.writebackCache && !settings.directIO
+        writebackCache = settings.writebackCache && !settings.directIO && !settings.shared
+        shared = settings.shared
         chownToCaller = geteuid() == 0
         maxInodes = settings.maxInodes
         backing = settings.readOnly ? .assumed : BackingFeatures.probe(dirFd: pathFd)
@@ -129,7 +138,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             close(pathFd)
             throw Unsupported(description: "this volume binds names to files with extended attributes (\(Self.bindingAttribute)), which the backing filesystem does not support; mount it read-only, or move it to a filesystem with user extended attributes")
         }
-        if backing.possiblyShared {
+        if settings.shared && !backing.locks {
+            close(pathFd)
+            throw Unsupported(description: "shared mode needs byte-range locks that the backing filesystem enforces between open files, and it does not; mount it without --shared (one host at a time)")
+        }
+        if backing.possiblyShared && !settings.shared {
             Log.info("the backing directory is on a FUSE-based or network filesystem: other hosts are kept out by the volume lease (\(VolumeConfig.fileName).lease), which flock alone would not do")
         }
         uniform = Mutex(settings.volume.uniformLayout)
@@ -287,7 +300,8 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     func plaintextSize(_ inode: Inode, backingSize: Int, dfd: Int32, name: String) -> Int {
         if inode.type == S_IFLNK { return names.linkTargetSize(storedLength: backingSize) }
         guard inode.type == S_IFREG else { return backingSize }
-        if let open = table.lookup(inode.key) { return open.size }
+        // (In shared mode the backing size counts even for an open file: another host may have changed it.)
+        if !shared, let open = table.lookup(inode.key) { return open.size }
         if let u = uniformLayout { return u.plaintextSize(backingSize: backingSize) }
         switch inodes.layout(of: inode) {
         case .known(let l): return l.plaintextSize(backingSize: backingSize)

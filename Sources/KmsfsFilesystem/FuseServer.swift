@@ -139,8 +139,8 @@ private func replyEntry(_ req: fuse_req_t?, _ fs: EncryptedFilesystem, _ inode: 
     var e = fuse_entry_param()
     e.ino = fuse_ino_t(inode.nodeId)
     e.attr = st
-    e.attr_timeout = EncryptedFilesystem.cacheTimeout
-    e.entry_timeout = EncryptedFilesystem.cacheTimeout
+    e.attr_timeout = fs.cacheTimeout
+    e.entry_timeout = fs.cacheTimeout
     if fuse_reply_entry(req, &e) != 0 { fs.forget(inode.nodeId, count: 1) }
 }
 
@@ -187,13 +187,13 @@ private func operations() -> fuse_lowlevel_ops {
     ops.getattr = { req, ino, _ in
         serve(req) { fs in
             var st = try fs.getattr(fs.inodes.get(ino))
-            fuse_reply_attr(req, &st, EncryptedFilesystem.cacheTimeout)
+            fuse_reply_attr(req, &st, fs.cacheTimeout)
         }
     }
     ops.setattr = { req, ino, attr, valid, fi in
         serve(req) { fs in
             var st = try killingPrivileges { try fs.setattr(fs.inodes.get(ino), attr!.pointee, valid, handle(fi), caller(req)) }
-            fuse_reply_attr(req, &st, EncryptedFilesystem.cacheTimeout)
+            fuse_reply_attr(req, &st, fs.cacheTimeout)
         }
     }
     ops.readlink = { req, ino in
@@ -277,8 +277,8 @@ private func operations() -> fuse_lowlevel_ops {
             var e = fuse_entry_param()
             e.ino = fuse_ino_t(inode.nodeId)
             e.attr = st
-            e.attr_timeout = EncryptedFilesystem.cacheTimeout
-            e.entry_timeout = EncryptedFilesystem.cacheTimeout
+            e.attr_timeout = fs.cacheTimeout
+            e.entry_timeout = fs.cacheTimeout
             if fuse_reply_create(req, &e, fi) != 0 {
                 fs.releaseFile(Handle.take(fi!.pointee.fh) as! FileHandle)
                 fs.forget(inode.nodeId, count: 1)
@@ -401,8 +401,8 @@ private func operations() -> fuse_lowlevel_ops {
                 e.attr = st
                 if let inode {
                     e.ino = fuse_ino_t(inode.nodeId)
-                    e.attr_timeout = EncryptedFilesystem.cacheTimeout
-                    e.entry_timeout = EncryptedFilesystem.cacheTimeout
+                    e.attr_timeout = fs.cacheTimeout
+                    e.entry_timeout = fs.cacheTimeout
                 }
                 let n = withCName(entryName) { fuse_add_direntry_plus(req, buffer + used, size - used, $0, &e, off_t(next)) }
                 if n > size - used { return false }

@@ -23,6 +23,8 @@ public struct MountStatus: Codable, Sendable {
     public var keyIds: [String]
     public var pid: Int32
     public var readOnly: Bool
+    /// Shared mode: other hosts may have the volume mounted too.
+    public var shared: Bool
     public var uptimeSeconds: Double
     public var filesOpen: Int
     public var dataKeysHeld: Int
@@ -39,7 +41,7 @@ extension EncryptedFilesystem {
     public func status(mountPoint: String) -> MountStatus {
         MountStatus(
             mountPoint: mountPoint, cipherDir: cipherDir, volumeId: volume.volumeId, formatVersion: volume.formatVersion,
-            provider: volume.keyProvider.type, keyIds: volume.keyProvider.keyIds, pid: getpid(), readOnly: readOnlyMount,
+            provider: volume.keyProvider.type, keyIds: volume.keyProvider.keyIds, pid: getpid(), readOnly: readOnlyMount, shared: shared,
             uptimeSeconds: MountCounters.uptimeSeconds,
             filesOpen: table.count, dataKeysHeld: table.keysHeld, dataKeysPooled: pool.count,
             volumeKeyHeld: volumeKeys != nil && !volumeKeysWiped.load(ordering: .relaxed),

@@ -33,6 +33,11 @@ public final class VolumeLease: @unchecked Sendable {
     }
 
     public static let fileName = VolumeConfig.fileName + ".lease"
+    /// Shared mode (several hosts at once): each holder keeps a lease file of its own, `kmsfs.conf.lease.shared-`
+    /// and its holder ID. An exclusive holder refuses to start while any fresh one exists, and a shared holder
+    /// while a fresh exclusive lease exists; each checks after making its own lease, so of two that start at
+    /// once at least one sees the other (both may back off; neither proceeds beside the other).
+    public static let sharedPrefix = fileName + ".shared-"
     public static let defaultSeconds = 30.0
 
     /// Another host or process holds the volume.
@@ -45,6 +50,9 @@ public final class VolumeLease: @unchecked Sendable {
     }
 
     private let cipherDir: String
+    /// This holder's lease file: the exclusive lease, or its own shared one.
+    private let path: String
+    public let shared: Bool
     private var me: Holder
     private let condition = Condition()
     private var stopped = false
@@ -57,13 +65,15 @@ public final class VolumeLease: @unchecked Sendable {
     /// Who held the lease before, when this acquire took over a stale one (for the caller to log).
     public private(set) var tookOver: (holder: Holder, age: Double)?
 
-    private init(cipherDir: String, holder: Holder) {
+    private init(cipherDir: String, holder: Holder, shared: Bool) {
         self.cipherDir = cipherDir
+        self.shared = shared
+        path = cipherDir + "/" + (shared ? VolumeLease.sharedPrefix + holder.holderId : VolumeLease.fileName)
         me = holder
     }
 
-    /// Takes the lease for `purpose` ("mount", "rewrap"), or throws `Held` naming who has it.
-    public static func acquire(cipherDir: String, purpose: String, seconds: Double = defaultSeconds) throws -> VolumeLease {
+    /// Takes the lease for `purpose` ("mount", "rewrap"), exclusive or `shared`, or throws `Held` naming who has it.
+    public static func acquire(cipherDir: String, purpose: String, seconds: Double = defaultSeconds, shared: Bool = false) throws -> VolumeLease {
         var host = [CChar](repeating: 0, count: 256)
         gethostname(&host, host.count - 1)
         let boot = (try? FileIO.readFile("/proc/sys/kernel/random/boot_id")).map {
@@ -73,12 +83,107 @@ public final class VolumeLease: @unchecked Sendable {
         let pidNamespace: UInt64? = stat("/proc/self/ns/pid", &ns) == 0 ? UInt64(ns.st_ino) : nil
         let holder = Holder(host: String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), boot: boot, pidNamespace: pidNamespace, pid: getpid(), purpose: purpose,
                             holderId: Hex.encode(try SecureRandom.bytes(8)), renewedAt: Date().timeIntervalSince1970, seconds: seconds)
-        let lease = VolumeLease(cipherDir: cipherDir, holder: holder)
-        try lease.take()
+        let lease = VolumeLease(cipherDir: cipherDir, holder: holder, shared: shared)
+        if shared {
+            try lease.takeShared()
+        } else {
+            try lease.take()
+            do {
+                try lease.checkNoSharedHolders()
+            } catch {
+                unlink(lease.path)
+                throw error
+            }
+        }
         return lease
     }
 
-    private var path: String { cipherDir + "/" + VolumeLease.fileName }
+    private var exclusivePath: String { cipherDir + "/" + VolumeLease.fileName }
+
+    /// Whether lease `current` is stale: not renewed for twice its duration, or a holder of this very system
+    /// (same boot and PID namespace) whose process is gone.
+    private func isStale(_ current: Holder) -> (stale: Bool, age: Double) {
+        let age = Date().timeIntervalSince1970 - current.renewedAt
+        let deadHere = current.boot != nil && current.boot == me.boot && current.pidNamespace == me.pidNamespace
+            && current.pidNamespace != nil && kill(current.pid, 0) != 0 && errno == ESRCH
+        return (age >= 2 * current.seconds || deadHere, age)
+    }
+
+    /// Removes lease file `file`, judged stale as `judged`: moved aside first, and put back if what moved is not
+    /// the lease judged (someone renewed or took it meanwhile). True when it was removed, false when it was put
+    /// back, nil when it was gone already.
+    private func removeStale(_ file: String, judged: Holder?) -> Bool? {
+        let aside = file + ".stale-" + me.holderId
+        guard rename(file, aside) == 0 else { return nil }
+        if VolumeLease.read(aside) == judged {
+            unlink(aside)
+            return true
+        }
+        if link(aside, file) == 0 || kmsfs_renameat2(AT_FDCWD, aside, AT_FDCWD, file, kmsfs_rename_noreplace()) == 0 {
+            unlink(aside)
+        }
+        return false
+    }
+
+    /// Exclusive holders: refuses (Held) while a fresh shared lease exists; stale ones are removed.
+    private func checkNoSharedHolders() throws {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: cipherDir) else { throw Errno.current }
+        for n in names where n.hasPrefix(VolumeLease.sharedPrefix) && !n.contains(".new-") && !n.contains(".stale-") {
+            let file = cipherDir + "/" + n
+            guard let h = VolumeLease.read(file) else {
+                // Being renewed this instant (renamed into place), or damaged: held unless old.
+                var st = stat()
+                if stat(file, &st) == 0, Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
+                    throw Held(holder: Holder(host: "(unknown: a shared lease being written or damaged)", boot: nil, pid: 0,
+                                              purpose: "mount (shared)", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
+                }
+                unlink(file)
+                continue
+            }
+            let (stale, age) = isStale(h)
+            if !stale { throw Held(holder: h, age: age) }
+            if removeStale(file, judged: h) == false, let now = VolumeLease.read(file) {
+                throw Held(holder: now, age: Date().timeIntervalSince1970 - now.renewedAt)
+            }
+        }
+    }
+
+    /// Shared holders: makes this holder's own lease, then refuses (Held) while a fresh exclusive lease exists; a
+    /// stale one is removed.
+    private func takeShared() throws {
+        let started = BootClock.seconds()
+        me.renewedAt = Date().timeIntervalSince1970
+        let mine = try writeTemporary()
+        if rename(mine, path) != 0 {
+            let e = Errno.current
+            unlink(mine)
+            throw e
+        }
+        do {
+            for _ in 0..<5 {
+                var st = stat()
+                guard stat(exclusivePath, &st) == 0 else {
+                    validUntil.store((started + me.seconds).bitPattern, ordering: .releasing)
+                    return
+                }
+                guard let current = VolumeLease.read(exclusivePath) else {
+                    if Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
+                        throw Held(holder: Holder(host: "(unknown: the lease file is being written or damaged)", boot: nil, pid: 0,
+                                                  purpose: "mount", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
+                    }
+                    _ = removeStale(exclusivePath, judged: nil)
+                    continue
+                }
+                let (stale, age) = isStale(current)
+                if !stale { throw Held(holder: current, age: age) }
+                if removeStale(exclusivePath, judged: current) == true { tookOver = (current, age) }
+            }
+            throw Errno(EBUSY)
+        } catch {
+            unlink(path)
+            throw error
+        }
+    }
 
     private func take() throws {
         for _ in 0..<5 {
@@ -93,11 +198,9 @@ public final class VolumeLease: @unchecked Sendable {
             guard errno == EEXIST else { throw Errno.current }
             let current = VolumeLease.read(path)
             if let current {
-                let age = Date().timeIntervalSince1970 - current.renewedAt
                 // A holder of this very system (same boot) whose process is gone (it crashed) is stale at once.
-                let deadHere = current.boot != nil && current.boot == me.boot && current.pidNamespace == me.pidNamespace
-                    && current.pidNamespace != nil && kill(current.pid, 0) != 0 && errno == ESRCH
-                if age < 2 * current.seconds && !deadHere { throw Held(holder: current, age: age) }
+                let (stale, age) = isStale(current)
+                if !stale { throw Held(holder: current, age: age) }
                 tookOver = (current, age)
             } else {
                 // Being written by another taker, or damaged: held, unless it is old.
@@ -110,15 +213,7 @@ public final class VolumeLease: @unchecked Sendable {
             }
             // Move the stale lease aside, and make sure what moved is the one judged stale; anything else (a fresh
             // lease another host took meanwhile) goes back.
-            let aside = path + ".stale-" + me.holderId
-            guard rename(path, aside) == 0 else { continue }
-            if VolumeLease.read(aside) == current {
-                unlink(aside)
-                continue
-            }
-            if link(aside, path) == 0 || kmsfs_renameat2(AT_FDCWD, aside, AT_FDCWD, path, kmsfs_rename_noreplace()) == 0 {
-                unlink(aside)
-            }
+            if removeStale(path, judged: current) != false { continue }
             if let now = VolumeLease.read(path) { throw Held(holder: now, age: Date().timeIntervalSince1970 - now.renewedAt) }
             throw Errno(EBUSY)
         }
@@ -146,6 +241,15 @@ public final class VolumeLease: @unchecked Sendable {
 
     /// The current holder, if any (for messages).
     public static func holder(cipherDir: String) -> Holder? { read(cipherDir + "/" + fileName) }
+
+    /// Every holder with a lease file, exclusive or shared, as "kmsfs mount (shared) on host H (pid P)", for
+    /// the message of a refusal that came before the lease was looked at (flock); "" when there is none.
+    public static func describeHolders(cipherDir: String) -> String {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: cipherDir)) ?? []
+        let files = names.filter { $0 == fileName || ($0.hasPrefix(sharedPrefix) && !$0.contains(".new-") && !$0.contains(".stale-")) }
+        let holders = files.sorted().compactMap { read(cipherDir + "/" + $0) }
+        return holders.map { "kmsfs \($0.purpose) on host \($0.host) (pid \($0.pid))" }.joined(separator: ", ")
+    }
 
     /// Renews the lease every third of its duration until released. `onLost` runs (once, on the renewing
     /// thread) when the lease turns out to be someone else's, or could not be renewed for its whole duration:

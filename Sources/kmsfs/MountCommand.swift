@@ -30,6 +30,9 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .long, help: "Mount read-only.")
     var readOnly = false
 
+    @Flag(name: .long, help: "Shared mode: other hosts may mount the volume at the same time (on a distributed filesystem whose byte-range locks reach every host); close-to-open consistency.")
+    var shared = false
+
     @Option(name: .customShort("o"), parsing: .singleValue,
             help: ArgumentHelp("FUSE mount options, comma-separated (repeatable).", valueName: "options"))
     var fuseOptions: [String] = []
@@ -101,6 +104,7 @@ struct MountCommand: ParsableCommand {
     func validate() throws {
         guard (keyPool ?? 0) >= 0 && (keyPool ?? 0) <= 100_000 else { throw ValidationError("--key-pool must be 0 to 100000") }
         guard keyPoolAge > 0 && keyPoolAge <= 86400 else { throw ValidationError("--key-pool-age must be more than 0 and at most 86400 seconds") }
+        if shared && writebackCache { throw ValidationError("--shared and --writeback-cache do not go together: other hosts must see each write") }
         guard kmsMaxInflight >= 1 && kmsMaxInflight <= 1024 else { throw ValidationError("--kms-max-inflight must be 1 to 1024") }
         guard leaseSeconds >= 0.3 && leaseSeconds <= 3600 else { throw ValidationError("--lease-seconds must be from 0.3 to 3600") }
         guard kmsDeadline >= 0.1 && kmsDeadline <= 600 else { throw ValidationError("--kms-deadline must be from 0.1 to 600 seconds") }
@@ -144,14 +148,16 @@ struct MountCommand: ParsableCommand {
         // One user of a backing directory at a time: two mounts (or a mount and a key rotation) writing the
         // same files would corrupt them. The lock lives as long as this process.
         let lockFd = open(cipher, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard lockFd >= 0, VolumeLock.tryLock(lockFd, exclusive: true) else {
-            throw CLIError("\(cipher) is in use by another kmsfs mount or a kmsfs rewrap")
+        guard lockFd >= 0, VolumeLock.tryLock(lockFd, exclusive: !shared) else {
+            let who = VolumeLease.describeHolders(cipherDir: cipher)
+            throw CLIError("\(cipher) is in use by " + (who.isEmpty ? "another kmsfs mount or a kmsfs rewrap" : who))
         }
         defer { close(lockFd) }
         // flock does not reach other clients of a distributed filesystem: the lease does (see VolumeLease).
         let lease: VolumeLease
         do {
-            lease = try VolumeLease.acquire(cipherDir: cipher, purpose: readOnly ? "mount (read-only)" : "mount", seconds: leaseSeconds)
+            lease = try VolumeLease.acquire(cipherDir: cipher, purpose: (readOnly ? "mount (read-only)" : "mount") + (shared ? " (shared)" : ""),
+                                            seconds: leaseSeconds, shared: shared)
         } catch let held as VolumeLease.Held {
             throw CLIError("\(cipher) is \(held)")
         } catch {
@@ -229,7 +235,7 @@ struct MountCommand: ParsableCommand {
                 keyPool: DataKeyPool.Settings(capacity: keyPool ?? (volume.keyProvider.type == LocalKeyProvider.providerName ? 0 : DataKeyPool.Settings.defaults.capacity),
                                               maxAge: keyPoolAge,
                                               concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
-                maxInodes: maxInodes, volumeKeys: volumeKeys))
+                maxInodes: maxInodes, volumeKeys: volumeKeys, shared: shared))
         } catch {
             volumeKeys?.wipe()
             throw CLIError("cannot open \(cipher): \(error)")
@@ -314,6 +320,7 @@ struct MountCommand: ParsableCommand {
         guard kmsfs_pipe_cloexec(&fds) == 0 else { throw CLIError("pipe: \(Errno.current)") }
         var args = ["kmsfs", "mount", "--foreground", "--notify-fd", "3"]
         if readOnly { args.append("--read-only") }
+        if shared { args.append("--shared") }
         if allowOpenKeyFile { args.append("--allow-open-key-file") }
         if directIo { args.append("--direct-io") }
         if writebackCache { args.append("--writeback-cache") }

@@ -15,7 +15,7 @@ enum MountHelper {
     static let flags: [String: String] = [
         "ro": "--read-only", "require_pinned": "--require-pinned", "allow_open_key_file": "--allow-open-key-file",
         "direct_io": "--direct-io", "writeback_cache": "--writeback-cache", "require_all_keys": "--require-all-keys",
-        "debug": "--debug",
+        "debug": "--debug", "shared": "--shared",
     ]
     /// Options for mount(8) and fstab only, meaningless to the filesystem.
     /// `dev` and `suid` too: mount.fuse3 adds them to every line, and kmsfs mounts are always nosuid,nodev (as

@@ -86,7 +86,7 @@ struct StatusCommand: ParsableCommand {
         var lines = ["\(s.mountPoint)  (backing \(s.cipherDir))"]
         let up = Int(s.uptimeSeconds)
         let uptime = up >= 3600 ? "\(up / 3600) h \(up % 3600 / 60) min" : up >= 60 ? "\(up / 60) min \(up % 60) s" : "\(up) s"
-        lines.append("  volume        \(s.volumeId) (format \(s.formatVersion)), \(s.readOnly ? "read-only" : "read-write"), pid \(s.pid), up \(uptime)")
+        lines.append("  volume        \(s.volumeId) (format \(s.formatVersion)), \(s.readOnly ? "read-only" : "read-write")\(s.shared ? ", shared" : ""), pid \(s.pid), up \(uptime)")
         lines.append("  key provider  \(s.provider): \(s.keyIds.joined(separator: ", "))")
         lines.append("  open files    \(s.filesOpen) (data keys held \(s.dataKeysHeld), pooled \(s.dataKeysPooled)\(s.volumeKeyHeld ? "; volume key held" : ""))")
         lines.append("  traffic       read \(bytes(s.bytesRead)), written \(bytes(s.bytesWritten)); corrupt chunks \(s.corruptChunks)")
@@ -129,7 +129,8 @@ struct StatusCommand: ParsableCommand {
         }
         metric("kmsfs_info", "gauge", "A kmsfs mount, with its backing directory, key provider and key IDs.", statuses.map {
             (labels($0, [("cipherdir", $0.cipherDir), ("provider", $0.provider), ("key_ids", $0.keyIds.joined(separator: ",")),
-                         ("format", String($0.formatVersion)), ("read_only", $0.readOnly ? "1" : "0")]), "1")
+                         ("format", String($0.formatVersion)), ("read_only", $0.readOnly ? "1" : "0"),
+                         ("shared", $0.shared ? "1" : "0")]), "1")
         })
         metric("kmsfs_uptime_seconds", "gauge", "Seconds since the mount's daemon started.", statuses.map { (labels($0), String(format: "%.3f", $0.uptimeSeconds)) })
         metric("kmsfs_files_open", "gauge", "Files with open handles.", statuses.map { (labels($0), String($0.filesOpen)) })

@@ -78,7 +78,8 @@ enum VolumeAccess {
         if dirFd < 0 { throw CLIError("\(cipher): \(Errno.current)") }
         guard VolumeLock.tryLock(dirFd, exclusive: true) else {
             close(dirFd)
-            throw CLIError("\(cipher) is in use (mounted, or a rewrap or rebind is running); unmount it first")
+            let who = VolumeLease.describeHolders(cipherDir: cipher)
+            throw CLIError("\(cipher) is in use (\(who.isEmpty ? "mounted, or a rewrap or rebind is running" : who)); unmount it first")
         }
         do {
             return (dirFd, try VolumeLease.acquire(cipherDir: cipher, purpose: purpose))

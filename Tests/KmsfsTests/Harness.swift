@@ -117,6 +117,23 @@ final class MountedVolume {
         try start(mountArgs)
     }
 
+    /// Another "host" of `other`'s volume: the backing directory as another client of shared storage sees it
+    /// (`cipher`), the same keys and pins, and a mount point and log of its own.
+    init(host other: MountedVolume, cipher: String, mountArgs: [String]) throws {
+        dir = try TempDir()
+        self.cipher = cipher
+        mount = dir.path + "/mnt"
+        configHome = other.configHome
+        auditLog = dir.path + "/audit.log"
+        daemonLog = dir.path + "/daemon.log"
+        chunkSize = other.chunkSize
+        openFileLimit = nil
+        wrapper = []
+        extraEnvironment = other.extraEnvironment
+        try syscall { mkdir(mount, 0o755) }
+        try start(mountArgs)
+    }
+
     /// The same backing directory, key files and paths as `other` (which must be unmounted), mounted again
     /// with another environment.
     init(existing other: MountedVolume, environment extra: [String: String]) throws {

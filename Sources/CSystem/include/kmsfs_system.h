@@ -44,6 +44,8 @@ int kmsfs_o_noatime(void);
 int kmsfs_pipe_cloexec(int fds[2]);
 /// The user ID of the process at the other end of a Unix socket (SO_PEERCRED); 0 on success.
 int kmsfs_peer_uid(int fd, unsigned int *uid);
+/// An open-file-description (OFD) lock over the whole file (F_RDLCK, F_WRLCK or F_UNLCK); `wait` blocks.
+int kmsfs_ofd_lock(int fd, int type, int wait);
 
 /// fallocate(2) (declared only with _GNU_SOURCE).
 int kmsfs_fallocate(int fd, int mode, off_t offset, off_t length);
