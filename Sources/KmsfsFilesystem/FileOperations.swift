@@ -75,7 +75,7 @@ extension EncryptedFilesystem {
                                              guard layout.marksEmptyFile, let k = volumeKeys else { return nil }
                                              return try k.emptyFileMarker(fileId: try header?.fileId ?? Self.fileId(fd))
                                          })
-            handle = FileHandle(fd: fd, file: file, writable: writable)
+            handle = FileHandle(fd: fd, file: file, writable: writable, append: flags & O_APPEND != 0)
         } catch {
             close(fd)
             throw error
@@ -174,7 +174,7 @@ extension EncryptedFilesystem {
                     let file = try table.acquire(inode.key, fd: fd, path: { path }, layout: header.layout, size: { 0 },
                                                                 emptyMarker: { marker }, secrets: secrets)
                     st.st_size = 0
-                    return (inode, st, FileHandle(fd: fd, file: file, writable: true))
+                    return (inode, st, FileHandle(fd: fd, file: file, writable: true, append: flags & O_APPEND != 0))
                 } catch {
                     forget(inode.nodeId, count: 1)
                     throw error
@@ -245,6 +245,10 @@ extension EncryptedFilesystem {
             }
             try fill(fd)
             giveToCaller(fd: fd, caller)
+            // Shared mode: the header reaches the backing filesystem before the name does, so another host never
+            // opens the name and finds a file its client has not been sent yet (a distributed filesystem's
+            // client may hold written data until fsync or close).
+            if shared { try syscall { Glibc.fsync(fd) } }
             if backing.renameNoReplace {
                 if kmsfs_renameat2(dfd, temp, dfd, name, kmsfs_rename_noreplace()) == 0 {
                     placed = true
@@ -304,28 +308,38 @@ extension EncryptedFilesystem {
     /// Runs `body` with the file's contents under its lock, shared (`exclusive` false) or exclusive.
     ///
     /// In shared mode other hosts write the backing file too, and a distributed filesystem promises only
-    /// close-to-open consistency (a client may serve its own cached copy of data another client changed while
-    /// it had the file open). So each call opens the backing file afresh, takes an open-file-description lock on
-    /// the whole of it (a read lock for reads, a write lock for changes; the backing filesystem carries it to
-    /// the other hosts), reads the size as the backing file has it now, runs `body`, and closes, which sends
-    /// what it wrote to the backing filesystem before the lock goes. No chunk is read half written or rewritten
-    /// from a stale copy. Calls on one file are serialized on this host then.
+    /// close-to-open consistency: a client may serve its own cached copy of data and attributes that another
+    /// client changed, until it opens the file again. So each call first takes an open-file-description lock on
+    /// the whole backing file (a read lock for reads, a write lock for changes; the backing filesystem carries it
+    /// to the other hosts), then opens the file afresh (after the lock, so that what the open fetches is what
+    /// the last holder of the lock left), reads the size as that open sees it, runs `body` through it, and closes
+    /// it, which sends what it wrote to the backing filesystem before the lock goes. No chunk is read half
+    /// written or rewritten from a stale copy. Calls on one file are serialized on this host then.
     func withIO<R>(_ h: FileHandle, exclusive: Bool, _ body: (ContentIO) throws -> R) throws -> R {
         guard shared else {
             return exclusive ? try h.file.io.withWriteLock { try body(h.content) } : try h.file.io.withReadLock { try body(h.content) }
         }
         return try h.file.io.withWriteLock {
-            let fd = Glibc.open("/proc/self/fd/\(h.fd)", (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+            let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
+            let lockFd = Glibc.open("/proc/self/fd/\(h.fd)", flags)
+            guard lockFd >= 0 else {
+                Log.error("cannot open \(h.file.path) again for a shared read or write: \(Errno.current)")
+                throw Errno.EIO
+            }
+            defer { close(lockFd) }
+            guard kmsfs_ofd_lock(lockFd, Int32(exclusive ? F_WRLCK : F_RDLCK), 1) == 0 else {
+                Log.error("cannot lock \(h.file.path) against other hosts: \(Errno.current)")
+                throw Errno.EIO
+            }
+            let fd = Glibc.open("/proc/self/fd/\(h.fd)", flags)
             guard fd >= 0 else {
                 Log.error("cannot open \(h.file.path) again for a shared read or write: \(Errno.current)")
                 throw Errno.EIO
             }
             var closed = false
             defer { if !closed { close(fd) } }
-            guard kmsfs_ofd_lock(fd, Int32(exclusive ? F_WRLCK : F_RDLCK), 1) == 0 else {
-                Log.error("cannot lock \(h.file.path) against other hosts: \(Errno.current)")
-                throw Errno.EIO
-            }
+            // Pages this host's kernel cached of the backing file may predate another host's last write.
+            _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
             h.file.size = h.file.layout.plaintextSize(backingSize: try FileIO.size(fd))
             let r = try body(ContentIO(fd: fd, file: h.file))
             closed = true
@@ -352,7 +366,8 @@ extension EncryptedFilesystem {
         let s = try secrets(of: handle)
         try withIO(handle, exclusive: true) { c in
             try checkWritable()
-            try c.write(s, from: buffer, count: count, offset: offset)
+            // Shared mode: an append goes where the file ends now, under the lock, whatever the kernel thought.
+            try c.write(s, from: buffer, count: count, offset: shared && handle.append ? handle.file.size : offset)
         }
         MountCounters.bytesWritten.add(count, ordering: .relaxed)
         return count

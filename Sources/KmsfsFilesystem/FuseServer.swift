@@ -261,7 +261,8 @@ private func operations() -> fuse_lowlevel_ops {
         serve(req) { fs in
             let h = try killingPrivileges { try fs.open(fs.inodes.get(ino), flags: fi!.pointee.flags) }
             fi!.pointee.fh = h.retainedValue()
-            if fs.directIO { fi!.pointee.direct_io = 1 }
+            // (Shared mode: appends bypass the page cache, since kmsfs may place them past where the kernel would.)
+            if fs.directIO || (fs.shared && h.append) { fi!.pointee.direct_io = 1 }
             // kmsfs has nothing to do when a descriptor is closed (data reaches the backing file on write, and
             // POSIX locks are kept by the kernel): no FLUSH round trip on every close(2).
             fi!.pointee.noflush = 1
@@ -272,7 +273,7 @@ private func operations() -> fuse_lowlevel_ops {
         serve(req) { fs in
             let (inode, st, h) = try killingPrivileges { try fs.create(fs.inodes.get(parent), name(n), mode & 0o7777, fi!.pointee.flags, caller(req)) }
             fi!.pointee.fh = h.retainedValue()
-            if fs.directIO { fi!.pointee.direct_io = 1 }
+            if fs.directIO || (fs.shared && h.append) { fi!.pointee.direct_io = 1 }
             fi!.pointee.noflush = 1
             var e = fuse_entry_param()
             e.ino = fuse_ino_t(inode.nodeId)

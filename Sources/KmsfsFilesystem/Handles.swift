@@ -24,11 +24,15 @@ final class FileHandle: Handle, @unchecked Sendable {
     let fd: Int32
     let file: OpenFile
     let writable: Bool
+    /// Opened with O_APPEND: in shared mode each write goes at the end as the backing file has it (the kernel's
+    /// idea of the end may be another host's behind).
+    let append: Bool
 
-    init(fd: Int32, file: OpenFile, writable: Bool) {
+    init(fd: Int32, file: OpenFile, writable: Bool, append: Bool = false) {
         self.fd = fd
         self.file = file
         self.writable = writable
+        self.append = append
     }
 
     var content: ContentIO { ContentIO(fd: fd, file: file) }

@@ -35,52 +35,8 @@ struct ModelTests {
 
         for fileIndex in 0..<3 {
             let name = "model-\(fileIndex)"
-            let path = volume.path(name)
-            var model = [UInt8]()
-            var fd = try P.open(path, O_RDWR | O_CREAT | O_EXCL)
-            defer { close(fd) }
-            for step in 0..<variant.operations {
-                let where_ = "seed \(seed), file \(fileIndex), step \(step)"
-                let limit = max(model.count + 2 * C, 4 * C)
-                switch Int.random(in: 0..<100, using: &rng) {
-                case 0..<45:
-                    // Offsets near chunk boundaries half of the time.
-                    let offset = Bool.random(using: &rng)
-                        ? Int.random(in: 0...limit, using: &rng)
-                        : max(0, C * Int.random(in: 0...(limit / C), using: &rng) + Int.random(in: -3...3, using: &rng))
-                    let length = Int.random(in: 1...variant.maxSpan, using: &rng)
-                    let data = rng.bytes(length)
-                    try P.pwrite(fd, data, offset)
-                    if offset > model.count { model += [UInt8](repeating: 0, count: offset - model.count) }
-                    let overlap = min(model.count - offset, length)
-                    model.replaceSubrange(offset..<(offset + overlap), with: data[0..<overlap])
-                    model += data[overlap...]
-                case 45..<60:
-                    let size = Bool.random(using: &rng)
-                        ? Int.random(in: 0...limit, using: &rng)
-                        : max(0, C * Int.random(in: 0...(limit / C), using: &rng) + Int.random(in: -2...2, using: &rng))
-                    try syscall { ftruncate(fd, off_t(size)) }
-                    if size < model.count { model.removeSubrange(size...) } else { model += [UInt8](repeating: 0, count: size - model.count) }
-                case 60..<95:
-                    let offset = Int.random(in: 0...(model.count + C), using: &rng)
-                    let length = Int.random(in: 1...variant.maxSpan, using: &rng)
-                    let got = try P.pread(fd, length, offset)
-                    let expected = offset >= model.count ? [] : Array(model[offset..<min(model.count, offset + length)])
-                    let diff = difference(got, expected)
-                    #expect(diff == nil, "read \(length) at \(offset): \(diff ?? "") (\(where_))")
-                    if diff != nil { return }
-                default:
-                    // Reopen: a new handle, and a fresh read of the backing file (the page cache is dropped on open).
-                    close(fd)
-                    fd = try P.open(path, O_RDWR)
-                }
-                let size = Int(try P.fstat(fd).st_size)
-                #expect(size == model.count, "size \(size) != \(model.count) (\(where_))")
-                if size != model.count { return }
-            }
-            #expect(Int(try P.stat(path).st_size) == model.count)
-            let whole = difference(try P.readFile(path), model)
-            #expect(whole == nil, "whole-file read: \(whole ?? "") (seed \(seed), file \(fileIndex))")
+            guard let model = try ModelTests.exercise(paths: [volume.path(name)], rng: &rng, chunkSize: C, operations: variant.operations,
+                                                      maxSpan: variant.maxSpan, label: "seed \(seed), file \(fileIndex)") else { return }
             models[name] = model
         }
 
@@ -98,4 +54,73 @@ struct ModelTests {
             #expect(diff == nil, "\(name) after remount: \(diff ?? "") (seed \(seed))")
         }
     }
+
+    /// Random writes, truncates, reads and reopens of one file, checked against a model after each; the file is
+    /// reached through `paths` (one per host: with two, operations move between hosts now and then, each move
+    /// closing the file on one host and opening it on the other, as close-to-open consistency asks). Returns
+    /// the model, or nil after recording a mismatch.
+    static func exercise(paths: [String], rng: inout SeededRandom, chunkSize C: Int, operations: Int, maxSpan: Int,
+                         label: String) throws -> [UInt8]? {
+        var model = [UInt8]()
+        var host = 0
+        var fd = try P.open(paths[host], O_RDWR | O_CREAT | O_EXCL)
+        defer { close(fd) }
+        for step in 0..<operations {
+            let where_ = "\(label), step \(step), host \(host)"
+            let limit = max(model.count + 2 * C, 4 * C)
+            if paths.count > 1 && Int.random(in: 0..<100, using: &rng) < 30 {
+                close(fd)
+                host = (host + 1) % paths.count
+                fd = try P.open(paths[host], O_RDWR)
+            }
+            switch Int.random(in: 0..<100, using: &rng) {
+            case 0..<45:
+                // Offsets near chunk boundaries half of the time.
+                let offset = Bool.random(using: &rng)
+                    ? Int.random(in: 0...limit, using: &rng)
+                    : max(0, C * Int.random(in: 0...(limit / C), using: &rng) + Int.random(in: -3...3, using: &rng))
+                let length = Int.random(in: 1...maxSpan, using: &rng)
+                let data = rng.bytes(length)
+                try P.pwrite(fd, data, offset)
+                if offset > model.count { model += [UInt8](repeating: 0, count: offset - model.count) }
+                let overlap = min(model.count - offset, length)
+                model.replaceSubrange(offset..<(offset + overlap), with: data[0..<overlap])
+                model += data[overlap...]
+            case 45..<60:
+                let size = Bool.random(using: &rng)
+                    ? Int.random(in: 0...limit, using: &rng)
+                    : max(0, C * Int.random(in: 0...(limit / C), using: &rng) + Int.random(in: -2...2, using: &rng))
+                try syscall { ftruncate(fd, off_t(size)) }
+                if size < model.count { model.removeSubrange(size...) } else { model += [UInt8](repeating: 0, count: size - model.count) }
+            case 60..<95:
+                let offset = Int.random(in: 0...(model.count + C), using: &rng)
+                let length = Int.random(in: 1...maxSpan, using: &rng)
+                let got = try P.pread(fd, length, offset)
+                let expected = offset >= model.count ? [] : Array(model[offset..<min(model.count, offset + length)])
+                let diff = difference(got, expected)
+                #expect(diff == nil, "read \(length) at \(offset): \(diff ?? "") (\(where_))")
+                if diff != nil { return nil }
+            default:
+                // Reopen: a new handle, and a fresh read of the backing file (the page cache is dropped on open).
+                close(fd)
+                fd = try P.open(paths[host], O_RDWR)
+            }
+            let size = Int(try P.fstat(fd).st_size)
+            #expect(size == model.count, "size \(size) != \(model.count) (\(where_))")
+            if size != model.count { return nil }
+        }
+        for p in paths {
+            // The size as an open sees it (a plain stat may show what another host's backing filesystem client
+            // still caches, as NFS's stat may within actimeo).
+            let check = try P.open(p, O_RDONLY)
+            let size = Int(try P.fstat(check).st_size)
+            close(check)
+            #expect(size == model.count, "size through \(p): \(size) != \(model.count) (\(label))")
+            let whole = difference(try P.readFile(p), model)
+            #expect(whole == nil, "whole-file read through \(p): \(whole ?? "") (\(label))")
+            if whole != nil { return nil }
+        }
+        return model
+    }
 }
+
