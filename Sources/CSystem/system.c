@@ -89,3 +89,11 @@ int kmsfs_ofd_lock(int fd, int type, int wait) {
     do { r = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &l); } while (r != 0 && errno == EINTR && wait);
     return r;
 }
+
+/* The size of open file `fd` as the filesystem has it now, not as the kernel cached it (AT_STATX_FORCE_SYNC: FUSE
+   and network filesystems ask their server). -1 with errno on failure. */
+long long kmsfs_size_synced(int fd) {
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC, STATX_SIZE | STATX_MTIME, &stx) != 0) return -1;
+    return (long long)stx.stx_size;
+}

@@ -326,7 +326,10 @@ extension EncryptedFilesystem {
                 Log.error("cannot open \(h.file.path) again for a shared read or write: \(Errno.current)")
                 throw Errno.EIO
             }
-            defer { close(lockFd) }
+            defer {
+                _ = kmsfs_ofd_lock(lockFd, Int32(F_UNLCK), 0)
+                close(lockFd)
+            }
             guard kmsfs_ofd_lock(lockFd, Int32(exclusive ? F_WRLCK : F_RDLCK), 1) == 0 else {
                 Log.error("cannot lock \(h.file.path) against other hosts: \(Errno.current)")
                 throw Errno.EIO
@@ -338,10 +341,21 @@ extension EncryptedFilesystem {
             }
             var closed = false
             defer { if !closed { close(fd) } }
-            // Pages this host's kernel cached of the backing file may predate another host's last write.
+            // The size as the backing filesystem has it now (this host's kernel may cache an older one), and none
+            // of the pages this host cached of it, which may predate another host's last write.
+            let backingSize = kmsfs_size_synced(fd)
+            guard backingSize >= 0 else {
+                Log.error("cannot read the size of \(h.file.path) from the backing filesystem: \(Errno.current)")
+                throw Errno.EIO
+            }
             _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
-            h.file.size = h.file.layout.plaintextSize(backingSize: try FileIO.size(fd))
+            h.file.size = h.file.layout.plaintextSize(backingSize: Int(backingSize))
             let r = try body(ContentIO(fd: fd, file: h.file))
+            // A change is synced before the lock goes: closing alone may leave it in this host's client.
+            if exclusive && Glibc.fsync(fd) != 0 {
+                Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
+                throw Errno.EIO
+            }
             closed = true
             if close(fd) != 0 && exclusive {
                 Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
