@@ -87,6 +87,12 @@ ensure_pkcs11() {
     PKCS11_PYTHON="$venv/bin/python3"
 }
 
+# Redis, the metadata engine the tests give JuiceFS when several clients mount one volume (SQLite is meant for
+# one machine: its clients were seen to serve stale data across a lock handoff).
+ensure_redis() {
+    ensure_debs redis-server redis-tools
+}
+
 # FUSE needs root and /dev/fuse.
 check_fuse() {
     if [ "$(id -u)" != 0 ]; then echo "run this as root (FUSE mounts and test users need it)" >&2; exit 1; fi
