@@ -17,6 +17,9 @@ Sections (--sections, comma-separated; default: core,tree,files,memory):
            remove trees of --scale-counts files (default 1000,100000,1000000), microseconds per file
   kms      kmsfs with the AWS provider against moto's KMS-protocol server behind a proxy adding
            --kms-latency milliseconds per call: creates, untar, parallel opens, rewrap, memory
+  shared   several hosts on one volume: a JuiceFS volume (Redis metadata, local object store) mounted by two
+           clients, kmsfs --shared and gocryptfs -sharedstorage on it from both: throughput of one host and
+           of two hosts at once, writing and reading (--shared-mib per host) and creating small files
 """
 import argparse
 import json
@@ -457,6 +460,132 @@ def scale_section(a, work):
             sys.stdout.flush()
 
 
+# ---------------------------------------------------------------------------------------------- shared
+
+class JuiceFS:
+    """A JuiceFS volume with its metadata in a Redis server of its own and two client mounts ("hosts")."""
+
+    def __init__(self, work, juicefs):
+        self.base = os.path.join(work, "juicefs")
+        os.makedirs(self.base, exist_ok=True)
+        self.port = free_port()
+        self.redis = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.redis)
+        meta = "redis://127.0.0.1:%d/1" % self.port
+        # No trash: deleted files and compacted slices leave the object store (on the bench's tmpfs) at once.
+        sh([juicefs, "format", "--trash-days", "0", "--storage", "file", "--bucket", os.path.join(self.base, "bucket") + "/", meta, "bench"],
+           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.mounts = []
+        for i in range(2):
+            m = os.path.join(self.base, "client%d" % i)
+            os.makedirs(m, exist_ok=True)
+            sh([juicefs, "mount", "-d", "--log", m + ".log", meta, m], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.mounts.append(m)
+
+    def close(self):
+        for m in self.mounts:
+            subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+        self.redis.terminate()
+        self.redis.wait()
+
+
+class SharedHost(Filesystem):
+    """One host's mount of a volume kept on a JuiceFS client mount."""
+
+    def __init__(self, work, name, host, cipher, command):
+        self.name = "%s-host%d" % (name, host)
+        Filesystem.__init__(self, work)
+        self.cipher = cipher
+        self._command = command
+
+    def command(self):
+        return self._command(self.cipher, self.mnt)
+
+
+def shared_section(a, work):
+    juice = JuiceFS(work, a.juicefs)
+    mib = a.shared_mib
+    systems = {}
+    try:
+        kenv = {"XDG_CONFIG_HOME": os.path.join(work, "kmsfs-shared-config"), "KMSFS_KNOWN_VOLUMES": os.path.join(work, "kmsfs-shared-known")}
+        os.makedirs(os.path.join(juice.mounts[0], "kmsfs"))
+        sh([KMSFS, "init", os.path.join(juice.mounts[0], "kmsfs")], stdout=subprocess.DEVNULL, env=dict(os.environ, **kenv))
+        os.makedirs(os.path.join(juice.mounts[0], "gocryptfs"))
+        sh(["gocryptfs", "-q", "-init", "-extpass", "echo bench-password", "-scryptn", "10", os.path.join(juice.mounts[0], "gocryptfs")],
+           stdout=subprocess.DEVNULL)
+        commands = {
+            "kmsfs": lambda c, m: [KMSFS, "mount", "-f", "--shared", c, m],
+            "gocryptfs": lambda c, m: ["gocryptfs", "-q", "-fg", "-sharedstorage", "-extpass", "echo bench-password", c, m],
+        }
+        for name, cmd in commands.items():
+            hosts = []
+            for h in range(2):
+                fs = SharedHost(work, name, h, os.path.join(juice.mounts[h], name), cmd)
+                if name == "kmsfs":
+                    fs.env.update(kenv)
+                hosts.append(fs)
+            systems[name] = hosts
+
+        def dd_write(path, n):
+            return "dd if=/dev/zero of=%s bs=1M count=%d conv=fsync status=none" % (path, n)
+
+        def dd_read(path):
+            return "dd if=%s of=/dev/null bs=1M status=none" % path
+
+        def timed_parallel(cmds):
+            t = time.perf_counter()
+            procs = [subprocess.Popen(c, shell=True, stdout=subprocess.DEVNULL) for c in cmds]
+            for p in procs:
+                if p.wait() != 0:
+                    raise RuntimeError("failed: %s" % cmds)
+            return time.perf_counter() - t
+
+        rows = {}
+        for run in range(a.runs):
+            for name, (h0, h1) in systems.items():
+                h0.mount()
+                h1.mount()
+                try:
+                    r = {}
+                    r["one host: write, MiB/s"] = mib / timed_parallel([dd_write(h0.mnt + "/one", mib)])
+                    drop_caches()
+                    r["one host: read, MiB/s"] = mib / timed_parallel([dd_read(h0.mnt + "/one")])
+                    r["two hosts: write (each its file), MiB/s in all"] = 2 * mib / timed_parallel(
+                        [dd_write(h0.mnt + "/a", mib), dd_write(h1.mnt + "/b", mib)])
+                    drop_caches()
+                    r["two hosts: read (each the other's), MiB/s in all"] = 2 * mib / timed_parallel(
+                        [dd_read(h0.mnt + "/b"), dd_read(h1.mnt + "/a")])
+                    n = a.shared_files
+                    cmd = "%s %s --helper create-write %s %d 0"
+                    r["two hosts: create 100-byte files, files/s in all"] = 2 * n / timed_parallel(
+                        [cmd % (sys.executable, os.path.abspath(__file__), h0.mnt + "/d0", n),
+                         cmd % (sys.executable, os.path.abspath(__file__), h1.mnt + "/d1", n)])
+                    for k, v in r.items():
+                        rows.setdefault(k, {}).setdefault(name, []).append(v)
+                    log("shared run %d %s: %s" % (run, name, ", ".join("%s %.1f" % (k, v) for k, v in r.items())))
+                    for p in ("one", "a", "b"):
+                        os.unlink(os.path.join(h0.mnt, p))
+                    shutil.rmtree(h0.mnt + "/d0")
+                    shutil.rmtree(h1.mnt + "/d1")
+                finally:
+                    h1.unmount()
+                    h0.unmount()
+        print("\n### Several hosts on one volume: two JuiceFS clients (Redis metadata, local object store), %d MiB per "
+              "host, %d files per host; kmsfs --shared vs gocryptfs -sharedstorage; medians of %d runs" % (mib, a.shared_files, a.runs))
+        print("| workload | kmsfs | gocryptfs | kmsfs / gocryptfs |")
+        print("|---|---|---|---|")
+        for k, by in rows.items():
+            km, gc = statistics.median(by["kmsfs"]), statistics.median(by["gocryptfs"])
+            print("| %s | %s | %s | %.2f |" % (k, fmt(km), fmt(gc), km / gc))
+        sys.stdout.flush()
+    finally:
+        for hosts in systems.values():
+            for h in hosts:
+                h.unmount()
+        juice.close()
+
+
 # ---------------------------------------------------------------------------------------------- kms
 
 class Moto:
@@ -776,6 +905,9 @@ def main():
     p.add_argument("--tmpfs-gib", type=int, default=12)
     p.add_argument("--moto-python", default=os.environ.get("TEST_PYTHON", "python3"))
     p.add_argument("--moto-server", default=os.environ.get("MOTO_SERVER", "moto_server"))
+    p.add_argument("--juicefs", default=os.environ.get("JUICEFS", "juicefs"))
+    p.add_argument("--shared-mib", type=int, default=64, help="shared section: MiB each host writes and reads")
+    p.add_argument("--shared-files", type=int, default=500, help="shared section: small files each host creates")
     a = p.parse_args()
     a.fs = a.fs.split(",")
     a.scale_fs = a.scale_fs.split(",")
@@ -824,6 +956,8 @@ def main():
             scale_section(a, work)
         if "kms" in sections:
             kms_section(a, work)
+        if "shared" in sections:
+            shared_section(a, work)
     finally:
         cleanup()
 
