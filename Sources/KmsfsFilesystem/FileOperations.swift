@@ -215,6 +215,7 @@ extension EncryptedFilesystem {
                 do {
                     try fill(tmp)
                     giveToCaller(fd: tmp, caller)
+                    if shared { try syscall { Glibc.fsync(tmp) } }
                     // AT_EMPTY_PATH links the descriptor itself (it needs CAP_DAC_READ_SEARCH); else through /proc.
                     if linkat(tmp, "", dfd, name, AT_EMPTY_PATH_FLAG) == 0 { return tmp }
                     if [ENOENT, EPERM].contains(Errno.current.code),
@@ -321,47 +322,92 @@ extension EncryptedFilesystem {
         }
         return try h.file.io.withWriteLock {
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
-            let lockFd = Glibc.open("/proc/self/fd/\(h.fd)", flags)
-            guard lockFd >= 0 else {
-                Log.error("cannot open \(h.file.path) again for a shared read or write: \(Errno.current)")
-                throw Errno.EIO
-            }
+            // The lock, through a descriptor of its own. A file whose mode forbids opening it again (to a daemon
+            // that is not root, or on NFS with root_squash) is locked and used through the handle's own
+            // descriptor instead: requests on this file take turns on this host anyway.
+            let ownLock = try reopen(h, flags)
+            let lockFd = ownLock ?? h.fd
             defer {
                 _ = kmsfs_ofd_lock(lockFd, Int32(F_UNLCK), 0)
-                close(lockFd)
+                if let l = ownLock { close(l) }
             }
-            guard kmsfs_ofd_lock(lockFd, Int32(exclusive ? F_WRLCK : F_RDLCK), 1) == 0 else {
-                Log.error("cannot lock \(h.file.path) against other hosts: \(Errno.current)")
-                throw Errno.EIO
-            }
-            let fd = Glibc.open("/proc/self/fd/\(h.fd)", flags)
-            guard fd >= 0 else {
-                Log.error("cannot open \(h.file.path) again for a shared read or write: \(Errno.current)")
-                throw Errno.EIO
-            }
+            try lockAgainstOtherHosts(lockFd, exclusive: exclusive, h)
+            let own = try reopen(h, flags)
+            let fd = own ?? h.fd
             var closed = false
-            defer { if !closed { close(fd) } }
+            defer { if let o = own, !closed { close(o) } }
             // The size as the backing filesystem has it now (this host's kernel may cache an older one), and none
             // of the pages this host cached of it, which may predate another host's last write.
-            let backingSize = kmsfs_size_synced(fd)
+            var backingSize: Int64 = -1
+            repeat { backingSize = kmsfs_size_synced(fd) } while backingSize < 0 && errno == EINTR
             guard backingSize >= 0 else {
                 Log.error("cannot read the size of \(h.file.path) from the backing filesystem: \(Errno.current)")
                 throw Errno.EIO
             }
             _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
             h.file.size = h.file.layout.plaintextSize(backingSize: Int(backingSize))
-            let r = try body(ContentIO(fd: fd, file: h.file))
-            // A change is synced before the lock goes: closing alone may leave it in this host's client.
-            if exclusive && Glibc.fsync(fd) != 0 {
-                Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
-                throw Errno.EIO
+            let r: R
+            do {
+                r = try body(ContentIO(fd: fd, file: h.file))
+            } catch {
+                // What a failed change did write (or put back) reaches the backing filesystem before the lock goes.
+                if exclusive { _ = Glibc.fsync(fd) }
+                throw error
             }
-            closed = true
-            if close(fd) != 0 && exclusive {
-                Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
-                throw Errno.EIO
+            // A change is synced before the lock goes: closing alone may leave it in this host's client.
+            if exclusive {
+                var synced: Int32 = -1
+                repeat { synced = Glibc.fsync(fd) } while synced != 0 && errno == EINTR
+                if synced != 0 {
+                    Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
+                    throw Errno.EIO
+                }
+            }
+            if let o = own {
+                closed = true
+                if close(o) != 0 && exclusive && errno != EINTR {
+                    Log.error("cannot write \(h.file.path) out to the backing filesystem: \(Errno.current)")
+                    throw Errno.EIO
+                }
             }
             return r
+        }
+    }
+
+    /// A new descriptor of the handle's backing file, or nil when its mode forbids opening it again (EACCES,
+    /// EPERM).
+    private func reopen(_ h: FileHandle, _ flags: Int32) throws -> Int32? {
+        while true {
+            let fd = Glibc.open("/proc/self/fd/\(h.fd)", flags)
+            if fd >= 0 { return fd }
+            let e = Errno.current
+            if e.code == EINTR { continue }
+            if e.code == EACCES || e.code == EPERM { return nil }
+            Log.error("cannot open \(h.file.path) again for a shared read or write: \(e)")
+            throw Errno.EIO
+        }
+    }
+
+    /// The longest wait for another host's lock on a file: each host holds it for one request only, so a longer
+    /// wait means a host that stopped (its locks last until the backing filesystem ends its session).
+    static let sharedLockWait = 30.0
+
+    /// Takes the cross-host lock on `fd`, waiting at most `sharedLockWait` (then EIO, logged).
+    private func lockAgainstOtherHosts(_ fd: Int32, exclusive: Bool, _ h: FileHandle) throws {
+        let deadline = Monotonic.seconds() + Self.sharedLockWait
+        var pause: useconds_t = 1000
+        while kmsfs_ofd_lock(fd, Int32(exclusive ? F_WRLCK : F_RDLCK), 0) != 0 {
+            let e = Errno.current
+            guard e.code == EAGAIN || e.code == EACCES || e.code == EINTR else {
+                Log.error("cannot lock \(h.file.path) against other hosts: \(e)")
+                throw Errno.EIO
+            }
+            if Monotonic.seconds() >= deadline {
+                FailureLog.shared.log(.error, kind: "shared-lock", "another host has held the lock on \(h.file.path) for \(Int(Self.sharedLockWait)) s (a host that stopped keeps it until the backing filesystem ends its session): EIO")
+                throw Errno.EIO
+            }
+            usleep(pause)
+            pause = min(pause * 2, 50_000)
         }
     }
 
@@ -375,13 +421,13 @@ extension EncryptedFilesystem {
         return n
     }
 
-    func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int) throws -> Int {
+    func write(_ handle: FileHandle, from buffer: UnsafeRawPointer, count: Int, offset: Int, append: Bool = false) throws -> Int {
         guard handle.writable else { throw Errno.EBADF }
         let s = try secrets(of: handle)
         try withIO(handle, exclusive: true) { c in
             try checkWritable()
             // Shared mode: an append goes where the file ends now, under the lock, whatever the kernel thought.
-            try c.write(s, from: buffer, count: count, offset: shared && handle.append ? handle.file.size : offset)
+            try c.write(s, from: buffer, count: count, offset: shared && (handle.append || append) ? handle.file.size : offset)
         }
         MountCounters.bytesWritten.add(count, ordering: .relaxed)
         return count

@@ -138,6 +138,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             close(pathFd)
             throw Unsupported(description: "this volume binds names to files with extended attributes (\(Self.bindingAttribute)), which the backing filesystem does not support; mount it read-only, or move it to a filesystem with user extended attributes")
         }
+        if settings.shared && !settings.readOnly && !backing.tmpfileLink && !backing.renameNoReplace && !backing.hardLinks {
+            close(pathFd)
+            throw Unsupported(description: "shared mode needs a way to give a complete new file its name in one step (rename without replacing, or a hard link), and the backing filesystem has neither; mount it without --shared")
+        }
         if settings.shared && !backing.locks {
             close(pathFd)
             throw Unsupported(description: "shared mode needs byte-range locks that the backing filesystem enforces between open files, and it does not; mount it without --shared (one host at a time)")
@@ -578,8 +582,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                     let e = Errno.current
                     // A directory that looks empty through the mount still holds kmsfs's own files (its directory
                     // ID, and files a crash left half made under a temporary name): remove them, then the directory.
-                    guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR, EncryptedFilesystem.removeLeftovers(in: dfd, b.name, encryptedNames: names.usesDirectoryIds) else { throw e }
-                    try syscall { unlinkat(dfd, b.name, flags) }
+                    guard e.code == ENOTEMPTY, flags == AT_REMOVEDIR else { throw e }
+                    if shared {
+                        try removeDirectoryShared(dfd, b.name)
+                    } else {
+                        guard EncryptedFilesystem.removeLeftovers(in: dfd, b.name, encryptedNames: names.usesDirectoryIds) else { throw e }
+                        try syscall { unlinkat(dfd, b.name, flags) }
+                    }
                 }
             } catch {
                 if let l = leaving { close(l.fd) }
@@ -594,6 +603,41 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             unbind(l.tag, at: Self.nodePath(l.fd))
             close(l.fd)
         }
+    }
+
+    /// rmdir in shared mode, of a directory that holds only kmsfs's own files: another host may be creating
+    /// something in it this moment. Temporary files younger than a minute are taken for such creates (ENOTEMPTY);
+    /// the directory ID file is moved out beside the directory rather than removed, and put back if the rmdir
+    /// fails because an entry appeared meanwhile, so that entry's name still decrypts.
+    func removeDirectoryShared(_ dfd: Int32, _ name: String) throws {
+        let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        defer { close(fd) }
+        guard let own = EncryptedFilesystem.ownEntries(fd, encryptedNames: names.usesDirectoryIds) else { throw Errno(ENOTEMPTY) }
+        for l in own where TemporaryNames.isTemporary(l) {
+            var st = stat()
+            if fstatat(fd, l, &st, AT_SYMLINK_NOFOLLOW) == 0, time(nil) - st.st_mtim.tv_sec < 60 {
+                throw Errno(ENOTEMPTY)
+            }
+            unlinkat(fd, l, 0)
+        }
+        var aside: String? = nil
+        for l in own where !TemporaryNames.isTemporary(l) {
+            if l == NameCipher.directoryIdFile {
+                let t = TemporaryNames.make()
+                if renameat(fd, l, dfd, t) == 0 { aside = t }
+            } else {
+                unlinkat(fd, l, 0)
+            }
+        }
+        if unlinkat(dfd, name, AT_REMOVEDIR) == 0 {
+            if let t = aside { unlinkat(dfd, t, 0) }
+            return
+        }
+        let e = Errno.current
+        if let t = aside, kmsfs_renameat2(dfd, t, fd, NameCipher.directoryIdFile, kmsfs_rename_noreplace()) != 0 {
+            FailureLog.shared.log(.error, kind: "directory-id", "rmdir of \(name) failed (\(e)) and its directory ID could not be put back (\(Errno.current)): kept beside it as \(t)")
+        }
+        throw e
     }
 
     /// Removes kmsfs's own files in directory `name` of `dfd` (see `ownEntries`) if they are all it holds; true

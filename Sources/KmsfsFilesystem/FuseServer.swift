@@ -299,7 +299,9 @@ private func operations() -> fuse_lowlevel_ops {
     }
     ops.write = { req, _, buf, size, offset, fi in
         serve(req) { fs in
-            let n = try killingPrivileges { try fs.write(try fileHandle(fi), from: buf!, count: size, offset: Int(offset)) }
+            // (The open file's flags as they are now: O_APPEND may have been set with fcntl since the open.)
+            let append = fi.map { $0.pointee.flags & O_APPEND != 0 } ?? false
+            let n = try killingPrivileges { try fs.write(try fileHandle(fi), from: buf!, count: size, offset: Int(offset), append: append) }
             fuse_reply_write(req, n)
         }
     }

@@ -125,6 +125,19 @@ public final class VolumeLease: @unchecked Sendable {
         return false
     }
 
+    /// For a shared holder, a fresh exclusive lease; for an exclusive one, a fresh shared lease; nil when none.
+    private func freshHolderOfTheOtherKind() -> Holder? {
+        if shared {
+            guard let h = VolumeLease.read(exclusivePath), !isStale(h).stale else { return nil }
+            return h
+        }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: cipherDir)) ?? []
+        for n in names where n.hasPrefix(VolumeLease.sharedPrefix) && !n.contains(".new-") && !n.contains(".stale-") {
+            if let h = VolumeLease.read(cipherDir + "/" + n), !isStale(h).stale { return h }
+        }
+        return nil
+    }
+
     /// Exclusive holders: refuses (Held) while a fresh shared lease exists; stale ones are removed.
     private func checkNoSharedHolders() throws {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: cipherDir) else { throw Errno.current }
@@ -137,7 +150,7 @@ public final class VolumeLease: @unchecked Sendable {
                     throw Held(holder: Holder(host: "(unknown: a shared lease being written or damaged)", boot: nil, pid: 0,
                                               purpose: "mount (shared)", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
                 }
-                unlink(file)
+                _ = removeStale(file, judged: nil)
                 continue
             }
             let (stale, age) = isStale(h)
@@ -295,6 +308,11 @@ public final class VolumeLease: @unchecked Sendable {
         }
         guard current.holderId == me.holderId else {
             return "taken: its lease is now held by kmsfs \(current.purpose) on host \(current.host) (pid \(current.pid))"
+        }
+        // A fresh holder of the other kind (two that started at once and each missed the other, or a listing that
+        // was stale): neither may go on as if the volume were shared, or its alone.
+        if let other = freshHolderOfTheOtherKind() {
+            return "taken: kmsfs \(other.purpose) on host \(other.host) (pid \(other.pid)) holds it too, \(shared ? "exclusively" : "in shared mode")"
         }
         let started = BootClock.seconds()
         me.renewedAt = Date().timeIntervalSince1970

@@ -171,8 +171,13 @@ struct MountCommand: ParsableCommand {
             throw CLIError("cannot start renewing the lease of \(cipher): \(error)")
         }
         defer { lease.release() }
+        // Finishing an interrupted rotation writes files: only a holder of the whole volume may (two shared mounts
+        // starting at once would both redo it, one over the other's new writes).
+        if shared && RewrapJournal.isPending(cipherDir: cipher) {
+            throw CLIError("\(cipher) has an interrupted key rotation to finish first: run kmsfs rewrap, or mount it once without --shared")
+        }
         do {
-            if let repaired = try RewrapJournal.recover(cipherDir: cipher) {
+            if !shared, let repaired = try RewrapJournal.recover(cipherDir: cipher) {
                 Log.info("finished the interrupted key rotation of /\(repaired)")
             }
         } catch {

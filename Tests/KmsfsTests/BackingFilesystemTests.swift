@@ -377,6 +377,12 @@ struct BackingFilesystemTests {
                 #expect(try P.readFile(b.path("dir-\(i)/inside")) == [UInt8(i)])
                 #expect(try P.readFile(b.path("\(longName)-\(i)")) == P.readFile(a.path("\(longName)-\(i)")))
             }
+            // A directory emptied on one host is removed from the other (its ID file goes with it).
+            try syscall { unlink(b.path("dir-0/inside")) }
+            try syscall { rmdir(a.path("dir-0")) }
+            // (B's JuiceFS client may hold the name for its --entry-cache second.)
+            #expect(waitFor(seconds: 5) { P.errno { _ = try P.stat(b.path("dir-0")) } == ENOENT })
+            #expect(P.errno { try syscall { rmdir(b.path("dir-1")) } } == ENOTEMPTY)
 
             // Two hosts appending at once (O_APPEND): every record of both is there once, whole.
             try juice.consistency("appends from two JuiceFS clients over SQLite occasionally lose a record") {
