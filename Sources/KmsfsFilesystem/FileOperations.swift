@@ -456,8 +456,10 @@ extension EncryptedFilesystem {
     func fallocate(_ handle: FileHandle, mode: Int32, offset: Int, length: Int) throws {
         try checkWritable()
         guard handle.writable else { throw Errno.EBADF }
+        // Shared mode: the key is loaded before the cross-host lock is taken (a KMS call must not hold it).
+        let preloaded = shared ? try secrets(of: handle) : nil
         try withIO(handle, exclusive: true) { c in
-            try c.allocate({ try secrets(of: handle) }, mode: mode, offset: offset, length: length)
+            try c.allocate({ try preloaded ?? secrets(of: handle) }, mode: mode, offset: offset, length: length)
         }
     }
 

@@ -610,6 +610,12 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// the directory ID file is moved out beside the directory rather than removed, and put back if the rmdir
     /// fails because an entry appeared meanwhile, so that entry's name still decrypts.
     func removeDirectoryShared(_ dfd: Int32, _ name: String) throws {
+        try removingDirectoryShared(dfd, name) { unlinkat(dfd, name, AT_REMOVEDIR) }
+    }
+
+    /// The shared-mode removal of kmsfs's own files of directory `name` of `dfd` (see `removeDirectoryShared`)
+    /// around `remove` (an rmdir, or a rename over the directory), which returns 0 or -1 with errno.
+    func removingDirectoryShared(_ dfd: Int32, _ name: String, _ remove: () -> Int32) throws {
         let fd = try syscall { openat(dfd, name, O_PATH_FLAG | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
         defer { close(fd) }
         guard let own = EncryptedFilesystem.ownEntries(fd, encryptedNames: names.usesDirectoryIds) else { throw Errno(ENOTEMPTY) }
@@ -629,7 +635,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 unlinkat(fd, l, 0)
             }
         }
-        if unlinkat(dfd, name, AT_REMOVEDIR) == 0 {
+        if remove() == 0 {
             if let t = aside { unlinkat(dfd, t, 0) }
             return
         }
@@ -784,9 +790,13 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                         // A directory replaced by a rename looks empty through the mount but still holds its
                         // directory ID: remove kmsfs's own files from it, then rename again.
                         let e = Errno.current
-                        guard e.code == ENOTEMPTY, exists, target.st_mode & S_IFMT == S_IFDIR, !exchange,
-                              EncryptedFilesystem.removeLeftovers(in: ndfd, to.name, encryptedNames: names.usesDirectoryIds) else { throw e }
-                        try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
+                        guard e.code == ENOTEMPTY, exists, target.st_mode & S_IFMT == S_IFDIR, !exchange else { throw e }
+                        if shared {
+                            try removingDirectoryShared(ndfd, to.name) { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
+                        } else {
+                            guard EncryptedFilesystem.removeLeftovers(in: ndfd, to.name, encryptedNames: names.usesDirectoryIds) else { throw e }
+                            try syscall { kmsfs_renameat2(dfd, from.name, ndfd, to.name, flags) }
+                        }
                     }
                 } catch {
                     undo()

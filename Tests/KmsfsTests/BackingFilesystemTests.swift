@@ -383,6 +383,12 @@ struct BackingFilesystemTests {
             // (B's JuiceFS client may hold the name for its --entry-cache second.)
             #expect(waitFor(seconds: 5) { P.errno { _ = try P.stat(b.path("dir-0")) } == ENOENT })
             #expect(P.errno { try syscall { rmdir(b.path("dir-1")) } } == ENOTEMPTY)
+            // A directory renamed over an empty one (which still holds its ID in the backing store).
+            try syscall { unlink(a.path("dir-1/inside")) }
+            try syscall { Glibc.rename(b.path("dir-2"), b.path("dir-1")) }
+            // (A's JuiceFS client may hold the replaced directory's name for its --entry-cache second.)
+            #expect(waitFor(seconds: 5) { (try? P.readFile(a.path("dir-1/inside"))) == [2] })
+            #expect(try P.readFile(b.path("dir-1/inside")) == [2])
 
             // Two hosts appending at once (O_APPEND): every record of both is there once, whole.
             try juice.consistency("appends from two JuiceFS clients over SQLite occasionally lose a record") {
