@@ -105,7 +105,15 @@ final class MountedVolume {
         extraEnvironment = extra
         self.openFileLimit = openFileLimit
         dir = try TempDir()
-        cipher = (cipherParent ?? dir.path) + "/cipher"
+        // KMSFS_TEST_BACKING_ROOT puts every volume's backing directory under that directory (a JuiceFS mount, say)
+        // unless a test chooses its own: the suites' round trip on another backing filesystem.
+        if cipherParent == nil, let root = ProcessInfo.processInfo.environment["KMSFS_TEST_BACKING_ROOT"] {
+            var template = Array((root + "/backing-XXXXXX").utf8CString)
+            guard let p = mkdtemp(&template) else { throw Errno.current }
+            cipher = String(cString: p) + "/cipher"
+        } else {
+            cipher = (cipherParent ?? dir.path) + "/cipher"
+        }
         mount = dir.path + "/mnt"
         configHome = dir.path + "/config"
         auditLog = dir.path + "/audit.log"
