@@ -138,19 +138,26 @@ public final class VolumeLease: @unchecked Sendable {
         return nil
     }
 
+    /// A lease file that cannot be read (being renamed into place this instant, or damaged) counts as held while
+    /// it is young: throws `Held` naming no holder. Returns whether it is there at all (an old one is, for the
+    /// caller to remove).
+    private func refuseIfYoung(_ file: String, purpose: String) throws -> Bool {
+        var st = stat()
+        guard stat(file, &st) == 0 else { return false }
+        if Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
+            throw Held(holder: Holder(host: "(unknown: the lease file is being written or damaged)", boot: nil, pid: 0,
+                                      purpose: purpose, holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
+        }
+        return true
+    }
+
     /// Exclusive holders: refuses (Held) while a fresh shared lease exists; stale ones are removed.
     private func checkNoSharedHolders() throws {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: cipherDir) else { throw Errno.current }
         for n in names where n.hasPrefix(VolumeLease.sharedPrefix) && !n.contains(".new-") && !n.contains(".stale-") {
             let file = cipherDir + "/" + n
             guard let h = VolumeLease.read(file) else {
-                // Being renewed this instant (renamed into place), or damaged: held unless old.
-                var st = stat()
-                if stat(file, &st) == 0, Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
-                    throw Held(holder: Holder(host: "(unknown: a shared lease being written or damaged)", boot: nil, pid: 0,
-                                              purpose: "mount (shared)", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
-                }
-                _ = removeStale(file, judged: nil)
+                if try refuseIfYoung(file, purpose: "mount (shared)") { _ = removeStale(file, judged: nil) }
                 continue
             }
             let (stale, age) = isStale(h)
@@ -174,18 +181,13 @@ public final class VolumeLease: @unchecked Sendable {
         }
         do {
             for _ in 0..<5 {
-                var st = stat()
-                guard stat(exclusivePath, &st) == 0 else {
+                guard let current = VolumeLease.read(exclusivePath) else {
+                    if try refuseIfYoung(exclusivePath, purpose: "mount") {
+                        _ = removeStale(exclusivePath, judged: nil)
+                        continue
+                    }
                     validUntil.store((started + me.seconds).bitPattern, ordering: .releasing)
                     return
-                }
-                guard let current = VolumeLease.read(exclusivePath) else {
-                    if Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
-                        throw Held(holder: Holder(host: "(unknown: the lease file is being written or damaged)", boot: nil, pid: 0,
-                                                  purpose: "mount", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
-                    }
-                    _ = removeStale(exclusivePath, judged: nil)
-                    continue
                 }
                 let (stale, age) = isStale(current)
                 if !stale { throw Held(holder: current, age: age) }
@@ -217,12 +219,7 @@ public final class VolumeLease: @unchecked Sendable {
                 tookOver = (current, age)
             } else {
                 // Being written by another taker, or damaged: held, unless it is old.
-                var st = stat()
-                guard stat(path, &st) == 0 else { continue }
-                if Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec) <= 2 * me.seconds {
-                    throw Held(holder: Holder(host: "(unknown: the lease file is being written or damaged)", boot: nil, pid: 0,
-                                              purpose: "mount", holderId: "", renewedAt: 0, seconds: me.seconds), age: 0)
-                }
+                guard try refuseIfYoung(path, purpose: "mount") else { continue }
             }
             // Move the stale lease aside, and make sure what moved is the one judged stale; anything else (a fresh
             // lease another host took meanwhile) goes back.

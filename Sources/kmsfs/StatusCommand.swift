@@ -89,7 +89,7 @@ struct StatusCommand: ParsableCommand {
         lines.append("  volume        \(s.volumeId) (format \(s.formatVersion)), \(s.readOnly ? "read-only" : "read-write")\(s.shared ? ", shared" : ""), pid \(s.pid), up \(uptime)")
         lines.append("  key provider  \(s.provider): \(s.keyIds.joined(separator: ", "))")
         lines.append("  open files    \(s.filesOpen) (data keys held \(s.dataKeysHeld), pooled \(s.dataKeysPooled)\(s.volumeKeyHeld ? "; volume key held" : ""))")
-        lines.append("  traffic       read \(bytes(s.bytesRead)), written \(bytes(s.bytesWritten)); corrupt chunks \(s.corruptChunks)")
+        lines.append("  traffic       read \(Progress.size(s.bytesRead)), written \(Progress.size(s.bytesWritten)); corrupt chunks \(s.corruptChunks)")
         if s.keyCalls.isEmpty {
             lines.append("  key calls     none yet")
         } else {
@@ -100,13 +100,6 @@ struct StatusCommand: ParsableCommand {
             }
         }
         return lines.joined(separator: "\n")
-    }
-
-    static func bytes(_ n: Int) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var v = Double(n), i = 0
-        while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-        return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
     }
 
     private static func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
