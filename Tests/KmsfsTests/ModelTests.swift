@@ -27,7 +27,8 @@ struct ModelTests {
 
     @Test("Random operations match the model", arguments: variants)
     func randomOperations(variant: Variant) throws {
-        let seed = UInt64.random(in: 0...UInt64.max)
+        // KMSFS_TEST_SEED replays a failed run's seed.
+        let seed = ProcessInfo.processInfo.environment["KMSFS_TEST_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 0...UInt64.max)
         var rng = SeededRandom(seed: seed)
         let volume = try MountedVolume(chunkSize: variant.chunkSize, mountArgs: variant.mountArgs)
         let C = variant.chunkSize
@@ -35,8 +36,16 @@ struct ModelTests {
 
         for fileIndex in 0..<3 {
             let name = "model-\(fileIndex)"
-            guard let model = try ModelTests.exercise(paths: [volume.path(name)], rng: &rng, chunkSize: C, operations: variant.operations,
-                                                      maxSpan: variant.maxSpan, label: "seed \(seed), file \(fileIndex)") else { return }
+            let model: [UInt8]?
+            do {
+                model = try ModelTests.exercise(paths: [volume.path(name)], rng: &rng, chunkSize: C, operations: variant.operations,
+                                                maxSpan: variant.maxSpan, label: "seed \(seed), file \(fileIndex)")
+            } catch {
+                // An error from the mount: the daemon's log says why.
+                Issue.record("\(error) (seed \(seed), file \(fileIndex)); daemon log:\n\(volume.daemonLogText.suffix(3000))")
+                return
+            }
+            guard let model else { return }
             models[name] = model
         }
 
@@ -64,12 +73,14 @@ struct ModelTests {
         var model = [UInt8]()
         var host = 0
         var fd = try P.open(paths[host], O_RDWR | O_CREAT | O_EXCL)
-        defer { close(fd) }
+        // (fd is -1 between a close and the next open: a failed reopen must not close a number another test got.)
+        defer { if fd >= 0 { close(fd) } }
         for step in 0..<operations {
             let where_ = "\(label), step \(step), host \(host)"
             let limit = max(model.count + 2 * C, 4 * C)
             if paths.count > 1 && Int.random(in: 0..<100, using: &rng) < 30 {
                 close(fd)
+                fd = -1
                 host = (host + 1) % paths.count
                 fd = try P.open(paths[host], O_RDWR)
             }
@@ -103,6 +114,7 @@ struct ModelTests {
             default:
                 // Reopen: a new handle, and a fresh read of the backing file (the page cache is dropped on open).
                 close(fd)
+                fd = -1
                 fd = try P.open(paths[host], O_RDWR)
             }
             let size = Int(try P.fstat(fd).st_size)
