@@ -37,10 +37,10 @@ struct ContentIO {
 
         let stored = UnsafeMutableRawBufferPointer(start: try BufferPool.shared.acquire(storedEnd - storedStart), count: storedEnd - storedStart)
         defer { BufferPool.shared.release(stored.baseAddress!, stored.count) }
-        let got = try FileIO.pread(fd, stored.baseAddress!, count: stored.count, offset: storedStart)
+        let got = try readStored(stored.baseAddress!, count: stored.count, offset: storedStart)
         if got != stored.count {
             // The backing file is shorter than the size this mount knows: cut behind its back.
-            reportCorrupt(chunk: first + got / layout.storedChunkSize)
+            reportCut(chunk: first + got / layout.storedChunkSize, offset: storedStart + got)
             throw Errno.EIO
         }
 
@@ -82,7 +82,7 @@ struct ContentIO {
         if plan.rewritesOldLast { needed.insert(plan.oldLast) }
         var reading: [Int: StoredChunk] = [:]
         defer { for c in reading.values { c.deallocate() } }
-        for i in needed { reading[i] = try StoredChunk(fd: fd, layout: layout, index: i, plaintextLength: plan.oldLength(i)) }
+        for i in needed { reading[i] = try StoredChunk(self, index: i, plaintextLength: plan.oldLength(i)) }
         let old = reading
 
         let region = try Region(layout: layout, first: plan.regionFirst, last: plan.last, newSize: plan.newSize)
@@ -210,7 +210,7 @@ struct ContentIO {
 
         if newSize < oldSize {
             // The chunk holding the new end becomes the last one, cut to its new length.
-            let stored = try StoredChunk(fd: fd, layout: layout, index: newLast,
+            let stored = try StoredChunk(self, index: newLast,
                                          plaintextLength: layout.plaintextLength(ofChunk: newLast, plaintextSize: oldSize))
             defer { stored.deallocate() }
             let region = try Region(layout: layout, first: newLast, last: newLast, newSize: newSize)
@@ -247,7 +247,7 @@ struct ContentIO {
         let ok = try secrets.withCodec { codec in
             try withScratch(C) { scratch in
                 if oldLast >= 0 {
-                    saved = try StoredChunk(fd: fd, layout: layout, index: oldLast, plaintextLength: oldSize - oldLast * C)
+                    saved = try StoredChunk(self, index: oldLast, plaintextLength: oldSize - oldLast * C)
                     let n = oldSize - oldLast * C
                     guard saved!.open(codec, isLast: true, length: n, into: scratch) else { return false }
                     scratch.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: C - n)
@@ -356,6 +356,37 @@ struct ContentIO {
         }
     }
 
+    /// Reads stored bytes of this file; returns fewer than `count` only where the backing file really ends.
+    /// A short read is tried once more after asking the backing filesystem for the file's size: the kernel's
+    /// cached size of a file on a FUSE-based backing filesystem can lag behind what was written there (JuiceFS
+    /// 1.4 answers a size request racing with its own write-back with the old size), and reads stop at it.
+    /// The answer to that request can itself be old while the backing filesystem's write-back runs: a few
+    /// requests are made, some milliseconds apart, before the file counts as cut (the cost falls on damaged
+    /// files only).
+    func readStored(_ buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
+        let got = try FileIO.pread(fd, buffer, count: count, offset: offset)
+        var again = got
+        for attempt in 0..<4 where again < count {
+            if attempt > 0 { usleep(useconds_t(5_000 * attempt)) }
+            if kmsfs_size_synced(fd) >= offset + count { again = try FileIO.pread(fd, buffer, count: count, offset: offset) }
+        }
+        if again > got {
+            if file.firstReport(ofChunk: -1) {
+                Log.shared.log(.warning, "the backing filesystem gave a short read of \(file.path) until asked for its size again: its cached sizes lag behind writes (read again, nothing lost)",
+                               event: "stale-backing-size", fields: ["file": file.path])
+            }
+        }
+        return again
+    }
+
+    private func reportCut(chunk: Int, offset: Int) {
+        if file.firstReport(ofChunk: chunk) {
+            MountCounters.corruptChunks.add(1, ordering: .relaxed)
+            Log.shared.log(.error, "corrupt chunk \(chunk) of \(file.path): the backing file ends at byte \(offset), before the chunk's end; reads of it return EIO",
+                           event: "corrupt-chunk", fields: ["file": file.path, "chunk": String(chunk)])
+        }
+    }
+
     private func reportCorrupt(chunk: Int) {
         if file.firstReport(ofChunk: chunk) {
             MountCounters.corruptChunks.add(1, ordering: .relaxed)
@@ -409,13 +440,14 @@ private struct StoredChunk {
     let index: Int
     var plaintextLength: Int { bytes.count - ChunkLayout.overhead }
 
-    init(fd: Int32, layout: ChunkLayout, index: Int, plaintextLength: Int) throws {
+    init(_ io: ContentIO, index: Int, plaintextLength: Int) throws {
+        let layout = io.layout
         self.index = index
         offset = layout.backingOffset(ofChunk: index)
         bytes = UnsafeMutableRawBufferPointer(start: try BufferPool.shared.acquire(plaintextLength + ChunkLayout.overhead),
                                               count: plaintextLength + ChunkLayout.overhead)
         do {
-            let n = try FileIO.pread(fd, bytes.baseAddress!, count: bytes.count, offset: offset)
+            let n = try io.readStored(bytes.baseAddress!, count: bytes.count, offset: offset)
             if n != bytes.count { throw Errno.EIO }
         } catch {
             BufferPool.shared.release(bytes.baseAddress!, bytes.count)

@@ -87,6 +87,16 @@ struct FailureTests {
         defer { close(fd) }
         #expect(try P.pread(fd, 4096, 0) == Array(data[0..<4096]))
         #expect(P.errno { try P.pread(fd, 4096, 2 * 4096) } == EIO)
+        // A file cut while open: the mount knows its size, and the backing file ends before it (asked again, as a
+        // short read may come from a backing filesystem's stale cached size, it still does).
+        try P.writeFile(v.path("cut-open"), data)
+        let open = try P.open(v.path("cut-open"), O_RDONLY)
+        defer { close(open) }
+        try syscall { truncate(v.backing("cut-open"), off_t(layout.backingOffset(ofChunk: 3) + 100)) }
+        #expect(try P.pread(open, 4096, 4096) == Array(data[4096..<8192]))
+        #expect(P.errno { try P.pread(open, 4096, 3 * 4096) } == EIO)
+        #expect(v.daemonLogText.contains("corrupt chunk 3 of /cut-open: the backing file ends at byte \(layout.backingOffset(ofChunk: 3) + 100), before the chunk's end"), "\(v.daemonLogText)")
+        #expect(!v.daemonLogText.contains("stale-backing-size") && !v.daemonLogText.contains("until asked for its size again"))
 
         let a = layout.backingOffset(ofChunk: 0), b = layout.backingOffset(ofChunk: 1)
         let sfd = try P.open(v.backing("swap"), O_RDWR)
