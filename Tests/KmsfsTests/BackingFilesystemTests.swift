@@ -1,3 +1,4 @@
+import CSystem
 import Foundation
 import Glibc
 import KmsfsFilesystem
@@ -71,6 +72,10 @@ struct BackingFilesystemTests {
             #expect(shell.status == 0, "\(shell.stderr)")
             // A create that loses the race to an existing name, and O_EXCL on it.
             #expect(P.errno { _ = try P.open(v.path("small"), O_WRONLY | O_CREAT | O_EXCL, 0o644) } == EEXIST)
+            // JuiceFS without --enable-xattr has no extended attributes: kmsfs says so, and the file is unharmed.
+            #expect(v.daemonLogText.contains("extended attributes unsupported"))
+            #expect(P.errno { try syscall { setxattr(v.path("small"), "user.colour", "blue", 4, 0) } } == EOPNOTSUPP)
+            #expect(try P.readFile(v.path("small")) == Array("hello\n".utf8))
             // Names kmsfs uses while making files are ordinary names in the mount (they are stored encrypted), and
             // no temporary file is left behind.
             try P.writeFile(v.path(".kmsfs-new.x"), [1])

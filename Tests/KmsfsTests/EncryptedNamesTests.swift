@@ -567,7 +567,7 @@ struct EncryptedNamesTests {
         let forward = try run(kmsfsBinary, ["path", v.cipher, "/docs/deep/b.bin"], environment: v.environment)
         let backing = forward.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(forward.status == 0 && v.cipher + "/" + backing == v.backing("docs/deep/b.bin"), "\(forward.stdout)\(forward.stderr)")
-        let back = try run(kmsfsBinary, ["path", "--reverse", v.cipher, backing], environment: v.environment)
+        let back = try run(kmsfsBinary, ["path", "--reverse", "--", v.cipher, backing], environment: v.environment)
         #expect(back.status == 0 && back.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "/docs/deep/b.bin", "\(back.stdout)\(back.stderr)")
     }
 }

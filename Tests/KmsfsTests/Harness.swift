@@ -276,6 +276,26 @@ final class MountedVolume {
         }
     }
 
+    /// What the backing filesystem itself does, probed beside the volume (not through kmsfs), so that a suite run
+    /// with KMSFS_TEST_BACKING_ROOT on a filesystem without a feature checks kmsfs's answer for its absence instead.
+    struct BackingFeatures {
+        /// A file with a 10 MiB hole takes less than 1 MiB.
+        var sparseFiles: Bool
+        /// A user.* extended attribute can be set.
+        var userXattrs: Bool
+    }
+
+    func backingFeatures() throws -> BackingFeatures {
+        let probe = (cipher as NSString).deletingLastPathComponent + "/.feature-probe"
+        let fd = try P.open(probe, O_RDWR | O_CREAT | O_TRUNC, 0o600)
+        defer { close(fd); unlink(probe) }
+        try P.pwrite(fd, [1], 10 << 20)
+        _ = fsync(fd)
+        let sparse = try P.fstat(fd).st_blocks * 512 < 1 << 20
+        let xattr = fsetxattr(fd, "user.kmsfs-probe", [1], 1, 0) == 0
+        return BackingFeatures(sparseFiles: sparse, userXattrs: xattr)
+    }
+
     func path(_ name: String) -> String { mount + "/" + name }
     /// The backing path of plaintext path `name` (through the encrypted names, resolved offline); kmsfs's own
     /// files (the config, its lease, the journal) are at the top under their own names.

@@ -35,7 +35,8 @@ struct PosixTests {
         // A large directory lists completely (readdir continues across several kernel requests).
         try syscall { mkdir(v.path("many"), 0o755) }
         for i in 0..<1500 { try P.writeFile(v.path("many/file-with-a-longish-name-\(i)"), []) }
-        #expect(try FileManager.default.contentsOfDirectory(atPath: v.path("many")).count == 1500)
+        let listed = try FileManager.default.contentsOfDirectory(atPath: v.path("many"))
+        #expect(listed.count == 1500, "\(listed.count) listed, missing: \(Set((0..<1500).map { "file-with-a-longish-name-\($0)" }).subtracting(listed).sorted().prefix(20)); \(v.daemonLogText.suffix(2000))")
     }
 
     @Test("open flags: O_EXCL, O_TRUNC, O_APPEND, O_CREAT on an existing file, O_RDONLY refuses writes")
@@ -208,10 +209,13 @@ struct PosixTests {
         #expect(try P.pread(s, 8192, 5 << 20).allSatisfy { $0 == 0 })
         #expect(try P.pread(s, 2, 10 << 20) == [0xAB])
         close(s)
-        #expect(try P.stat(v.backing("sparse")).st_blocks * 512 < 1 << 20)
+        // (Holes take no space only where the backing filesystem's own holes do: JuiceFS counts them.)
+        let sparse = try v.backingFeatures().sparseFiles
+        if sparse { #expect(try P.stat(v.backing("sparse")).st_blocks * 512 < 1 << 20) }
         try syscall { truncate(v.path("sparse"), 20 << 20) }
         #expect(try P.stat(v.path("sparse")).st_size == 20 << 20)
-        #expect(try P.stat(v.backing("sparse")).st_blocks * 512 < 1 << 20)
+        #expect(Array(try P.readFile(v.path("sparse")).suffix(4)) == [0, 0, 0, 0])
+        if sparse { #expect(try P.stat(v.backing("sparse")).st_blocks * 512 < 1 << 20) }
     }
 
     @Test("Extended attributes: set, get, list, remove; the security and system namespaces are not supported")
@@ -219,6 +223,15 @@ struct PosixTests {
         let v = try MountedVolume()
         try P.writeFile(v.path("f"), [1])
         let value = Array("blue".utf8)
+        guard try v.backingFeatures().userXattrs else {
+            // A backing filesystem without extended attributes (JuiceFS by default): kmsfs says so, and the file
+            // is unharmed.
+            #expect(P.errno { try syscall { setxattr(v.path("f"), "user.colour", value, value.count, 0) } } == EOPNOTSUPP)
+            var none = [CChar](repeating: 0, count: 16)
+            #expect(P.errno { try syscall { listxattr(v.path("f"), &none, none.count) } } == EOPNOTSUPP)
+            #expect(try P.readFile(v.path("f")) == [1])
+            return
+        }
         try syscall { setxattr(v.path("f"), "user.colour", value, value.count, 0) }
         var buf = [UInt8](repeating: 0, count: 64)
         let n = try syscall { getxattr(v.path("f"), "user.colour", &buf, buf.count) }
