@@ -1,4 +1,5 @@
 import CSystem
+import Dispatch
 import Glibc
 import KmsfsCrypto
 import KmsfsFormat
@@ -321,17 +322,28 @@ extension EncryptedFilesystem {
             return exclusive ? try h.file.io.withWriteLock { try body(h.content) } : try h.file.io.withReadLock { try body(h.content) }
         }
         return try h.file.io.withWriteLock {
+            // A read lock kept from this host's last read of the file serves the next reads for a few
+            // milliseconds: while it is held no host can have changed the file, so its size and this host's
+            // view of it are still current. A change gives it up first.
+            if !exclusive, let held = h.file.heldRead, Monotonic.seconds() - held.since < Self.heldReadSeconds {
+                return try body(ContentIO(fd: held.ioFd, file: h.file))
+            }
+            h.file.endHeldRead()
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
             // The lock, through a descriptor of its own. A file whose mode forbids opening it again (to a daemon
             // that is not root, or on NFS with root_squash) is locked and used through the handle's own
             // descriptor instead: requests on this file take turns on this host anyway.
             let ownLock = try reopen(h, flags)
             let lockFd = ownLock ?? h.fd
+            var kept = false
             defer {
-                _ = kmsfs_ofd_lock(lockFd, Int32(F_UNLCK), 0)
-                if let l = ownLock { close(l) }
+                if !kept {
+                    _ = kmsfs_ofd_lock(lockFd, Int32(F_UNLCK), 0)
+                    if let l = ownLock { close(l) }
+                }
             }
             try lockAgainstOtherHosts(lockFd, exclusive: exclusive, h)
+            let lockedAt = Monotonic.seconds()
             let own = try reopen(h, flags)
             let fd = own ?? h.fd
             var closed = false
@@ -363,6 +375,20 @@ extension EncryptedFilesystem {
                     throw Errno.EIO
                 }
             }
+            if !exclusive, let l = ownLock, let o = own {
+                // Kept for the next reads, and given up when they stop.
+                kept = true
+                closed = true
+                h.file.heldReads += 1
+                let number = h.file.heldReads
+                h.file.heldRead = (lockFd: l, ioFd: o, since: lockedAt, number: number)
+                let file = h.file
+                DispatchQueue.global().asyncAfter(deadline: .now() + Self.heldReadSeconds) { [weak file] in
+                    guard let file else { return }
+                    file.io.withWriteLock { if file.heldRead?.number == number { file.endHeldRead() } }
+                }
+                return r
+            }
             if let o = own {
                 closed = true
                 if close(o) != 0 && exclusive && errno != EINTR {
@@ -373,6 +399,10 @@ extension EncryptedFilesystem {
             return r
         }
     }
+
+    /// Shared mode: how long a read lock is kept for further reads of the file on this host. Another host's
+    /// change of the file waits at most this long for it; a steady reader takes it again after this time.
+    static let heldReadSeconds = 0.02
 
     /// A new descriptor of the handle's backing file, or nil when its mode forbids opening it again (EACCES,
     /// EPERM).
@@ -469,6 +499,7 @@ extension EncryptedFilesystem {
 
     /// Closes a handle; the last handle of a file wipes its key.
     func releaseFile(_ handle: FileHandle) {
+        if shared { handle.file.io.withWriteLock { handle.file.endHeldRead() } }
         table.release(handle.file, fd: handle.fd)
         close(handle.fd)
     }

@@ -159,6 +159,10 @@ private func operations() -> fuse_lowlevel_ops {
         if fs.uniformLayout == nil {
             conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO)
         }
+        // Shared mode caches no attributes (timeout 0), and with automatic invalidation the kernel would ask for
+        // them before every read request. Close-to-open consistency needs them at open only, which the lookup of
+        // the path gives, and an open drops the file's cached pages (keep_cache is never set).
+        if fs.shared { conn.pointee.want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA) }
         if fs.writebackCache && conn.pointee.capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 {
             conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
         }

@@ -1,3 +1,4 @@
+import CSystem
 import Glibc
 import KmsfsCrypto
 import KmsfsFormat
@@ -77,6 +78,21 @@ final class OpenFile: @unchecked Sendable {
     let emptyMarker: [UInt8]?
     /// Serializes writes and truncations against each other and against reads of this file.
     let io = ReadWriteLock()
+
+    /// Shared mode: the read lock against other hosts kept for this host's next reads of the file, with the
+    /// descriptors it holds (`EncryptedFilesystem.withIO`). Guarded by `io`, held exclusively (shared-mode I/O
+    /// always takes it so); `heldReads` counts the locks kept, so that an expiry acts on its own one only.
+    var heldRead: (lockFd: Int32, ioFd: Int32, since: Double, number: Int)?
+    var heldReads = 0
+
+    /// Gives up the kept read lock, if any. Call with `io` held exclusively.
+    func endHeldRead() {
+        guard let held = heldRead else { return }
+        heldRead = nil
+        close(held.ioFd)
+        _ = kmsfs_ofd_lock(held.lockFd, Int32(F_UNLCK), 0)
+        close(held.lockFd)
+    }
 
     /// The plaintext size. Read under `io` (shared), changed under `io` (exclusive); getattr reads it without
     /// the lock and sees the size before or after a change, never a torn value.
