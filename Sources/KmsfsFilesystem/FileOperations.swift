@@ -35,7 +35,7 @@ extension EncryptedFilesystem {
                 do {
                     let h = try FileOpener.readHeader(fd: fd)
                     try h.checkContext(volumeId: volume.volumeId)
-                    if let u = uniformLayout, h.headerLength != u.headerLength {
+                    if let u = uniformLayout, h.headerLength != u.headerLength, !followUniformHeaderLength() {
                         throw FormatError.malformedHeader("header length \(h.headerLength) differs from the volume's \(u.headerLength)")
                     }
                     // Format 3: even an empty file holds a marker after its header, so one cut to its header is damaged.

@@ -1080,6 +1080,29 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         }
     }
 
+    /// Shared mode: whether another host gave up the uniform header length (the volume config, authenticated
+    /// by the volume key where there is one, no longer has one); if so this mount follows it, as if it had given
+    /// it up itself. Asked when a file's header length differs from the uniform one, and at lease renewals.
+    @discardableResult
+    public func followUniformHeaderLength() -> Bool {
+        guard shared, uniformLayout != nil,
+              let data = try? FileIO.readFile(VolumeConfig.path(in: cipherDir)),
+              let current = try? VolumeConfig.decode(data), current.volumeId == volume.volumeId,
+              current.headerLength == nil else { return false }
+        if let k = volumeKeys {
+            guard (try? current.checkAuthenticity(with: k)) != nil else { return false }
+        }
+        let changed: Bool = uniform.withLock {
+            guard $0 != nil else { return false }
+            $0 = nil
+            return true
+        }
+        if changed {
+            Log.warning("another host gave up the volume's uniform header length: files of this volume have different header lengths from now on, and sizes are read from headers")
+        }
+        return true
+    }
+
     func fsyncdir(_ handle: DirHandle, _ datasync: Bool) throws {
         let fd = dirfd(handle.stream)
         try syscall { datasync ? fdatasync(fd) : Glibc.fsync(fd) }

@@ -263,8 +263,8 @@ public final class VolumeLease: @unchecked Sendable {
 
     /// Renews the lease every third of its duration until released. `onLost` runs (once, on the renewing
     /// thread) when the lease turns out to be someone else's, or could not be renewed for its whole duration:
-    /// the caller must stop writing.
-    public func startRenewing(onLost: @escaping @Sendable (String) -> Void) throws {
+    /// the caller must stop writing. `onRenewed` runs (on the renewing thread) after each renewal.
+    public func startRenewing(onRenewed: @escaping @Sendable () -> Void = {}, onLost: @escaping @Sendable (String) -> Void) throws {
         condition.withLock { renewer = true }
         let started = BackgroundThread.start { [self] in
             var lastRenewed = Monotonic.seconds()
@@ -274,7 +274,10 @@ public final class VolumeLease: @unchecked Sendable {
                 if stopped || lost { continue }
                 condition.unlock()
                 let problem = renew()
-                if problem == nil { lastRenewed = Monotonic.seconds() }
+                if problem == nil {
+                    lastRenewed = Monotonic.seconds()
+                    onRenewed()
+                }
                 let give = problem.flatMap { p in
                     p.hasPrefix("taken:") || Monotonic.seconds() - lastRenewed >= me.seconds ? String(p.drop { $0 != ":" }.dropFirst().drop { $0 == " " }) : nil
                 }

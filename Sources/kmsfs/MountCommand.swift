@@ -165,7 +165,7 @@ struct MountCommand: ParsableCommand {
         }
         let fenceBox = FenceBox()
         do {
-            try lease.startRenewing { why in fenceBox.fence(why) }
+            try lease.startRenewing(onRenewed: { fenceBox.renewed() }) { why in fenceBox.fence(why) }
         } catch {
             lease.release()
             throw CLIError("cannot start renewing the lease of \(cipher): \(error)")
@@ -449,6 +449,11 @@ final class FenceBox: @unchecked Sendable {
             return fs
         }
         target?.fence(why)
+    }
+
+    /// After each lease renewal: a shared mount follows another host's change of the volume config.
+    func renewed() {
+        lock.withLock { fs }?.followUniformHeaderLength()
     }
 }
 

@@ -230,6 +230,32 @@ struct BackingFilesystemTests {
         b.stop()
     }
 
+    @Test("Shared mode: when one host gives up the uniform header length (a new file's header does not fit), the others follow it, at a renewal or at the open of such a file, and read and size its files")
+    func sharedUniformHeaderLength() throws {
+        // A volume whose config promises 512-byte headers, with a context too long for them (as in
+        // VolumeFormatTests), mounted by three hosts; C renews its lease every half second, B every 10 s.
+        let long = String(repeating: "x", count: 700)
+        let a = try MountedVolume(initArgs: ["--context", "note=\(long)"], mountArgs: ["--shared"])
+        try a.unmount()
+        try a.rewriteConfig { $0.headerLength = 512 }
+        try a.start(["--shared"])
+        let b = try MountedVolume(host: a, cipher: a.cipher, mountArgs: ["--shared"])
+        defer { b.stop() }
+        let c = try MountedVolume(host: a, cipher: a.cipher, mountArgs: ["--shared", "--lease-seconds", "1.5"])
+        defer { c.stop() }
+        try P.writeFile(a.path("first"), Array("longer header".utf8))
+        #expect(a.daemonLogText.contains("more than the volume's uniform 512"))
+        // B opens A's file before a renewal tells it: the header length differs from the uniform one, B finds the
+        // config changed, follows it and reads the file.
+        #expect(try P.readFile(b.path("first")) == Array("longer header".utf8))
+        #expect(try P.stat(b.path("first")).st_size == 13)
+        #expect(b.daemonLogText.contains("another host gave up the volume's uniform header length"), "\(b.daemonLogText)")
+        // C learns it at a renewal, without opening anything; then a stat sizes A's file from its header.
+        #expect(waitFor(seconds: 5) { c.daemonLogText.contains("another host gave up the volume's uniform header length") }, "\(c.daemonLogText)")
+        #expect(try P.stat(c.path("first")).st_size == 13)
+        #expect(try P.readFile(c.path("first")) == Array("longer header".utf8))
+    }
+
     @Test("Shared and exclusive leases exclude each other through the lease files alone (for backing filesystems whose flock does not reach other hosts); a stale shared lease of another host does not block")
     func sharedLeases() throws {
         let d = try TempDir()
