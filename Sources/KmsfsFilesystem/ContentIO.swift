@@ -1,5 +1,4 @@
 import CSystem
-import Dispatch
 import Glibc
 import KmsfsCrypto
 import KmsfsFormat
@@ -371,7 +370,7 @@ struct ContentIO {
             if kmsfs_size_synced(fd) >= offset + count { again = try FileIO.pread(fd, buffer, count: count, offset: offset) }
         }
         if again > got {
-            if file.firstReport(ofChunk: -1) {
+            if file.firstReport(ofChunk: -2) {
                 Log.shared.log(.warning, "the backing filesystem gave a short read of \(file.path) until asked for its size again: its cached sizes lag behind writes (read again, nothing lost)",
                                event: "stale-backing-size", fields: ["file": file.path])
             }

@@ -325,8 +325,16 @@ extension EncryptedFilesystem {
             // A read lock kept from this host's last read of the file serves the next reads for a few
             // milliseconds: while it is held no host can have changed the file, so its size and this host's
             // view of it are still current. A change gives it up first.
-            if !exclusive, let held = h.file.heldRead, Monotonic.seconds() - held.since < Self.heldReadSeconds {
-                return try body(ContentIO(fd: held.ioFd, file: h.file))
+            var keep = !exclusive
+            if !exclusive, let held = h.file.heldRead {
+                if Monotonic.seconds() - held.since < Self.heldReadSeconds {
+                    return try body(ContentIO(fd: held.ioFd, file: h.file))
+                }
+                // Held for its time while this host kept reading: given up for a moment, and this read's lock is
+                // not kept, so that another host waiting to write gets its turn.
+                h.file.endHeldRead()
+                usleep(1000)
+                keep = false
             }
             h.file.endHeldRead()
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
@@ -375,18 +383,13 @@ extension EncryptedFilesystem {
                     throw Errno.EIO
                 }
             }
-            if !exclusive, let l = ownLock, let o = own {
+            if keep, let l = ownLock, let o = own {
                 // Kept for the next reads, and given up when they stop.
                 kept = true
                 closed = true
                 h.file.heldReads += 1
-                let number = h.file.heldReads
-                h.file.heldRead = (lockFd: l, ioFd: o, since: lockedAt, number: number)
-                let file = h.file
-                DispatchQueue.global().asyncAfter(deadline: .now() + Self.heldReadSeconds) { [weak file] in
-                    guard let file else { return }
-                    file.io.withWriteLock { if file.heldRead?.number == number { file.endHeldRead() } }
-                }
+                h.file.heldRead = (lockFd: l, ioFd: o, since: lockedAt, number: h.file.heldReads)
+                h.file.expireHeldRead(h.file.heldReads, after: Self.heldReadSeconds)
                 return r
             }
             if let o = own {
@@ -401,7 +404,8 @@ extension EncryptedFilesystem {
     }
 
     /// Shared mode: how long a read lock is kept for further reads of the file on this host. Another host's
-    /// change of the file waits at most this long for it; a steady reader takes it again after this time.
+    /// change of the file waits for it about this long; a steady reader then gives the lock up for a moment
+    /// and takes its next one for one request only, before keeping one again.
     static let heldReadSeconds = 0.02
 
     /// A new descriptor of the handle's backing file, or nil when its mode forbids opening it again (EACCES,
@@ -437,7 +441,7 @@ extension EncryptedFilesystem {
                 throw Errno.EIO
             }
             usleep(pause)
-            pause = min(pause * 2, 50_000)
+            pause = min(pause * 2, 10_000)
         }
     }
 
@@ -499,8 +503,8 @@ extension EncryptedFilesystem {
 
     /// Closes a handle; the last handle of a file wipes its key.
     func releaseFile(_ handle: FileHandle) {
-        if shared { handle.file.io.withWriteLock { handle.file.endHeldRead() } }
-        table.release(handle.file, fd: handle.fd)
+        // (The kept read lock holds descriptors of its own: it ends with the file's last handle.)
+        if table.release(handle.file, fd: handle.fd) && shared { handle.file.io.withWriteLock { handle.file.endHeldRead() } }
         close(handle.fd)
     }
 

@@ -1015,6 +1015,14 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 guard fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { return true }
                 // A name that fails its binding is left out, as lookup would refuse it.
                 guard (try? checkNewName(handle.inode, dfd, name, st, { mountPath(of: handle.inode, shown) })) != nil else { return true }
+                // A file whose size needs its header read (the volume gave up its uniform header length since
+                // this mount started offering listings with attributes) is listed without them: the kernel
+                // looks it up when it needs them, and the listing reads no header.
+                if uniformLayout == nil, st.st_mode & S_IFMT == S_IFREG, !inodes.hasKnownLayout(InodeKey(st)) {
+                    st.st_ino = entry.pointee.d_ino
+                    st.st_mode = mode_t(entry.pointee.d_type) << 12
+                    return fill(shown, nil, st, telldir(handle.stream))
+                }
                 let i = inodes.remember(parent: handle.inode, name: name, st: st)
                 present(&st, i, dfd: dfd, name: name)
                 inode = i
@@ -1085,8 +1093,10 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// it up itself. Asked when a file's header length differs from the uniform one, and at lease renewals.
     @discardableResult
     public func followUniformHeaderLength() -> Bool {
-        guard shared, uniformLayout != nil,
-              let data = try? FileIO.readFile(VolumeConfig.path(in: cipherDir)),
+        guard shared else { return false }
+        // (Followed already, by another open or a renewal.)
+        if uniformLayout == nil { return true }
+        guard let data = try? FileIO.readFile(VolumeConfig.path(in: cipherDir)),
               let current = try? VolumeConfig.decode(data), current.volumeId == volume.volumeId,
               current.headerLength == nil else { return false }
         if let k = volumeKeys {

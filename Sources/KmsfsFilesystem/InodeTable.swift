@@ -358,6 +358,14 @@ final class InodeTable: @unchecked Sendable {
         lock.withLock { inode.layoutState }
     }
 
+    /// Whether the node of `key`, if the table has it, has its layout known (its header prefix was read).
+    func hasKnownLayout(_ key: InodeKey) -> Bool {
+        lock.withLock {
+            guard let inode = byKey[key], case .known = inode.layoutState else { return false }
+            return true
+        }
+    }
+
     func setLayout(_ layout: Inode.Layout, of inode: Inode) {
         lock.withLock { inode.layoutState = layout }
     }

@@ -1,4 +1,5 @@
 import CSystem
+import Dispatch
 import Glibc
 import KmsfsCrypto
 import KmsfsFormat
@@ -92,6 +93,18 @@ final class OpenFile: @unchecked Sendable {
         close(held.ioFd)
         _ = kmsfs_ofd_lock(held.lockFd, Int32(F_UNLCK), 0)
         close(held.lockFd)
+    }
+
+    /// Ends kept read lock number `number` once `io` is free (never waiting for it: `io` may be held for as long
+    /// as another host's lock is waited for), unless a later one replaced it or it ended already.
+    func expireHeldRead(_ number: Int, after seconds: Double) {
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [weak self] in
+            guard let self else { return }
+            let ran: Void? = io.withWriteLockIfFree { if heldRead?.number == number { endHeldRead() } }
+            if ran == nil {
+                expireHeldRead(number, after: seconds)
+            }
+        }
     }
 
     /// The plaintext size. Read under `io` (shared), changed under `io` (exclusive); getattr reads it without
@@ -214,8 +227,10 @@ final class OpenFileTable: @unchecked Sendable {
         }
     }
 
-    /// Drops the reference of the handle with descriptor `fd`; the last one wipes the file's secrets.
-    func release(_ file: OpenFile, fd: Int32) {
+    /// Drops the reference of the handle with descriptor `fd`; the last one wipes the file's secrets. True for
+    /// the last one.
+    @discardableResult
+    func release(_ file: OpenFile, fd: Int32) -> Bool {
         let last = lock.withLock { () -> Bool in
             file.references -= 1
             if let i = file.descriptors.firstIndex(of: fd) { file.descriptors.remove(at: i) }
@@ -229,6 +244,7 @@ final class OpenFileTable: @unchecked Sendable {
             s.wipe()
             onDiscard(file, s)
         }
+        return last
     }
 
     /// The entry of an inode if some handle has it open.

@@ -58,6 +58,13 @@ public final class ReadWriteLock: @unchecked Sendable {
         return try body()
     }
 
+    /// Runs `body` under the write lock if it is free now; nil (without running it) if it is not.
+    public func withWriteLockIfFree<R>(_ body: () throws -> R) rethrows -> R? {
+        guard pthread_rwlock_trywrlock(rw) == 0 else { return nil }
+        defer { unlock() }
+        return try body()
+    }
+
     public func readLock() { pthread_rwlock_rdlock(rw) }
     public func writeLock() { pthread_rwlock_wrlock(rw) }
     public func unlock() { pthread_rwlock_unlock(rw) }

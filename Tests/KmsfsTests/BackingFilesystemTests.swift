@@ -254,6 +254,16 @@ struct BackingFilesystemTests {
         #expect(waitFor(seconds: 5) { c.daemonLogText.contains("another host gave up the volume's uniform header length") }, "\(c.daemonLogText)")
         #expect(try P.stat(c.path("first")).st_size == 13)
         #expect(try P.readFile(c.path("first")) == Array("longer header".utf8))
+        // Listings with attributes stay right for files of either length, on every host.
+        try P.writeFile(a.path("second"), Array("another".utf8))
+        for host in [a, b, c] {
+            let ls = try run("ls", ["-ln", host.mount])
+            let sizes = Dictionary(uniqueKeysWithValues: ls.stdout.split(separator: "\n").dropFirst().map { line in
+                let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                return (String(f.last!), Int(f[4])!)
+            })
+            #expect(sizes == ["first": 13, "second": 7], "\(ls.stdout)")
+        }
     }
 
     @Test("Shared and exclusive leases exclude each other through the lease files alone (for backing filesystems whose flock does not reach other hosts); a stale shared lease of another host does not block")
