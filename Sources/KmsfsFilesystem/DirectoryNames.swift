@@ -143,7 +143,7 @@ extension EncryptedFilesystem {
         defer { closedir(stream) }
         var names: [String] = []
         while let entry = Glibc.readdir(stream) {
-            let n = EncryptedFilesystem.name(of: entry)
+            let n = DirectoryEntry.name(entry)
             if n != "." && n != ".." { names.append(n) }
         }
         return names

@@ -1046,7 +1046,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 if errno != 0 { throw Errno.current }
                 return
             }
-            let name = EncryptedFilesystem.name(of: entry)
+            let name = DirectoryEntry.name(entry)
             let shown: [UInt8]
             if name == "." || name == ".." {
                 shown = Array(name.utf8)
@@ -1058,13 +1058,6 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 seekdir(handle.stream, here)
                 return
             }
-        }
-    }
-
-    /// The name of a directory entry.
-    static func name(of entry: UnsafeMutablePointer<dirent>) -> String {
-        withUnsafePointer(to: entry.pointee.d_name) {
-            $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
         }
     }
 

@@ -76,7 +76,7 @@ public enum RewrapJournal {
         let mine = ".tmp-\(getpid())"
         var names: [String] = []
         while let entry = readdir(dir) {
-            let n = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            let n = DirectoryEntry.name(entry)
             for base in [VolumeConfig.fileName, name] where n.hasPrefix(base + ".tmp-") && !n.hasSuffix(mine) {
                 if n.dropFirst(base.count + 5).allSatisfy(\.isNumber) { names.append(n) }
             }
@@ -319,7 +319,7 @@ public final class VolumeRewrapper: @unchecked Sendable {
         defer { closedir(d) }
         var names: [String] = []
         while let e = readdir(d) {
-            let name = withUnsafePointer(to: e.pointee.d_name) { $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) } }
+            let name = DirectoryEntry.name(e)
             if name == "." || name == ".." { continue }
             if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: volume) { continue }
             names.append(name)

@@ -14,7 +14,7 @@ private func entries(_ dir: [UInt8]) throws -> Set<[UInt8]> {
     defer { closedir(d) }
     var out = Set<[UInt8]>()
     while let e = readdir(d) {
-        let name = withUnsafeBytes(of: e.pointee.d_name) { raw in Array(raw.prefix(while: { $0 != 0 })) }
+        let name = DirectoryEntry.nameBytes(e)
         if name != [46] && name != [46, 46] { out.insert(name) }
     }
     return out
@@ -297,7 +297,7 @@ struct EncryptedNamesTests {
         #expect(Set(listed) == ["s3", "victim"])
         if let d = opendir(v.path("sub")) {
             while let e = Glibc.readdir(d) {
-                if withUnsafeBytes(of: e.pointee.d_name, { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }) == "s3" {
+                if DirectoryEntry.name(e) == "s3" {
                     #expect(e.pointee.d_ino == before.st_ino)
                 }
             }

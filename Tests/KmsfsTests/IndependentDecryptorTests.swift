@@ -144,7 +144,7 @@ struct IndependentDecryptorTests {
             guard let d = opendir(c) else { throw Errno.current }
             var names: [[UInt8]] = []
             while let e = readdir(d) {
-                let name = withUnsafeBytes(of: e.pointee.d_name) { Array($0.prefix { $0 != 0 }) }
+                let name = DirectoryEntry.nameBytes(e)
                 if name != [46] && name != [46, 46] { names.append(name) }
             }
             closedir(d)
