@@ -1,5 +1,4 @@
 import CSystem
-import Dispatch
 import Glibc
 import KmsfsCrypto
 import KmsfsFormat
@@ -422,8 +421,9 @@ extension EncryptedFilesystem {
         }
     }
 
-    /// The longest wait for another host's lock on a file: each host holds it for one request only, so a longer
-    /// wait means a host that stopped (its locks last until the backing filesystem ends its session).
+    /// The longest wait for another host's lock on a file: each host holds it for one request (or 20 ms of
+    /// reads) only, so a longer wait means a host that stopped (its locks last until the backing filesystem ends
+    /// its session).
     static let sharedLockWait = 30.0
 
     /// Takes the cross-host lock on `fd`, waiting at most `sharedLockWait` (then EIO, logged).
