@@ -337,10 +337,12 @@ extension EncryptedFilesystem {
             }
             h.file.endHeldRead()
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
-            // The lock, through a descriptor of its own. A file whose mode forbids opening it again (to a daemon
-            // that is not root, or on NFS with root_squash) is locked and used through the handle's own
-            // descriptor instead: requests on this file take turns on this host anyway.
-            let ownLock = try reopen(h, flags)
+            // The lock: a change takes it through the handle's own descriptor (writable, so it may take a write
+            // lock; requests on this file take turns on this host, and the lock goes before the request ends),
+            // which saves an open and a close of the backing file. A read takes it through a descriptor of its
+            // own, which it may keep (a handle's descriptor closes with the handle), unless the file's mode
+            // forbids opening it again (to a daemon that is not root, or on NFS with root_squash).
+            let ownLock = exclusive && h.writable ? nil : try reopen(h, flags)
             let lockFd = ownLock ?? h.fd
             var kept = false
             defer {
