@@ -28,6 +28,9 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
     /// Open-file-description byte-range locks are enforced: a write lock taken through one open of a file keeps
     /// another open of it from taking one (shared mode needs them; see `EncryptedFilesystem.withIO`).
     public var locks = false
+    /// A hole (a file written past its end) takes no space. kmsfs works either way, holes reading as zeros; without
+    /// sparse files a hole's zeros are stored.
+    public var sparseFiles = true
 
     /// What the mount assumes without probing (read-only mounts, which create nothing). Locks are tried at use.
     public static var assumed: BackingFeatures {
@@ -50,7 +53,8 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
             + "rename without replace \(renameNoReplace ? "works" : "unsupported"), hard links \(hardLinks ? "work" : "unsupported"), "
             + "extended attributes \(xattrs ? "work" : "unsupported (setxattr fails with ENOTSUP)"), "
             + "names up to \(nameMax > 0 ? "\(nameMax) bytes" : "an unknown length"), "
-            + "byte-range locks \(locks ? "enforced" : "not enforced")"
+            + "byte-range locks \(locks ? "enforced" : "not enforced"), "
+            + "holes \(sparseFiles ? "take no space" : "take space (a file written past its end stores the zeros)")"
     }
 
     /// Probes in directory `dirFd` (the top of the backing directory) with names kmsfs reserves, and removes
@@ -99,6 +103,17 @@ public struct BackingFeatures: Sendable, Equatable, CustomStringConvertible {
             }
             if l1 >= 0 { close(l1) }
             if l2 >= 0 { close(l2) }
+        }
+        // One byte 1 MiB into an empty file: a hole before it that takes no space, or 1 MiB of zeros.
+        let sparseFd = fb >= 0 ? openat(dirFd, b, O_RDWR | O_CLOEXEC) : -1
+        if sparseFd >= 0 {
+            var byte: UInt8 = 1
+            var st = stat()
+            if pwrite(sparseFd, &byte, 1, 1 << 20) == 1 && fstat(sparseFd, &st) == 0 {
+                features.sparseFiles = Int(st.st_blocks) * 512 < 1 << 19
+            }
+            _ = ftruncate(sparseFd, 0)
+            close(sparseFd)
         }
         if fa >= 0 && fb >= 0 {
             let refused = kmsfs_renameat2(dirFd, a, dirFd, b, kmsfs_rename_noreplace()) != 0 && errno == EEXIST
