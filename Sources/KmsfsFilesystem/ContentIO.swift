@@ -364,6 +364,7 @@ struct ContentIO {
     /// files only).
     func readStored(_ buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
         let got = try FileIO.pread(fd, buffer, count: count, offset: offset)
+        guard got < count else { return got }
         var again = got
         for attempt in 0..<4 where again < count {
             if attempt > 0 { usleep(useconds_t(5_000 * attempt)) }

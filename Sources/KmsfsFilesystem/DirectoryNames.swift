@@ -141,12 +141,7 @@ extension EncryptedFilesystem {
             throw e
         }
         defer { closedir(stream) }
-        var names: [String] = []
-        while let entry = Glibc.readdir(stream) {
-            let n = DirectoryEntry.name(entry)
-            if n != "." && n != ".." { names.append(n) }
-        }
-        return names
+        return DirectoryEntry.names(stream)
     }
 
     /// Before a long name is given to an entry: its sibling holding the full encrypted name.

@@ -324,18 +324,15 @@ extension EncryptedFilesystem {
             // A read lock kept from this host's last read of the file serves the next reads for a few
             // milliseconds: while it is held no host can have changed the file, so its size and this host's
             // view of it are still current. A change gives it up first.
-            var keep = !exclusive
-            if !exclusive, let held = h.file.heldRead {
-                if Monotonic.seconds() - held.since < Self.heldReadSeconds {
-                    return try body(ContentIO(fd: held.ioFd, file: h.file))
-                }
-                // Held for its time while this host kept reading: given up for a moment, and this read's lock is
-                // not kept, so that another host waiting to write gets its turn.
-                h.file.endHeldRead()
-                usleep(1000)
-                keep = false
+            if !exclusive, let held = h.file.heldRead, Monotonic.seconds() - held.since < Self.heldReadSeconds {
+                return try body(ContentIO(fd: held.ioFd, file: h.file))
             }
+            // A lock held for its time while this host kept reading is given up for a moment, and this read's
+            // lock is not kept, so that another host waiting to write gets its turn.
+            let heldForItsTime = !exclusive && h.file.heldRead != nil
             h.file.endHeldRead()
+            if heldForItsTime { usleep(1000) }
+            let keep = !exclusive && !heldForItsTime
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
             // The lock: a change takes it through the handle's own descriptor (writable, so it may take a write
             // lock; requests on this file take turns on this host, and the lock goes before the request ends),

@@ -1004,6 +1004,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Only offered when sizes need no header read (a uniform header length): listing reads no file header.
     func readdirplus(_ handle: DirHandle, _ offset: Int, _ fill: ([UInt8], Inode?, stat, Int) -> Bool) throws {
         let dfd = dirfd(handle.stream)
+        let isUniform = uniformLayout != nil
         try entries(handle, from: offset) { name, shown, entry in
             var st = stat()
             var inode: Inode? = nil
@@ -1018,7 +1019,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
                 // A file whose size needs its header read (the volume gave up its uniform header length since
                 // this mount started offering listings with attributes) is listed without them: the kernel
                 // looks it up when it needs them, and the listing reads no header.
-                if uniformLayout == nil, st.st_mode & S_IFMT == S_IFREG, !inodes.hasKnownLayout(InodeKey(st)) {
+                if !isUniform, st.st_mode & S_IFMT == S_IFREG, !inodes.hasKnownLayout(InodeKey(st)) {
                     st.st_ino = entry.pointee.d_ino
                     st.st_mode = mode_t(entry.pointee.d_type) << 12
                     return fill(shown, nil, st, telldir(handle.stream))

@@ -74,14 +74,11 @@ public enum RewrapJournal {
         guard let dir = opendir(cipherDir) else { return }
         defer { closedir(dir) }
         let mine = ".tmp-\(getpid())"
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let n = DirectoryEntry.name(entry)
+        for n in DirectoryEntry.names(dir) {
             for base in [VolumeConfig.fileName, name] where n.hasPrefix(base + ".tmp-") && !n.hasSuffix(mine) {
-                if n.dropFirst(base.count + 5).allSatisfy(\.isNumber) { names.append(n) }
+                if n.dropFirst(base.count + 5).allSatisfy(\.isNumber) { unlink(cipherDir + "/" + n) }
             }
         }
-        for n in names { unlink(cipherDir + "/" + n) }
     }
 
     static func apply(_ entry: Entry, cipherDir: String) throws {
@@ -317,13 +314,7 @@ public final class VolumeRewrapper: @unchecked Sendable {
         let dir = rel.isEmpty ? cipherDir : cipherDir + "/" + rel
         guard let d = opendir(dir) else { throw Errno.current }
         defer { closedir(d) }
-        var names: [String] = []
-        while let e = readdir(d) {
-            let name = DirectoryEntry.name(e)
-            if name == "." || name == ".." { continue }
-            if isOwnBackingEntry(name, inRoot: rel.isEmpty, volume: volume) { continue }
-            names.append(name)
-        }
+        let names = DirectoryEntry.names(d).filter { !isOwnBackingEntry($0, inRoot: rel.isEmpty, volume: volume) }
         for name in names.sorted() {
             let child = rel.isEmpty ? name : rel + "/" + name
             var st = stat()

@@ -12,8 +12,18 @@ public enum DirectoryEntry {
 
     /// The name of an entry as bytes (a name need not be UTF-8), read where it lies.
     public static func nameBytes(_ entry: UnsafeMutablePointer<dirent>) -> [UInt8] {
-        let p = UnsafeRawPointer(entry).advanced(by: nameOffset).assumingMemoryBound(to: UInt8.self)
-        return Array(UnsafeBufferPointer(start: p, count: strlen(UnsafeRawPointer(p).assumingMemoryBound(to: CChar.self))))
+        let p = UnsafeRawPointer(entry).advanced(by: nameOffset).assumingMemoryBound(to: CChar.self)
+        return Array(UnsafeRawBufferPointer(start: p, count: strlen(p)))
+    }
+
+    /// Every entry name of an open directory stream, read to its end, but "." and "..".
+    public static func names(_ stream: OpaquePointer) -> [String] {
+        var names: [String] = []
+        while let entry = readdir(stream) {
+            let n = name(entry)
+            if n != "." && n != ".." { names.append(n) }
+        }
+        return names
     }
 
     private static let nameOffset = MemoryLayout<dirent>.offset(of: \dirent.d_name)!

@@ -39,12 +39,7 @@ enum Paths {
     static func entries(_ path: String) throws -> [String] {
         guard let d = opendir(path) else { throw CLIError("\(path): \(Errno.current)") }
         defer { closedir(d) }
-        var names: [String] = []
-        while let e = readdir(d) {
-            let name = DirectoryEntry.name(e)
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
+        return DirectoryEntry.names(d)
     }
 
     static var environment: [String: String] {
