@@ -15,11 +15,12 @@ extension EncryptedFilesystem {
         let writable = flags & O_ACCMODE != O_RDONLY
         if writable { try checkWritable() }
         let backingFlags = self.backingFlags(flags)
-        let fd = try withNode(inode, { dfd, name in
+        let opened = try withNode(inode, { dfd, name in
             try syscall { openat(dfd, name, backingFlags | O_NOFOLLOW) }
         }, viaDescriptor: { fd in
             try syscall { Glibc.open("/proc/self/fd/\(fd)", backingFlags) }
         })
+        let (fd, fdWritable) = writable ? sharedDescriptor(opened) : (opened, false)
         let handle: FileHandle
         do {
             var st = stat()
@@ -75,7 +76,7 @@ extension EncryptedFilesystem {
                                              guard layout.marksEmptyFile, let k = volumeKeys else { return nil }
                                              return try k.emptyFileMarker(fileId: try header?.fileId ?? Self.fileId(fd))
                                          })
-            handle = FileHandle(fd: fd, file: file, writable: writable, append: flags & O_APPEND != 0)
+            handle = FileHandle(fd: fd, file: file, writable: writable, append: flags & O_APPEND != 0, fdWritable: fdWritable)
         } catch {
             close(fd)
             throw error
@@ -164,7 +165,8 @@ extension EncryptedFilesystem {
                 removeSibling(b, in: dfd)
                 throw error
             }
-            guard let fd = made else { return nil }
+            guard let madeFd = made else { return nil }
+            let (fd, fdWritable) = sharedDescriptor(madeFd)
             do {
                 var st = stat()
                 try syscall { fstat(fd, &st) }
@@ -174,7 +176,7 @@ extension EncryptedFilesystem {
                     let file = try table.acquire(inode.key, fd: fd, path: { path }, layout: header.layout, size: { 0 },
                                                                 emptyMarker: { marker }, secrets: secrets)
                     st.st_size = 0
-                    return (inode, st, FileHandle(fd: fd, file: file, writable: true, append: flags & O_APPEND != 0))
+                    return (inode, st, FileHandle(fd: fd, file: file, writable: true, append: flags & O_APPEND != 0, fdWritable: fdWritable))
                 } catch {
                     forget(inode.nodeId, count: 1)
                     throw error
@@ -334,12 +336,16 @@ extension EncryptedFilesystem {
             if heldForItsTime { usleep(1000) }
             let keep = !exclusive && !heldForItsTime
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
-            // The lock: a change takes it through the handle's own descriptor (writable, so it may take a write
-            // lock; requests on this file take turns on this host, and the lock goes before the request ends),
-            // which saves an open and a close of the backing file. A read takes it through a descriptor of its
-            // own, which it may keep (a handle's descriptor closes with the handle), unless the file's mode
-            // forbids opening it again (to a daemon that is not root, or on NFS with root_squash).
-            let ownLock = exclusive && h.writable ? nil : try reopen(h, flags)
+            // The lock: a change takes it through the handle's own descriptor when that is writable (so it may
+            // take a write lock; requests on this file take turns on this host, and the lock goes before the
+            // request ends), which saves an open and a close of the backing file; a handle keeps a read-only one
+            // (`sharedDescriptor`) unless the file cannot be opened for reading alone. A read takes it through a
+            // descriptor of its own, which it may keep (a handle's descriptor closes with the handle), unless the
+            // file's mode forbids opening it again (to a daemon that is not root, or on NFS with root_squash).
+            let ownLock = exclusive && h.fdWritable ? nil : try reopen(h, flags)
+            // (A change through a handle that keeps a read-only descriptor needs a writable one of its own: not to
+            // be had when the file's mode has forbidden writing since the open, to a daemon that is not root.)
+            if exclusive && !h.fdWritable && ownLock == nil { throw Errno(EACCES) }
             let lockFd = ownLock ?? h.fd
             var kept = false
             defer {
@@ -351,6 +357,7 @@ extension EncryptedFilesystem {
             try lockAgainstOtherHosts(lockFd, exclusive: exclusive, h)
             let lockedAt = Monotonic.seconds()
             let own = try reopen(h, flags)
+            if exclusive && !h.fdWritable && own == nil { throw Errno(EACCES) }
             let fd = own ?? h.fd
             var closed = false
             defer { if let o = own, !closed { close(o) } }
@@ -405,6 +412,21 @@ extension EncryptedFilesystem {
     /// change of the file waits for it about this long; a steady reader then gives the lock up for a moment
     /// and takes its next one for one request only, before keeping one again.
     static let heldReadSeconds = 0.02
+
+    /// The descriptor a handle keeps of its writable backing file `fd`, and whether it is writable. In shared
+    /// mode it is a read-only one (`fd` is closed), so that no writable descriptor stays open between requests:
+    /// a JuiceFS client takes the length of a file it holds open for writing from its own writes (the larger of
+    /// the two), so there another host's truncation would not show, in sizes or reads, until that descriptor
+    /// closed. Each change opens a writable descriptor for its own time (`withIO`). `fd` is kept when the file
+    /// cannot be opened for reading alone (a daemon that is not root, and a mode that allows writing only).
+    private func sharedDescriptor(_ fd: Int32) -> (Int32, Bool) {
+        guard shared else { return (fd, true) }
+        var readOnly: Int32 = -1
+        repeat { readOnly = Glibc.open("/proc/self/fd/\(fd)", O_RDONLY | O_CLOEXEC) } while readOnly < 0 && errno == EINTR
+        guard readOnly >= 0 else { return (fd, true) }
+        close(fd)
+        return (readOnly, false)
+    }
 
     /// A new descriptor of the handle's backing file, or nil when its mode forbids opening it again (EACCES,
     /// EPERM).

@@ -27,12 +27,15 @@ final class FileHandle: Handle, @unchecked Sendable {
     /// Opened with O_APPEND: in shared mode each write goes at the end as the backing file has it (the kernel's
     /// idea of the end may be another host's behind).
     let append: Bool
+    /// `fd` is open for writing (in shared mode a writable handle keeps a read-only one: `sharedDescriptor`).
+    let fdWritable: Bool
 
-    init(fd: Int32, file: OpenFile, writable: Bool, append: Bool = false) {
+    init(fd: Int32, file: OpenFile, writable: Bool, append: Bool = false, fdWritable: Bool? = nil) {
         self.fd = fd
         self.file = file
         self.writable = writable
         self.append = append
+        self.fdWritable = fdWritable ?? writable
     }
 
     var content: ContentIO { ContentIO(fd: fd, file: file) }
