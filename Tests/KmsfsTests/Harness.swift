@@ -163,6 +163,11 @@ final class MountedVolume {
     /// Stops the daemon however it is doing: lazy unmount, SIGTERM, and SIGKILL if it is still there after
     /// two seconds (a daemon whose mount still has open files never sees the unmount).
     func stop() {
+        // KMSFS_TEST_DAEMON_ERRORS=1 prints the error lines of every daemon's log (to find what a test's EIO was).
+        if ProcessInfo.processInfo.environment["KMSFS_TEST_DAEMON_ERRORS"] != nil {
+            let errors = daemonLogText.split(separator: "\n").filter { $0.contains("error") }
+            if !errors.isEmpty { FileHandle.standardError.write(Data("daemon errors, \(mount):\n\(errors.joined(separator: "\n"))\n".utf8)) }
+        }
         if isKmsfsMount(mount) { _ = try? run("fusermount3", ["-uz", mount]) }
         guard let p = process, p.isRunning else { return }
         p.terminate()
