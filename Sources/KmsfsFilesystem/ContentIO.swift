@@ -363,20 +363,14 @@ struct ContentIO {
     /// requests are made, some milliseconds apart, before the file counts as cut (the cost falls on damaged
     /// files only).
     func readStored(_ buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
-        let got = try FileIO.pread(fd, buffer, count: count, offset: offset)
-        guard got < count else { return got }
-        var again = got
-        for attempt in 0..<4 where again < count {
-            if attempt > 0 { usleep(useconds_t(5_000 * attempt)) }
-            if kmsfs_size_synced(fd) >= offset + count { again = try FileIO.pread(fd, buffer, count: count, offset: offset) }
-        }
-        if again > got {
+        let (got, lagged) = try FileIO.preadStored(fd, buffer, count: count, offset: offset)
+        if lagged {
             if file.firstReport(ofChunk: -2) {
                 Log.shared.log(.warning, "the backing filesystem gave a short read of \(file.path) until asked for its size again: its cached sizes lag behind writes (read again, nothing lost)",
                                event: "stale-backing-size", fields: ["file": file.path])
             }
         }
-        return again
+        return got
     }
 
     private func reportCut(chunk: Int, offset: Int) {

@@ -34,15 +34,21 @@ public enum FileOpener {
             // One read covers the header of almost every file; a longer one (many wrapped keys) takes a second.
             let first = 4096
             let bytes: [UInt8] = try BufferPool.shared.withBuffer(first) { buffer in
-                let n = try FileIO.pread(fd, buffer, count: first, offset: 0)
+                // (A named file's header is complete, so a short read of it is read again, as `readStored`
+                // does: the backing filesystem's cached size may lag behind the header's writes.)
+                var n = try FileIO.pread(fd, buffer, count: first, offset: 0)
+                if n < FileHeader.prefixSize {
+                    n = try FileIO.preadStored(fd, buffer, count: FileHeader.prefixSize, offset: 0).count
+                }
                 guard n >= FileHeader.prefixSize else { throw FormatError.truncatedHeader }
                 let length = try HeaderPrefix(UnsafeRawBufferPointer(start: buffer, count: FileHeader.prefixSize)).headerLength
                 if length <= first {
+                    if n < length { n = try FileIO.preadStored(fd, buffer, count: length, offset: 0).count }
                     guard n >= length else { throw FormatError.truncatedHeader }
                     return Array(UnsafeRawBufferPointer(start: buffer, count: length))
                 }
                 var all = [UInt8](repeating: 0, count: length)
-                let m = try all.withUnsafeMutableBytes { try FileIO.pread(fd, $0.baseAddress!, count: length, offset: 0) }
+                let m = try all.withUnsafeMutableBytes { try FileIO.preadStored(fd, $0.baseAddress!, count: length, offset: 0).count }
                 guard m == length else { throw FormatError.truncatedHeader }
                 return all
             }

@@ -70,7 +70,7 @@ extension EncryptedFilesystem {
             }
             inodes.setLayout(.known(layout), of: inode)
             let file = try table.acquire(inode.key, fd: fd, path: { [unowned self] in mountPath(of: inode) }, layout: layout,
-                                         size: { layout.plaintextSize(backingSize: try FileIO.size(fd)) }, header: header,
+                                         size: { layout.plaintextSize(backingSize: try FileIO.syncedSize(fd)) }, header: header,
                                          emptyMarker: {
                                              // Made for a new entry only (another handle's entry may have gone meanwhile).
                                              guard layout.marksEmptyFile, let k = volumeKeys else { return nil }
@@ -525,8 +525,9 @@ extension EncryptedFilesystem {
     /// Closes a handle; the last handle of a file wipes its key.
     func releaseFile(_ handle: FileHandle) {
         // (The kept read lock holds descriptors of its own: it ends with the file's last handle.)
-        if table.release(handle.file, fd: handle.fd) && shared { handle.file.io.withWriteLock { handle.file.endHeldRead() } }
-        close(handle.fd)
+        if table.release(handle.file, fd: handle.fd, closeDescriptor: { close($0) }) && shared {
+            handle.file.io.withWriteLock { handle.file.endHeldRead() }
+        }
     }
 
     private func backingFlags(_ flags: Int32) -> Int32 {

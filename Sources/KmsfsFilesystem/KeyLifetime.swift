@@ -227,18 +227,25 @@ final class OpenFileTable: @unchecked Sendable {
         }
     }
 
-    /// Drops the reference of the handle with descriptor `fd`; the last one wipes the file's secrets. True for
-    /// the last one.
+    /// Drops the reference of the handle with descriptor `fd` and closes `fd` with `closeDescriptor`; the last
+    /// one wipes the file's secrets. True for the last one. The entry stays in the table until the descriptor
+    /// is closed, and an open meanwhile joins it, size and all: a backing filesystem that sends a file's data to
+    /// its server at close (JuiceFS) may answer a size asked for during the close with the size before those
+    /// writes.
     @discardableResult
-    func release(_ file: OpenFile, fd: Int32) -> Bool {
-        let last = lock.withLock { () -> Bool in
+    func release(_ file: OpenFile, fd: Int32, closeDescriptor: (Int32) -> Void) -> Bool {
+        let lastHandle = lock.withLock { () -> Bool in
             file.references -= 1
             if let i = file.descriptors.firstIndex(of: fd) { file.descriptors.remove(at: i) }
-            if file.references == 0 {
-                if files[file.inode] === file { files[file.inode] = nil }
-                return true
-            }
-            return false
+            return file.references == 0
+        }
+        closeDescriptor(fd)
+        guard lastHandle else { return false }
+        let last = lock.withLock { () -> Bool in
+            // (An open may have joined the entry while the descriptor closed.)
+            guard file.references == 0 else { return false }
+            if files[file.inode] === file { files[file.inode] = nil }
+            return true
         }
         if last, let s = file.discard() {
             s.wipe()

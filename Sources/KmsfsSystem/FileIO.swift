@@ -1,3 +1,4 @@
+import CSystem
 import Glibc
 
 /// Whole-buffer positional I/O and small-file helpers over raw file descriptors.
@@ -16,6 +17,31 @@ public enum FileIO {
             done += n
         }
         return done
+    }
+
+    /// `pread` of bytes that must be there: a short read is not taken at its word. The filesystem is asked for
+    /// the file's size again (statx with AT_STATX_FORCE_SYNC, which also refreshes the size the kernel caches),
+    /// and the bytes are read again once it holds them, up to 4 times, 5 to 15 ms apart (so a file really cut
+    /// costs about 30 ms). A FUSE-based filesystem can answer a size request that races its own write-back with
+    /// the old size, and the kernel then cuts reads at it (JuiceFS 1.4). Returns the bytes read, and whether the
+    /// first read was short of bytes the file held.
+    public static func preadStored(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> (count: Int, lagged: Bool) {
+        let got = try pread(fd, buffer, count: count, offset: offset)
+        guard got < count else { return (got, false) }
+        var again = got
+        for attempt in 0..<4 where again < count {
+            if attempt > 0 { usleep(useconds_t(5_000 * attempt)) }
+            if kmsfs_size_synced(fd) >= offset + count { again = try pread(fd, buffer, count: count, offset: offset) }
+        }
+        return (again, again > got)
+    }
+
+    /// The size of open file `fd` as the filesystem has it now, not as the kernel may cache it (see
+    /// `preadStored`); what `fstat` says if the filesystem cannot be asked.
+    public static func syncedSize(_ fd: Int32) throws -> Int {
+        var size: Int64 = -1
+        repeat { size = kmsfs_size_synced(fd) } while size < 0 && errno == EINTR
+        return size >= 0 ? Int(size) : try self.size(fd)
     }
 
     /// Writes all `count` bytes at `offset`; throws on any failure (ENOSPC included), after which an
