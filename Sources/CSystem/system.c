@@ -90,6 +90,13 @@ int kmsfs_ofd_lock(int fd, int type, int wait) {
     return r;
 }
 
+int kmsfs_ofd_lock_range(int fd, int type, long long start, long long length) {
+    struct flock l = { .l_type = (short)type, .l_whence = SEEK_SET, .l_start = (off_t)start, .l_len = (off_t)length, .l_pid = 0 };
+    int r;
+    do { r = fcntl(fd, F_OFD_SETLK, &l); } while (r != 0 && errno == EINTR);
+    return r;
+}
+
 /* The size of open file `fd` as the filesystem has it now, not as the kernel cached it (AT_STATX_FORCE_SYNC: FUSE
    and network filesystems ask their server). -1 with errno on failure. */
 long long kmsfs_size_synced(int fd) {

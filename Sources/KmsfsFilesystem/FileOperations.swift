@@ -313,8 +313,8 @@ extension EncryptedFilesystem {
     /// In shared mode other hosts write the backing file too, and a distributed filesystem promises only
     /// close-to-open consistency: a client may serve its own cached copy of data and attributes that another
     /// client changed, until it opens the file again. So each call first takes an open-file-description lock on
-    /// the whole backing file (a read lock for reads, a write lock for changes; the backing filesystem carries it
-    /// to the other hosts), then opens the file afresh (after the lock, so that what the open fetches is what
+    /// the file's byte of the volume's locks file (a read lock for reads, a write lock for changes; the backing
+    /// filesystem carries it to the other hosts: `sharedLockRange`), then opens the file afresh (after the lock, so that what the open fetches is what
     /// the last holder of the lock left), reads the size as that open sees it, runs `body` through it, and closes
     /// it, which sends what it wrote to the backing filesystem before the lock goes. No chunk is read half
     /// written or rewritten from a stale copy. Calls on one file are serialized on this host then.
@@ -336,26 +336,19 @@ extension EncryptedFilesystem {
             if heldForItsTime { usleep(1000) }
             let keep = !exclusive && !heldForItsTime
             let flags = (exclusive ? O_RDWR : O_RDONLY) | O_CLOEXEC
-            // The lock: a change takes it through the handle's own descriptor when that is writable (so it may
-            // take a write lock; requests on this file take turns on this host, and the lock goes before the
-            // request ends), which saves an open and a close of the backing file; a handle keeps a read-only one
-            // (`sharedDescriptor`) unless the file cannot be opened for reading alone. A read takes it through a
-            // descriptor of its own, which it may keep (a handle's descriptor closes with the handle), unless the
-            // file's mode forbids opening it again (to a daemon that is not root, or on NFS with root_squash).
-            let ownLock = exclusive && h.fdWritable ? nil : try reopen(h, flags)
-            // (A change through a handle that keeps a read-only descriptor needs a writable one of its own: not to
-            // be had when the file's mode has forbidden writing since the open, to a daemon that is not root.)
-            if exclusive && !h.fdWritable && ownLock == nil { throw Errno(EACCES) }
-            let lockFd = ownLock ?? h.fd
+            // The lock is the file's byte of the volume's locks file (`sharedLockRange`), so no descriptor of the
+            // file itself is opened before it is held: on JuiceFS a writable one opened while another host was
+            // changing the file would keep that host's truncation from showing here (`sharedDescriptor`).
+            // Requests on this file take turns on this host (`io`), so one descriptor of the locks file serves
+            // them all.
+            let range = Self.sharedLockRange(h.file.inode)
             var kept = false
-            defer {
-                if !kept {
-                    _ = kmsfs_ofd_lock(lockFd, Int32(F_UNLCK), 0)
-                    if let l = ownLock { close(l) }
-                }
-            }
-            try lockAgainstOtherHosts(lockFd, exclusive: exclusive, h)
+            defer { if !kept { _ = kmsfs_ofd_lock_range(sharedLocks, Int32(F_UNLCK), range, 1) } }
+            try lockAgainstOtherHosts(range, exclusive: exclusive, h)
             let lockedAt = Monotonic.seconds()
+            // The file opened afresh under the lock; a read may keep this descriptor (a handle's own closes with
+            // the handle). Without one (the file's mode forbids opening it again, to a daemon that is not root, or
+            // on NFS with root_squash), the handle's descriptor serves, which a change needs to be writable.
             let own = try reopen(h, flags)
             if exclusive && !h.fdWritable && own == nil { throw Errno(EACCES) }
             let fd = own ?? h.fd
@@ -388,12 +381,12 @@ extension EncryptedFilesystem {
                     throw Errno.EIO
                 }
             }
-            if keep, let l = ownLock, let o = own {
+            if keep, let o = own {
                 // Kept for the next reads, and given up when they stop.
                 kept = true
                 closed = true
                 h.file.heldReads += 1
-                h.file.heldRead = (lockFd: l, ioFd: o, since: lockedAt, number: h.file.heldReads)
+                h.file.heldRead = (lockFd: sharedLocks, lockStart: range, ioFd: o, since: lockedAt, number: h.file.heldReads)
                 h.file.expireHeldRead(h.file.heldReads, after: Self.heldReadSeconds)
                 return r
             }
@@ -447,11 +440,19 @@ extension EncryptedFilesystem {
     /// its session).
     static let sharedLockWait = 30.0
 
-    /// Takes the cross-host lock on `fd`, waiting at most `sharedLockWait` (then EIO, logged).
-    private func lockAgainstOtherHosts(_ fd: Int32, exclusive: Bool, _ h: FileHandle) throws {
+    /// The volume's locks file (shared mode), in the backing root: a file's lock is one byte of it.
+    static let sharedLocksFile = VolumeConfig.fileName + ".locks"
+
+    /// The byte of the locks file that stands for the backing file with inode `key` (its inode number, which
+    /// every client of a distributed filesystem sees the same, below 2^62).
+    static func sharedLockRange(_ key: InodeKey) -> Int64 { Int64(key.inode & 0x3FFF_FFFF_FFFF_FFFF) }
+
+    /// Takes the cross-host lock on byte `range` of the locks file, waiting at most `sharedLockWait` (then EIO,
+    /// logged).
+    private func lockAgainstOtherHosts(_ range: Int64, exclusive: Bool, _ h: FileHandle) throws {
         let deadline = Monotonic.seconds() + Self.sharedLockWait
         var pause: useconds_t = 1000
-        while kmsfs_ofd_lock(fd, Int32(exclusive ? F_WRLCK : F_RDLCK), 0) != 0 {
+        while kmsfs_ofd_lock_range(sharedLocks, Int32(exclusive ? F_WRLCK : F_RDLCK), range, 1) != 0 {
             let e = Errno.current
             guard e.code == EAGAIN || e.code == EACCES || e.code == EINTR else {
                 Log.error("cannot lock \(h.file.path) against other hosts: \(e)")

@@ -86,6 +86,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     let writebackCache: Bool
     /// Shared mode (`Settings.shared`).
     let shared: Bool
+    /// Shared mode: the volume's locks file (`sharedLocksFile` in the backing root), whose byte ranges stand
+    /// for the backing files (`sharedLockRange`); -1 otherwise.
+    let sharedLocks: Int32
     let inodes: InodeTable
     let table: OpenFileTable
     let pool: DataKeyPool
@@ -145,6 +148,21 @@ public final class EncryptedFilesystem: @unchecked Sendable {
         if settings.shared && !backing.locks {
             close(pathFd)
             throw Unsupported(description: "shared mode needs byte-range locks that the backing filesystem enforces between open files, and it does not; mount it without --shared (one host at a time)")
+        }
+        if settings.shared {
+            // (A read-only mount makes nothing: the first writable shared mount of the volume made the file.)
+            let fd = settings.readOnly ? openat(pathFd, Self.sharedLocksFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                : openat(pathFd, Self.sharedLocksFile, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o644)
+            guard fd >= 0 else {
+                let e = Errno.current
+                close(pathFd)
+                throw Unsupported(description: settings.readOnly && e.code == ENOENT
+                    ? "shared mode needs the volume's locks file \(Self.sharedLocksFile), which a writable shared mount makes, and the volume has none yet; mount it once with --shared and not read-only, or read-only without --shared"
+                    : "shared mode needs the volume's locks file \(Self.sharedLocksFile), which cannot be \(settings.readOnly ? "opened" : "opened or made"): \(e)")
+            }
+            sharedLocks = fd
+        } else {
+            sharedLocks = -1
         }
         if backing.possiblyShared && !settings.shared {
             Log.info("the backing directory is on a FUSE-based or network filesystem: other hosts are kept out by the volume lease (\(VolumeConfig.fileName).lease), which flock alone would not do")

@@ -83,7 +83,7 @@ final class OpenFile: @unchecked Sendable {
     /// Shared mode: the read lock against other hosts kept for this host's next reads of the file, with the
     /// descriptors it holds (`EncryptedFilesystem.withIO`). Guarded by `io`, held exclusively (shared-mode I/O
     /// always takes it so); `heldReads` counts the locks kept, so that an expiry acts on its own one only.
-    var heldRead: (lockFd: Int32, ioFd: Int32, since: Double, number: Int)?
+    var heldRead: (lockFd: Int32, lockStart: Int64, ioFd: Int32, since: Double, number: Int)?
     var heldReads = 0
 
     /// Gives up the kept read lock, if any. Call with `io` held exclusively.
@@ -91,8 +91,7 @@ final class OpenFile: @unchecked Sendable {
         guard let held = heldRead else { return }
         heldRead = nil
         close(held.ioFd)
-        _ = kmsfs_ofd_lock(held.lockFd, Int32(F_UNLCK), 0)
-        close(held.lockFd)
+        _ = kmsfs_ofd_lock_range(held.lockFd, Int32(F_UNLCK), held.lockStart, 1)
     }
 
     /// Ends kept read lock number `number` once `io` is free (never waiting for it: `io` may be held for as long

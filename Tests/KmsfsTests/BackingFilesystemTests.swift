@@ -241,6 +241,34 @@ struct BackingFilesystemTests {
         b.stop()
     }
 
+    @Test("Shared mode: a file's lock against other hosts is the byte of the volume's locks file at its backing inode number, as kmsfs-format(5) says; a change waits while another host holds it")
+    func sharedLockProtocol() throws {
+        let v = try MountedVolume(mountArgs: ["--shared"])
+        try P.writeFile(v.path("f"), [1, 2, 3])
+        let fd = try P.open(v.path("f"), O_WRONLY)
+        defer { close(fd) }
+        // Another host, written from the format page alone: a write lock on that byte.
+        let ino = try P.stat(v.cipher + "/" + v.offlineNames().backingPath(of: "f")).st_ino
+        let locks = try P.open(v.cipher + "/kmsfs.conf.locks", O_RDWR)
+        defer { close(locks) }
+        // (Once this host's open has given up the read lock it keeps for 20 ms.)
+        #expect(waitFor(seconds: 5) { kmsfs_ofd_lock_range(locks, Int32(F_WRLCK), Int64(ino), 1) == 0 })
+        let wrote = Atomic<Bool>(false)
+        DispatchQueue.global().async {
+            _ = try? P.pwrite(fd, [9], 1)
+            wrote.store(true, ordering: .releasing)
+        }
+        usleep(400_000)
+        let early = wrote.load(ordering: .acquiring)
+        #expect(!early, "a write went ahead while another host held the file's lock")
+        #expect(kmsfs_ofd_lock_range(locks, Int32(F_UNLCK), Int64(ino), 1) == 0)
+        let hasWritten = { wrote.load(ordering: .acquiring) }
+        #expect(waitFor(seconds: 10, hasWritten))
+        #expect(try P.readFile(v.path("f")) == [1, 9, 3])
+        // The locks file is the volume's own: not listed.
+        #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount) == ["f"])
+    }
+
     @Test("Shared mode: when one host gives up the uniform header length (a new file's header does not fit), the others follow it, at a renewal or at the open of such a file, and read and size its files")
     func sharedUniformHeaderLength() throws {
         // A volume whose config promises 512-byte headers, with a context too long for them (as in

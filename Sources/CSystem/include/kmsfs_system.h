@@ -46,6 +46,8 @@ int kmsfs_pipe_cloexec(int fds[2]);
 int kmsfs_peer_uid(int fd, unsigned int *uid);
 /// An open-file-description (OFD) lock over the whole file (F_RDLCK, F_WRLCK or F_UNLCK); `wait` blocks.
 int kmsfs_ofd_lock(int fd, int type, int wait);
+/// An open-file-description lock (F_RDLCK, F_WRLCK or F_UNLCK) on `length` bytes at `start`; never waits.
+int kmsfs_ofd_lock_range(int fd, int type, long long start, long long length);
 /// The size of open file `fd` as the filesystem has it now (statx with AT_STATX_FORCE_SYNC); -1 with errno.
 long long kmsfs_size_synced(int fd);
 
