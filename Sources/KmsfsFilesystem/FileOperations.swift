@@ -314,10 +314,11 @@ extension EncryptedFilesystem {
     /// close-to-open consistency: a client may serve its own cached copy of data and attributes that another
     /// client changed, until it opens the file again. So each call first takes an open-file-description lock on
     /// the file's byte of the volume's locks file (a read lock for reads, a write lock for changes; the backing
-    /// filesystem carries it to the other hosts: `sharedLockRange`), then opens the file afresh (after the lock, so that what the open fetches is what
-    /// the last holder of the lock left), reads the size as that open sees it, runs `body` through it, and closes
-    /// it, which sends what it wrote to the backing filesystem before the lock goes. No chunk is read half
-    /// written or rewritten from a stale copy. Calls on one file are serialized on this host then.
+    /// filesystem carries it to the other hosts: `sharedLockRange`), then opens the file afresh (after the lock,
+    /// so that what the open fetches is what the last holder of the lock left), reads the size as that open sees
+    /// it, runs `body` through it, and closes it, which sends what it wrote to the backing filesystem before the
+    /// lock goes. No chunk is read half written or rewritten from a stale copy. Calls on one file are serialized
+    /// on this host then.
     func withIO<R>(_ h: FileHandle, exclusive: Bool, _ body: (ContentIO) throws -> R) throws -> R {
         guard shared else {
             return exclusive ? try h.file.io.withWriteLock { try body(h.content) } : try h.file.io.withReadLock { try body(h.content) }

@@ -243,7 +243,14 @@ struct BackingFilesystemTests {
 
     @Test("Shared mode: a file's lock against other hosts is the byte of the volume's locks file at its backing inode number, as kmsfs-format(5) says; a change waits while another host holds it")
     func sharedLockProtocol() throws {
-        let v = try MountedVolume(mountArgs: ["--shared"])
+        let v = try MountedVolume()
+        try v.unmount()
+        // A read-only shared mount makes nothing: without the locks file (a writable shared mount makes it), it is
+        // refused, saying what to do.
+        let refused = try run(kmsfsBinary, ["mount", "--shared", "--read-only", v.cipher, v.mount], environment: v.environment)
+        #expect(refused.status != 0 && refused.stderr.contains("mount it once with --shared and not read-only"), "\(refused.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: v.cipher + "/kmsfs.conf.locks"))
+        try v.start(["--shared"])
         try P.writeFile(v.path("f"), [1, 2, 3])
         let fd = try P.open(v.path("f"), O_WRONLY)
         defer { close(fd) }
@@ -267,6 +274,12 @@ struct BackingFilesystemTests {
         #expect(try P.readFile(v.path("f")) == [1, 9, 3])
         // The locks file is the volume's own: not listed.
         #expect(try FileManager.default.contentsOfDirectory(atPath: v.mount) == ["f"])
+        // Now that it exists, a read-only shared mount takes read locks through it, and reads what the other wrote.
+        let reader = try MountedVolume(host: v, cipher: v.cipher, mountArgs: ["--shared", "--read-only"])
+        defer { reader.stop() }
+        #expect(try P.readFile(reader.path("f")) == [1, 9, 3])
+        try P.pwrite(fd, [7], 2)
+        #expect(try P.readFile(reader.path("f")) == [1, 9, 7])
     }
 
     @Test("Shared mode: when one host gives up the uniform header length (a new file's header does not fit), the others follow it, at a renewal or at the open of such a file, and read and size its files")
