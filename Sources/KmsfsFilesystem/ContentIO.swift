@@ -355,13 +355,9 @@ struct ContentIO {
         }
     }
 
-    /// Reads stored bytes of this file; returns fewer than `count` only where the backing file really ends.
-    /// A short read is tried once more after asking the backing filesystem for the file's size: the kernel's
-    /// cached size of a file on a FUSE-based backing filesystem can lag behind what was written there (JuiceFS
-    /// 1.4 answers a size request racing with its own write-back with the old size), and reads stop at it.
-    /// The answer to that request can itself be old while the backing filesystem's write-back runs: a few
-    /// requests are made, some milliseconds apart, before the file counts as cut (the cost falls on damaged
-    /// files only).
+    /// Reads stored bytes of this file; returns fewer than `count` only where the backing file really ends
+    /// (`FileIO.preadStored`: a short read is read again after asking the backing filesystem for the size), and
+    /// logs once per file when reading again got the bytes.
     func readStored(_ buffer: UnsafeMutableRawPointer, count: Int, offset: Int) throws -> Int {
         let (got, lagged) = try FileIO.preadStored(fd, buffer, count: count, offset: offset)
         if lagged {

@@ -34,8 +34,7 @@ public enum FileOpener {
             // One read covers the header of almost every file; a longer one (many wrapped keys) takes a second.
             let first = 4096
             let bytes: [UInt8] = try BufferPool.shared.withBuffer(first) { buffer in
-                // (A named file's header is complete, so a short read of it is read again, as `readStored`
-                // does: the backing filesystem's cached size may lag behind the header's writes.)
+                // (A named file's header is complete, so a short read of it is read again: `FileIO.preadStored`.)
                 var n = try FileIO.pread(fd, buffer, count: first, offset: 0)
                 if n < FileHeader.prefixSize {
                     n = try FileIO.preadStored(fd, buffer, count: FileHeader.prefixSize, offset: 0).count
