@@ -125,7 +125,7 @@ extension EncryptedFilesystem {
         }
         let fileKeys: FileKeys
         do {
-            fileKeys = try FileKeys(dataKey: fresh.dataKey, fileId: fresh.fileId)
+            fileKeys = try fresh.derived ?? FileKeys(dataKey: fresh.dataKey, fileId: fresh.fileId)
         } catch {
             fresh.dataKey.wipe()
             throw error

@@ -75,8 +75,10 @@ public final class DataKeyPool: @unchecked Sendable {
             lastDemand = now
             let e = ready.isEmpty ? nil : ready.removeFirst()
             startWorkersIfNeeded()
-            // One idle refill thread is enough to wake; it wakes the next if more is missing.
-            if wantsMore(now) { condition.signal() }
+            // One idle refill thread is enough to wake; it wakes the next if more is missing. Not at every take:
+            // once the pool is down to half, so that a run of creates wakes a refill thread once per half a pool
+            // rather than once per file (a wake costs the create a system call).
+            if ready.count + fetching <= settings.capacity / 2 && wantsMore(now) { condition.signal() }
             return e
         }
         discard(expired)
@@ -142,7 +144,17 @@ public final class DataKeyPool: @unchecked Sendable {
             fetching += 1
             if wantsMore(now) { condition.signal() }
             condition.unlock()
-            let result = Result { try keys.newFileKey(volumeId: volumeId, userContext: userContext, path: "") }
+            let result = Result {
+                var key = try keys.newFileKey(volumeId: volumeId, userContext: userContext, path: "")
+                // The key schedule too, here rather than in the create that takes the key.
+                do {
+                    key.derived = try FileKeys(dataKey: key.dataKey, fileId: key.fileId)
+                } catch {
+                    key.wipe()
+                    throw error
+                }
+                return key
+            }
             condition.lock()
             fetching -= 1
             switch result {
@@ -181,7 +193,7 @@ public final class DataKeyPool: @unchecked Sendable {
 
     private func discard(_ entries: [Entry]) {
         for e in entries {
-            e.key.dataKey.wipe()
+            e.key.wipe()
             keys.recordDiscard(subject: KeySubject(path: "", fileId: e.key.fileId))
         }
     }

@@ -21,6 +21,16 @@ public struct FreshFileKey: Sendable {
     /// The plaintext data key (locked memory); the caller wipes it once the file's keys are derived.
     public let dataKey: SecureBytes
     public let wrapped: [WrappedKey]
+    /// The file's key schedule, derived ahead by the key pool (so that a create does not spend its time on it);
+    /// nil when the key was made at create time.
+    public var derived: FileKeys? = nil
+
+    /// Wipes the data key and the keys derived from it (a key that no file will use).
+    public func wipe() {
+        dataKey.wipe()
+        derived?.chunkKey.wipe()
+        derived?.headerKey.wipe()
+    }
 }
 
 /// The volume's key policy on top of its provider: which keys wrap new data keys, the order keys are tried

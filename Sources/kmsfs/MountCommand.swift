@@ -56,7 +56,7 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Background mounts: log to this file.", valueName: "file"))
     var logFile: String?
 
-    @Option(name: .long, help: ArgumentHelp("Data keys made ahead for new files, so creates do not wait for the KMS (0: off; default 64 with AWS KMS, off with the local provider, whose keys cost nothing to make).", valueName: "count"))
+    @Option(name: .long, help: ArgumentHelp("Data keys made ahead for new files, so creates do not wait for the KMS (0: off; default 64).", valueName: "count"))
     var keyPool: Int?
 
     @Option(name: .long, help: ArgumentHelp("Seconds an unused pooled key may wait before it is wiped.", valueName: "seconds"))
@@ -237,9 +237,11 @@ struct MountCommand: ParsableCommand {
                 cipherDir: cipher, volume: volume,
                 keys: keyService,
                 readOnly: readOnly, directIO: directIo, writebackCache: writebackCache, names: names,
-                keyPool: DataKeyPool.Settings(capacity: keyPool ?? (volume.keyProvider.type == LocalKeyProvider.providerName ? 0 : DataKeyPool.Settings.defaults.capacity),
+                // The local provider's keys are CPU work, not a wait: one refill thread, on a core a create is not using.
+                keyPool: DataKeyPool.Settings(capacity: keyPool ?? DataKeyPool.Settings.defaults.capacity,
                                               maxAge: keyPoolAge,
-                                              concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
+                                              concurrency: volume.keyProvider.type == LocalKeyProvider.providerName
+                                                  ? 1 : min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
                 maxInodes: maxInodes, volumeKeys: volumeKeys, shared: shared))
         } catch {
             volumeKeys?.wipe()
