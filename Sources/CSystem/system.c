@@ -13,6 +13,11 @@
 #include <unistd.h>
 #include <spawn.h>
 #include <linux/falloc.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/syscall.h>
 
 int kmsfs_set_dumpable(int value) { return prctl(PR_SET_DUMPABLE, value, 0, 0, 0); }
 
@@ -34,6 +39,72 @@ int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char 
 }
 
 int kmsfs_o_tmpfile(void) { return O_TMPFILE; }
+
+/// getrandom(2) until `length` bytes are filled (a large request may be cut short by a signal).
+static int fill_getrandom(unsigned char *out, size_t length) {
+    while (length > 0) {
+        ssize_t n = getrandom(out, length, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        out += n;
+        length -= (size_t)n;
+    }
+    return 0;
+}
+
+/// Bumped in the child of every fork: buffers drawn before it are the parent's and are not used again there.
+static _Atomic unsigned long fork_generation;
+static void count_fork(void) { atomic_fetch_add_explicit(&fork_generation, 1, memory_order_relaxed); }
+static pthread_once_t fork_counting = PTHREAD_ONCE_INIT;
+static void count_forks(void) { pthread_atfork(NULL, NULL, count_fork); }
+
+/// 4 KiB of getrandom output per thread: one system call per 341 nonces instead of one library call per
+/// write, which cost more than the write's encryption.
+static __thread struct {
+    unsigned char bytes[4096];
+    size_t used;
+    unsigned long generation;
+    int filled;
+} public_random;
+
+int kmsfs_random_public(void *out, size_t length) {
+    if (length > sizeof public_random.bytes / 4) return fill_getrandom(out, length);
+    pthread_once(&fork_counting, count_forks);
+    unsigned long generation = atomic_load_explicit(&fork_generation, memory_order_relaxed);
+    if (!public_random.filled || public_random.generation != generation
+        || sizeof public_random.bytes - public_random.used < length) {
+        if (fill_getrandom(public_random.bytes, sizeof public_random.bytes) != 0) return -1;
+        public_random.used = 0;
+        public_random.generation = generation;
+        public_random.filled = 1;
+    }
+    memcpy(out, public_random.bytes + public_random.used, length);
+    // Handed out once: the buffer keeps no copy of a value in use.
+    memset(public_random.bytes + public_random.used, 0, length);
+    public_random.used += length;
+    return 0;
+}
+
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+
+/// Set once the kernel has answered ENOSYS: fchmodat2 is not there, and glibc's emulation is used from then on.
+static _Atomic int fchmodat2_missing;
+
+int kmsfs_fchmodat_nofollow(int dirfd, const char *name, mode_t mode) {
+    if (!atomic_load_explicit(&fchmodat2_missing, memory_order_relaxed)) {
+        long r = syscall(SYS_fchmodat2, dirfd, name, mode, AT_SYMLINK_NOFOLLOW);
+        if (r == 0) return 0;
+        // A seccomp filter that does not know the call may answer EPERM instead of ENOSYS: the emulation then
+        // decides (a real EPERM comes back from it too).
+        if (errno != ENOSYS && errno != EPERM) return -1;
+        if (errno == ENOSYS) atomic_store_explicit(&fchmodat2_missing, 1, memory_order_relaxed);
+    }
+    return fchmodat(dirfd, name, mode, AT_SYMLINK_NOFOLLOW);
+}
 
 long long kmsfs_fstatfs_namelen(int fd) {
     struct statfs fs;

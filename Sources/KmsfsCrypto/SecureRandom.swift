@@ -1,4 +1,5 @@
 import CLibCrypto
+import CSystem
 
 public enum CryptoError: Error, CustomStringConvertible {
     case randomFailed
@@ -12,7 +13,7 @@ public enum CryptoError: Error, CustomStringConvertible {
     }
 }
 
-/// The OpenSSL CSPRNG (`RAND_bytes`): nonces, file IDs, volume IDs and fresh keys.
+/// The OpenSSL CSPRNG (`RAND_bytes`): file IDs, volume IDs and fresh keys; and the kernel's for nonces.
 public enum SecureRandom {
     public static func fill(_ buffer: UnsafeMutableRawBufferPointer) throws {
         var offset = 0
@@ -23,6 +24,14 @@ public enum SecureRandom {
             }
             offset += n
         }
+    }
+
+    /// Fills `buffer` with public random values that must never repeat (AES-GCM nonces), from the kernel's
+    /// CSPRNG through a per-thread buffer (`kmsfs_random_public`): a write draws its nonces for a fraction of
+    /// what a `RAND_bytes` call costs. Never for keys.
+    public static func fillNonces(_ buffer: UnsafeMutableRawBufferPointer) throws {
+        guard buffer.count > 0 else { return }
+        guard kmsfs_random_public(buffer.baseAddress!, buffer.count) == 0 else { throw CryptoError.randomFailed }
     }
 
     /// Public random bytes (identifiers, nonces); never use this for keys.

@@ -95,7 +95,7 @@ struct ContentIO {
         if plan.resealsSeparately { chunks.append(plan.oldLast) }
         let nonces = UnsafeMutableRawBufferPointer.allocate(byteCount: (plan.last - plan.regionFirst + 2) * ChunkLayout.nonceSize, alignment: 16)
         defer { nonces.deallocate() }
-        try SecureRandom.fill(nonces)
+        try SecureRandom.fillNonces(nonces)
         let firstNonce = plan.regionFirst
         let corrupt = try forEachChunk(secrets, chunks) { codec, i, scratch in
             let target = i < plan.regionFirst ? separate! : region

@@ -184,7 +184,14 @@ extension EncryptedFilesystem {
     /// The mount name of backing entry `name` of `parent`, if it has one.
     func shownName(_ name: String, in parent: Inode) -> [UInt8]? {
         if !names.usesDirectoryIds { return names.mountName(name, in: NameDirectory(inRoot: parent === inodes.root, id: [], fd: -1)) }
-        return try? inodes.withDirectory(parent) { dfd in names.mountName(name, in: try nameDirectory(parent, fd: dfd)) }
+        if let id = inodes.directoryId(of: parent), let known = shownNames[ShownNameKey(directoryId: id, name: name)] { return known }
+        let shown = try? inodes.withDirectory(parent) { dfd in
+            let dir = try nameDirectory(parent, fd: dfd)
+            let n = names.mountName(name, in: dir)
+            if let n { shownNames[ShownNameKey(directoryId: dir.id, name: name)] = n }
+            return n
+        }
+        return shown ?? nil
     }
 
     /// The mount path of entry `name` of `parent`.
@@ -192,4 +199,11 @@ extension EncryptedFilesystem {
         let p = mountPath(of: parent)
         return (p == "/" ? "" : p) + "/" + String(decoding: name, as: UTF8.self)
     }
+}
+
+
+/// A backing name of a directory, by the directory's ID (`EncryptedFilesystem.shownNames`).
+struct ShownNameKey: Hashable {
+    let directoryId: [UInt8]
+    let name: String
 }

@@ -159,7 +159,7 @@ extension EncryptedFilesystem {
             do {
                 made = try createLinked(dfd, n, mode: mode, exclusive: flags & O_EXCL != 0, caller: caller, fill: { fd in
                     try bytes.withUnsafeBytes { try FileIO.pwrite(fd, $0.baseAddress!, count: $0.count, offset: 0) }
-                    if let t = tag { try Self.setTags([t], at: Self.nodePath(fd)) }
+                    if let t = tag { try Self.setTags([t], onNew: fd) }
                 })
             } catch {
                 removeSibling(b, in: dfd)

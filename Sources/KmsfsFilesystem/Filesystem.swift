@@ -101,6 +101,11 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Serializes giving directories new IDs (DirectoryNames), so two lookups in one damaged, empty directory
     /// cannot each give it an ID.
     let directoryIdRepair = Lock()
+    /// Mount names already decrypted for mount paths (`shownName`): every create names its file in the audit
+    /// log, and decrypting each component of its path again cost more than the rest of the create's own work bar
+    /// the system calls. A backing name decrypts to the same name in the same directory whatever happens to it,
+    /// so an entry never goes stale. Names only, never key material.
+    let shownNames = BoundedCache<ShownNameKey, [UInt8]>(capacity: 4096)
     /// A volume this backing filesystem cannot serve.
     public struct Unsupported: Error, CustomStringConvertible {
         public let description: String
@@ -361,7 +366,7 @@ public final class EncryptedFilesystem: @unchecked Sendable {
             _ = try Self.lendLock.withLock {
                 if let f = file { try syscall { fchmod(f.fd, attr.st_mode) } } else {
                     try withNode(inode, { dfd, name in
-                        try syscall { fchmodat(dfd, name, attr.st_mode, AT_SYMLINK_NOFOLLOW) }
+                        try syscall { kmsfs_fchmodat_nofollow(dfd, name, attr.st_mode) }
                     }, viaDescriptor: { fd in try syscall { fchmod(fd, attr.st_mode) } })
                 }
             }

@@ -77,6 +77,17 @@ extension EncryptedFilesystem {
         }
     }
 
+    /// Gives the new file open as `fd` (a readable and writable descriptor, not O_PATH) its tags: one
+    /// fsetxattr, where the path form costs a /proc lookup. Where that is refused (a daemon that is not root, a
+    /// mode without owner write), the path form, which lends owner permission for the moment.
+    static func setTags(_ tags: [[UInt8]], onNew fd: Int32) throws {
+        let bytes = tags.flatMap { $0 }
+        if bytes.withUnsafeBytes({ fsetxattr(fd, bindingAttribute, $0.baseAddress, $0.count, 0) }) == 0 { return }
+        let e = Errno.current
+        guard e.code == EACCES || e.code == EPERM else { throw e }
+        try setTags(tags, at: nodePath(fd))
+    }
+
     /// Runs `body` (an extended attribute call on the node at `path`, a descriptor's `nodePath`); if it fails
     /// with EACCES or EPERM on a regular file or directory the daemon owns, runs it again with read and write
     /// lent to the owner for the moment. User attributes take the node's read (get) and write (set) permission,

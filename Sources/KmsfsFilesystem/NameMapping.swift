@@ -110,6 +110,13 @@ public final class EncryptedNames: NameMapping, @unchecked Sendable {
     public let bindsLinkTargets: Bool
     /// Backing names already reported as not decrypting (each is logged once).
     private let reported = Mutex(Set<String>())
+    /// Names encrypted lately, by directory ID and name: a create encrypts the name its lookup just did.
+    private let encrypted = BoundedCache<EncryptedKey, NameCipher.Stored>(capacity: 256)
+
+    private struct EncryptedKey: Hashable {
+        let directoryId: [UInt8]
+        let name: [UInt8]
+    }
 
     /// `bindsLinkTargets`: the volume's config says so (`VolumeConfig.bindsLinkTargets`).
     public init(cipher: NameCipher, bindsLinkTargets: Bool) {
@@ -122,7 +129,15 @@ public final class EncryptedNames: NameMapping, @unchecked Sendable {
 
     public func backingName(_ name: [UInt8], in dir: NameDirectory, creating: Bool) throws -> BackingName {
         guard NameCipher.isValidName(name) else { throw Errno(ENAMETOOLONG) }
-        switch try encryption.encrypt(name, directoryId: dir.id) {
+        let key = EncryptedKey(directoryId: dir.id, name: name)
+        let result: NameCipher.Stored
+        if let known = encrypted[key] {
+            result = known
+        } else {
+            result = try encryption.encrypt(name, directoryId: dir.id)
+            encrypted[key] = result
+        }
+        switch result {
         case .short(let n): return BackingName(n)
         case .long(let h, let text): return BackingName(h, longText: text)
         }

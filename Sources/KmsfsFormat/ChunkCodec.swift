@@ -42,7 +42,7 @@ public final class ChunkCodec {
     /// Seals `plaintext` (1...chunk size bytes) as chunk `index`, writing plaintext.count + 28 bytes to `out`,
     /// under a nonce drawn from the CSPRNG.
     public func seal(_ plaintext: UnsafeRawBufferPointer, index: Int, isLast: Bool, into out: UnsafeMutableRawPointer) throws {
-        try SecureRandom.fill(UnsafeMutableRawBufferPointer(start: out, count: ChunkLayout.nonceSize))
+        try SecureRandom.fillNonces(UnsafeMutableRawBufferPointer(start: out, count: ChunkLayout.nonceSize))
         try seal(plaintext, index: index, isLast: isLast, nonceAt: out)
     }
 

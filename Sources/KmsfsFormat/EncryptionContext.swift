@@ -13,9 +13,21 @@ public struct EncryptionContext: Equatable, Hashable, Sendable {
     public static let purposeKey = "kmsfs:purpose"
     public static let volumeKeyPurpose = "volume-key"
 
-    public private(set) var pairs: [String: String]
+    public let pairs: [String: String]
+    /// Canonical encoding: u16 count, then per pair (sorted) u16 key length, key, u16 value length, value.
+    /// Made once: a new file's header, its MAC and its key wrapping each need it.
+    public let canonicalBytes: [UInt8]
 
-    public init(_ pairs: [String: String] = [:]) { self.pairs = pairs }
+    public init(_ pairs: [String: String] = [:]) {
+        self.pairs = pairs
+        var w = ByteWriter()
+        w.u16(UInt16(pairs.count))
+        for (k, v) in Self.sorted(pairs) {
+            w.lengthPrefixed16(Array(k.utf8))
+            w.lengthPrefixed16(Array(v.utf8))
+        }
+        canonicalBytes = w.bytes
+    }
 
     /// The context of one file of a volume.
     public static func forFile(volumeId: String, fileId: [UInt8], user: [String: String]) -> EncryptionContext {
@@ -28,19 +40,10 @@ public struct EncryptionContext: Equatable, Hashable, Sendable {
     public subscript(key: String) -> String? { pairs[key] }
 
     /// Pairs sorted by the UTF-8 bytes of their keys: the order of the on-disk encoding.
-    public var sortedPairs: [(key: String, value: String)] {
-        pairs.map { ($0.key, $0.value) }.sorted { Array($0.0.utf8).lexicographicallyPrecedes(Array($1.0.utf8)) }
-    }
+    public var sortedPairs: [(key: String, value: String)] { Self.sorted(pairs) }
 
-    /// Canonical encoding: u16 count, then per pair (sorted) u16 key length, key, u16 value length, value.
-    public var canonicalBytes: [UInt8] {
-        var w = ByteWriter()
-        w.u16(UInt16(pairs.count))
-        for (k, v) in sortedPairs {
-            w.lengthPrefixed16(Array(k.utf8))
-            w.lengthPrefixed16(Array(v.utf8))
-        }
-        return w.bytes
+    private static func sorted(_ pairs: [String: String]) -> [(key: String, value: String)] {
+        pairs.map { ($0.key, $0.value) }.sorted { $0.0.utf8.lexicographicallyPrecedes($1.0.utf8) }
     }
 
     static func decode(_ r: inout ByteReader) throws -> EncryptionContext {

@@ -32,6 +32,17 @@ public final class CallMetrics: @unchecked Sendable {
         var errors = 0
         var latencies: [Double] = []
         var next = 0
+
+        mutating func record(_ milliseconds: Double, failed: Bool) {
+            calls += 1
+            if failed { errors += 1 }
+            if latencies.count < CallMetrics.window {
+                latencies.append(milliseconds)
+            } else {
+                latencies[next] = milliseconds
+                next = (next + 1) % CallMetrics.window
+            }
+        }
     }
 
     private let lock = Lock()
@@ -40,18 +51,8 @@ public final class CallMetrics: @unchecked Sendable {
     public init() {}
 
     public func record(_ op: String, milliseconds: Double, failed: Bool) {
-        lock.withLock {
-            var o = ops[op] ?? Op()
-            o.calls += 1
-            if failed { o.errors += 1 }
-            if o.latencies.count < CallMetrics.window {
-                o.latencies.append(milliseconds)
-            } else {
-                o.latencies[o.next] = milliseconds
-                o.next = (o.next + 1) % CallMetrics.window
-            }
-            ops[op] = o
-        }
+        // In place: a copy of the entry taken out and stored back would copy its window on every call.
+        lock.withLock { ops[op, default: Op()].record(milliseconds, failed: failed) }
     }
 
     public var summaries: [String: Summary] {

@@ -78,4 +78,36 @@ struct CryptoTests {
         let big = try SecureBytes(count: 10000)
         #expect(big.count == 10000)
     }
+
+    @Test("Nonces never repeat: 4 threads draw 40,000 each, in sizes that straddle each thread's buffer, plus large draws")
+    func noncesAreUnique() async throws {
+        let perThread = 40_000
+        let draws = try await withThrowingTaskGroup(of: [[UInt8]].self) { group in
+            for t in 0..<4 {
+                group.addTask {
+                    var out: [[UInt8]] = []
+                    out.reserveCapacity(perThread)
+                    for i in 0..<perThread {
+                        // 12-byte nonces mostly, with odd sizes so that draws cross buffer refills unaligned.
+                        var n = [UInt8](repeating: 0, count: (i + t) % 7 == 0 ? 29 : 12)
+                        try n.withUnsafeMutableBytes { try SecureRandom.fillNonces($0) }
+                        out.append(n)
+                    }
+                    return out
+                }
+            }
+            var all: [[UInt8]] = []
+            for try await part in group { all += part }
+            return all
+        }
+        #expect(draws.count == 4 * perThread)
+        #expect(Set(draws).count == draws.count)
+        #expect(!draws.contains { $0.allSatisfy { $0 == 0 } })
+        // Larger than a buffer's share: straight from getrandom, and still never the same.
+        var a = [UInt8](repeating: 0, count: 3000), b = [UInt8](repeating: 0, count: 3000)
+        try a.withUnsafeMutableBytes { try SecureRandom.fillNonces($0) }
+        try b.withUnsafeMutableBytes { try SecureRandom.fillNonces($0) }
+        #expect(a != b)
+        #expect(Set(a).count > 200)
+    }
 }

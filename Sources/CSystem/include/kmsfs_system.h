@@ -27,12 +27,23 @@ int kmsfs_falloc_keep_size(void);
 unsigned int kmsfs_rename_noreplace(void);
 unsigned int kmsfs_rename_exchange(void);
 
-/// renameat2(2), which glibc 2.36 declares only with _GNU_SOURCE.
 /// The statfs f_type (filesystem magic number) of the filesystem `fd` is on, or -1.
 long long kmsfs_fstatfs_type(int fd);
 /// The longest name the filesystem `fd` is on allows (statfs f_namelen), or -1.
 long long kmsfs_fstatfs_namelen(int fd);
+/// renameat2(2), which glibc 2.36 declares only with _GNU_SOURCE.
 int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
+
+/// Fills `out` with `length` bytes from the kernel's CSPRNG (getrandom(2)) for public values that must never
+/// repeat, such as AES-GCM nonces; never for keys. Small requests are served from a per-thread buffer of
+/// getrandom output, each byte handed out once; a fork makes the child draw a new buffer, so parent and child
+/// never hand out the same bytes. 0, or -1 with errno.
+int kmsfs_random_public(void *out, size_t length);
+
+/// fchmodat(dirfd, name, mode, AT_SYMLINK_NOFOLLOW): a symbolic link is never followed (EOPNOTSUPP). One
+/// fchmodat2(2) system call on Linux 6.6 and later; glibc 2.36 emulates the flag with four calls (an O_PATH
+/// open, fstat, chmod of its /proc/self/fd path, close), which is what older kernels get.
+int kmsfs_fchmodat_nofollow(int dirfd, const char *name, mode_t mode);
 
 /// O_TMPFILE, O_PATH and AT_EMPTY_PATH, which Swift's Glibc module does not always export.
 int kmsfs_o_tmpfile(void);
