@@ -39,7 +39,7 @@ let package = Package(
         ),
         .target(
             name: "CCurlBridge",
-            linkerSettings: [.linkedLibrary("curl")]
+            linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         .target(
             name: "KmsfsSystem",

@@ -118,6 +118,27 @@ struct AWSKMSTests {
         #expect(blob.count > 32)
     }
 
+    @Test("libcurl is loaded only where a key service speaks HTTP: an AWS mount maps it once it has called KMS, a local-provider mount never")
+    func libcurlOnlyWhenNeeded() throws {
+        func mapsLibcurl(_ v: MountedVolume) throws -> Bool {
+            let pid = try #require(v.process?.processIdentifier)
+            let maps = String(decoding: try FileIO.readFile("/proc/\(pid)/maps"), as: UTF8.self)
+            // The daemon's own mappings, so that an empty read cannot pass for "no libcurl".
+            try #require(maps.contains("libfuse3") && maps.contains("libcrypto"))
+            return maps.contains("libcurl")
+        }
+        let local = try MountedVolume()
+        try P.writeFile(local.path("f"), [1, 2, 3])
+        #expect(try P.readFile(local.path("f")) == [1, 2, 3])
+        #expect(try !mapsLibcurl(local))
+        _ = try moto.createKey(alias: "alias/kmsfs-libcurl")
+        let proxy = try KMSProxy(upstream: moto)
+        let v = try volume(keys: ["alias/kmsfs-libcurl"], proxy: proxy)
+        try P.writeFile(v.path("f"), [4, 5])
+        #expect(try P.readFile(v.path("f")) == [4, 5])
+        #expect(try mapsLibcurl(v))
+    }
+
     @Test("Interoperability: boto3 unwraps the header's key with its context, and the file decrypts by the format document")
     func interoperability() throws {
         let arn = try moto.createKey()

@@ -57,27 +57,35 @@ final class HTTPClient: @unchecked Sendable {
     private let lock = Lock()
     private var idle: [UnsafeMutableRawPointer] = []
 
-    private static let globalInit: Bool = { curl_global_init(Int(CURL_GLOBAL_DEFAULT)) == CURLE_OK }()
+    /// Why libcurl cannot be used, or nil once it is loaded (`kmsfs_curl_load`: on the first request, so that
+    /// a process that makes none never loads it).
+    private static let loadFailure: String? = {
+        var error = [UInt8](repeating: 0, count: 512)
+        let loaded = error.withUnsafeMutableBufferPointer { b in
+            b.baseAddress!.withMemoryRebound(to: CChar.self, capacity: b.count) { kmsfs_curl_load($0, b.count) == 0 }
+        }
+        return loaded ? nil : String(decoding: error.prefix { $0 != 0 }, as: UTF8.self)
+    }()
 
     init(options: Options) {
-        _ = HTTPClient.globalInit
         self.options = options
     }
 
     deinit {
-        for h in idle { curl_easy_cleanup(h) }
+        for h in idle { kmsfs_curl_easy_cleanup(h) }
     }
 
     func perform(_ request: HTTPRequest) throws -> HTTPResponse {
-        let handle = lock.withLock { idle.popLast() } ?? curl_easy_init()
+        if let why = HTTPClient.loadFailure { throw TransportError(code: -1, message: why) }
+        let handle = lock.withLock { idle.popLast() } ?? kmsfs_curl_easy_init()
         guard let handle else { throw TransportError(code: -1, message: "cannot create a libcurl handle") }
         var reusable = true
         defer {
             if reusable {
-                curl_easy_reset(handle)
+                kmsfs_curl_easy_reset(handle)
                 lock.withLock { idle.append(handle) }
             } else {
-                curl_easy_cleanup(handle)
+                kmsfs_curl_easy_cleanup(handle)
             }
         }
         let body = try SecureBuffer(capacity: 4096)
@@ -85,11 +93,11 @@ final class HTTPClient: @unchecked Sendable {
         defer { sink.release() }
 
         var headerList: UnsafeMutablePointer<curl_slist>? = nil
-        defer { curl_slist_free_all(headerList) }
+        defer { kmsfs_curl_slist_free_all(headerList) }
         for (name, value) in request.headers {
-            headerList = curl_slist_append(headerList, "\(name): \(value)")
+            headerList = kmsfs_curl_slist_append(headerList, "\(name): \(value)")
         }
-        headerList = curl_slist_append(headerList, "Expect:")
+        headerList = kmsfs_curl_slist_append(headerList, "Expect:")
 
         kmsfs_curl_set_string(handle, CURLOPT_URL, request.url)
         kmsfs_curl_set_long(handle, CURLOPT_NOSIGNAL, 1)
@@ -133,11 +141,11 @@ final class HTTPClient: @unchecked Sendable {
                 kmsfs_curl_set_pointer(handle, CURLOPT_POSTFIELDS, pointer)
                 kmsfs_curl_set_offset(handle, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(length))
             }
-            return curl_easy_perform(handle)
+            return kmsfs_curl_easy_perform(handle)
         }
         guard code == CURLE_OK else {
             reusable = false
-            let what = String(cString: curl_easy_strerror(code))
+            let what = String(cString: kmsfs_curl_easy_strerror(code))
             throw TransportError(code: Int(code.rawValue), message: "\(HTTPClient.hostPart(request.url)): \(what)")
         }
         var status = 0
