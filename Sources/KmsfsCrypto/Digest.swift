@@ -39,18 +39,28 @@ public enum Digest {
             EVP_MAC_CTX_free(ctx)
             return nil
         }
+        // An OpenSSL that cannot copy a context with no key yet gets the digest set on each new context instead.
+        guard let probe = EVP_MAC_CTX_dup(ctx) else {
+            EVP_MAC_CTX_free(ctx)
+            return nil
+        }
+        EVP_MAC_CTX_free(probe)
         return ctx
     }()
 
     /// HMAC-SHA256 of the concatenation of `parts`, writing the 32-byte MAC to `out`.
     public static func hmacSHA256(key: UnsafeRawBufferPointer, parts: [UnsafeRawBufferPointer],
                                   into out: UnsafeMutableRawPointer) throws {
-        guard let template = hmacTemplate, let ctx = EVP_MAC_CTX_dup(template) else { throw CryptoError.openSSL("HMAC-SHA256") }
+        let copied = hmacTemplate.flatMap { EVP_MAC_CTX_dup($0) }
+        guard let ctx = copied ?? hmac.flatMap({ EVP_MAC_CTX_new($0) }) else { throw CryptoError.openSSL("HMAC-SHA256") }
         defer { EVP_MAC_CTX_free(ctx) }  // cleanses the keyed state
         // EVP_MAC_init accepts a NULL key only with length 0; pass a valid address for empty keys.
         let dummy: UInt8 = 0
         let ok = withUnsafePointer(to: dummy) { d in
-            EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self) ?? d, key.count, nil) == 1
+            let k = key.baseAddress?.assumingMemoryBound(to: UInt8.self) ?? d
+            if copied != nil { return EVP_MAC_init(ctx, k, key.count, nil) == 1 }
+            var params = [OSSL_PARAM_construct_utf8_string(digestParam, sha256Name, 0), OSSL_PARAM_construct_end()]
+            return EVP_MAC_init(ctx, k, key.count, &params) == 1
         }
         guard ok else { throw CryptoError.openSSL("HMAC-SHA256 key") }
         for part in parts where part.count > 0 {
