@@ -202,8 +202,12 @@ extension EncryptedFilesystem {
         guard EncryptedFilesystem.isBound(tag, at: path) else {
             if !quiet {
                 let file = what()
-                FailureLog.shared.log(.error, kind: "binding-\(Hex.encode(nodeId))",
-                                      "cannot use \(file): the backing entry does not carry its name's binding (names exchanged or moved in the backing directory, or the attribute removed); it gives EIO",
+                // Which of its names, and whether the tags could be read at all (a node its owner may not read
+                // has them read with permission lent): what tells a damaged volume from a failure here.
+                let shown = shownName(name, in: parent).map { String(decoding: $0, as: UTF8.self) } ?? "?"
+                var why = "the backing entry does not carry its name's binding (of \"\(shown)\": names exchanged or moved in the backing directory, or the attribute removed)"
+                do { _ = try EncryptedFilesystem.tags(at: path) } catch { why = "its name bindings cannot be read (\(error))" }
+                FailureLog.shared.log(.error, kind: "binding-\(Hex.encode(nodeId))", "cannot use \(file): \(why); it gives EIO",
                                       event: "name-binding", fields: ["file": file])
             }
             throw Errno.EIO
