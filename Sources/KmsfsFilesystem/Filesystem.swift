@@ -104,8 +104,9 @@ public final class EncryptedFilesystem: @unchecked Sendable {
     /// Mount names already decrypted for mount paths (`shownName`): every create names its file in the audit
     /// log, and decrypting each component of its path again cost more than the rest of the create's own work bar
     /// the system calls. A backing name decrypts to the same name in the same directory whatever happens to it,
-    /// so an entry never goes stale. Names only, never key material.
-    let shownNames = BoundedCache<ShownNameKey, [UInt8]>(capacity: 4096)
+    /// so an entry never goes stale. Names only, never key material; 1,024 of them (about 250 KiB) cover the
+    /// directories of any working set, and the files being opened lately.
+    let shownNames = BoundedCache<ShownNameKey, [UInt8]>(capacity: 1024)
     /// A volume this backing filesystem cannot serve.
     public struct Unsupported: Error, CustomStringConvertible {
         public let description: String

@@ -24,11 +24,19 @@ public final class DataKeyPool: @unchecked Sendable {
         public var maxAge: Double
         /// Keys fetched at once while refilling.
         public var concurrency: Int
+        /// A take wakes an idle refill thread only when the pool is down to this many keys (made or being made).
+        /// The capacity (the default) wakes one at every take, which keeps the requests to a remote KMS steady: an
+        /// adaptive rate limit that follows the send rate let creates through 25% slower against a throttling KMS
+        /// when refills came in bursts. Where keys are CPU work (the local provider), half the capacity: a run
+        /// of creates then wakes the refill thread once per half a pool instead of once per file (a wake costs
+        /// the create a system call).
+        public var wakeAt: Int
 
-        public init(capacity: Int, maxAge: Double, concurrency: Int) {
+        public init(capacity: Int, maxAge: Double, concurrency: Int, wakeAt: Int? = nil) {
             self.capacity = capacity
             self.maxAge = maxAge
             self.concurrency = concurrency
+            self.wakeAt = wakeAt ?? capacity
         }
 
         /// 64 keys cover a burst of creates in one directory (which the kernel serializes) while refills run;
@@ -75,10 +83,8 @@ public final class DataKeyPool: @unchecked Sendable {
             lastDemand = now
             let e = ready.isEmpty ? nil : ready.removeFirst()
             startWorkersIfNeeded()
-            // One idle refill thread is enough to wake; it wakes the next if more is missing. Not at every take:
-            // once the pool is down to half, so that a run of creates wakes a refill thread once per half a pool
-            // rather than once per file (a wake costs the create a system call).
-            if ready.count + fetching <= settings.capacity / 2 && wantsMore(now) { condition.signal() }
+            // One idle refill thread is enough to wake; it wakes the next if more is missing.
+            if ready.count + fetching <= settings.wakeAt && wantsMore(now) { condition.signal() }
             return e
         }
         discard(expired)
@@ -92,8 +98,10 @@ public final class DataKeyPool: @unchecked Sendable {
     /// Keys ready now.
     public var count: Int { condition.withLock { ready.count } }
 
-    /// Wipes every pooled key and stops refilling (unmount). Fetches still in flight wipe their key when done.
-    public func shutdown() {
+    /// Wipes every pooled key and stops refilling (unmount), then waits up to `seconds` for fetches still in
+    /// flight, which wipe (and audit) their key when done: the refill threads are gone before the daemon exits,
+    /// and with them any use of OpenSSL or libcurl while the process tears them down.
+    public func shutdown(waitingUpTo seconds: Double = 10) {
         let all: [Entry] = condition.withLock {
             stopped = true
             let a = ready
@@ -102,6 +110,14 @@ public final class DataKeyPool: @unchecked Sendable {
             return a
         }
         discard(all)
+        let deadline = Monotonic.seconds() + seconds
+        condition.withLock {
+            while workers > 0 {
+                let left = deadline - Monotonic.seconds()
+                if left <= 0 { break }
+                condition.wait(seconds: left)
+            }
+        }
     }
 
     // MARK: - refilling
@@ -175,6 +191,7 @@ public final class DataKeyPool: @unchecked Sendable {
             }
         }
         workers -= 1
+        condition.broadcast()  // shutdown waits for the last one
         condition.unlock()
     }
 

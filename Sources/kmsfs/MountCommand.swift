@@ -123,7 +123,11 @@ struct MountCommand: ParsableCommand {
         let reporter = Reporter(notifyFd: notifyFd)
         do {
             let code = try serve(reporter)
-            if code != 0 { throw ExitCode(code) }
+            // Unmounted, keys wiped, lease released: the daemon ends here, without the exit handlers (OpenSSL's
+            // and libcurl's teardown), which a helper thread still inside a call to a key service that does not
+            // answer could race into a crash. Log lines are written with write(2) as they come; stdio is flushed.
+            fflush(nil)
+            _exit(code)
         } catch let e as CLIError {
             reporter.fail(e.description)
             throw ExitCode(1)
@@ -231,17 +235,20 @@ struct MountCommand: ParsableCommand {
         }
         let names: NameMapping = volume.encryptsNames ? EncryptedNames(cipher: NameCipher(keys: volumeKeys!), bindsLinkTargets: volume.bindsLinkTargets) : PlaintextNames()
 
+        let localKeys = volume.keyProvider.type == LocalKeyProvider.providerName
+        let poolSize = keyPool ?? DataKeyPool.Settings.defaults.capacity
         let fs: EncryptedFilesystem
         do {
             fs = try EncryptedFilesystem(.init(
                 cipherDir: cipher, volume: volume,
                 keys: keyService,
                 readOnly: readOnly, directIO: directIo, writebackCache: writebackCache, names: names,
-                // The local provider's keys are CPU work, not a wait: one refill thread, on a core a create is not using.
-                keyPool: DataKeyPool.Settings(capacity: keyPool ?? DataKeyPool.Settings.defaults.capacity,
-                                              maxAge: keyPoolAge,
-                                              concurrency: volume.keyProvider.type == LocalKeyProvider.providerName
-                                                  ? 1 : min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
+                // The local provider's keys are CPU work, not a wait: one refill thread, on a core a create is not
+                // using, woken once per half a pool.
+                keyPool: localKeys
+                    ? DataKeyPool.Settings(capacity: poolSize, maxAge: keyPoolAge, concurrency: 1, wakeAt: poolSize / 2)
+                    : DataKeyPool.Settings(capacity: poolSize, maxAge: keyPoolAge,
+                                           concurrency: min(DataKeyPool.Settings.defaults.concurrency, max(1, kmsMaxInflight / 2))),
                 maxInodes: maxInodes, volumeKeys: volumeKeys, shared: shared))
         } catch {
             volumeKeys?.wipe()

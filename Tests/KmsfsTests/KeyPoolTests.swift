@@ -105,6 +105,32 @@ struct AWSKeyPoolTests {
         }
     }
 
+    @Test("Unmounted while refills wait on the KMS: the daemon waits for them, wipes and audits every key they made, and exits 0")
+    func unmountDuringRefill() throws {
+        let key = try moto.createKey()
+        let proxy = try KMSProxy(upstream: moto)
+        let v = try volume(key, proxy, mountArgs: ["--key-pool", "8"])
+        try P.writeFile(v.path("first"), [0])
+        #expect(waitFor { fileIds(v, op: "GenerateDataKey", path: "").count >= 8 })
+        // Refills now hang in the KMS: taking pooled keys starts refills that do not come back.
+        proxy.setAll(.held)
+        for i in 0..<6 { try P.writeFile(v.path("f\(i)"), [UInt8(i)]) }
+        try #require(waitFor { proxy.heldCalls > 0 })
+        let inFlight = proxy.heldCalls
+        // The KMS answers again a moment after the unmount began.
+        let release = Thread {
+            usleep(700_000)
+            proxy.setAll(.none)
+        }
+        release.start()
+        #expect(try v.unmount() == 0)
+        // Every key made ahead, those in flight at the unmount included, was handed to a file or wiped.
+        let generated = Set(fileIds(v, op: "GenerateDataKey", path: ""))
+        let accounted = Set(fileIds(v, op: "AssignDataKey")).union(fileIds(v, op: "DiscardKey"))
+        #expect(generated.count >= 8 + inFlight)
+        #expect(accounted.isSuperset(of: generated), "made ahead but neither used nor wiped: \(generated.subtracting(accounted))")
+    }
+
     @Test("A burst of creates never has more KMS calls in flight than --kms-max-inflight")
     func inFlightBound() throws {
         let key = try moto.createKey()
