@@ -201,7 +201,6 @@ extension EncryptedFilesystem {
     }
 }
 
-
 /// A backing name of a directory, by the directory's ID (`EncryptedFilesystem.shownNames`).
 struct ShownNameKey: Hashable {
     let directoryId: [UInt8]

@@ -414,10 +414,7 @@ extension EncryptedFilesystem {
     /// closed. Each change opens a writable descriptor for its own time (`withIO`). `fd` is kept when the file
     /// cannot be opened for reading alone (a daemon that is not root, and a mode that allows writing only).
     private func sharedDescriptor(_ fd: Int32) -> (Int32, Bool) {
-        guard shared else { return (fd, true) }
-        var readOnly: Int32 = -1
-        repeat { readOnly = Glibc.open("/proc/self/fd/\(fd)", O_RDONLY | O_CLOEXEC) } while readOnly < 0 && errno == EINTR
-        guard readOnly >= 0 else { return (fd, true) }
+        guard shared, let readOnly = try? Self.openAgain(fd, O_RDONLY | O_CLOEXEC) else { return (fd, true) }
         close(fd)
         return (readOnly, false)
     }
@@ -425,14 +422,24 @@ extension EncryptedFilesystem {
     /// A new descriptor of the handle's backing file, or nil when its mode forbids opening it again (EACCES,
     /// EPERM).
     private func reopen(_ h: FileHandle, _ flags: Int32) throws -> Int32? {
+        do {
+            return try Self.openAgain(h.fd, flags)
+        } catch {
+            Log.error("cannot open \(h.file.path) again for a shared read or write: \(error)")
+            throw Errno.EIO
+        }
+    }
+
+    /// A new descriptor, with `flags`, of the file open as `fd`, or nil when its mode forbids opening it again
+    /// (EACCES, EPERM); other failures throw.
+    private static func openAgain(_ fd: Int32, _ flags: Int32) throws -> Int32? {
         while true {
-            let fd = Glibc.open("/proc/self/fd/\(h.fd)", flags)
-            if fd >= 0 { return fd }
+            let new = Glibc.open(nodePath(fd), flags)
+            if new >= 0 { return new }
             let e = Errno.current
             if e.code == EINTR { continue }
             if e.code == EACCES || e.code == EPERM { return nil }
-            Log.error("cannot open \(h.file.path) again for a shared read or write: \(e)")
-            throw Errno.EIO
+            throw e
         }
     }
 

@@ -23,6 +23,4 @@ public final class BoundedCache<Key: Hashable & Sendable, Value: Sendable>: Send
             }
         }
     }
-
-    public var count: Int { entries.withLock { $0.count } }
 }
